@@ -1,0 +1,300 @@
+"""TransformerLens ``HookedTransformer`` adapter: captures by the model's own hook points and modules.
+
+The only code here that knows TransformerLens: it names the hook points and parameters the theory touches, runs
+each block on its query-only input, and runs a block with factored updates added where the patched parameters act.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import ExitStack
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from implicit_updates.capture import BlockCapture, FirstLayerMap, OutputCorrection
+from implicit_updates.errors import UnsupportedArchitectureError
+from implicit_updates.hooks import module_hooks
+from implicit_updates.updates import AdditiveUpdate, BlockUpdate, RankOneUpdate
+
+try:  # TransformerLens >= 3.8 names its post-norm (OLMo 2/3) architectures
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+except ImportError:  # pragma: no cover - older TransformerLens
+    POST_NORM_ARCHITECTURES = set()
+
+
+class HookedTransformerAdapter:
+    """Adapter for ``transformer_lens.HookedTransformer`` (and ``HookedRootModule`` models with its hook names)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        cfg = model.cfg
+        if cfg.attn_only:
+            raise UnsupportedArchitectureError(
+                "this model is attn_only: its blocks have no MLP, so there is no first-layer weight for the context "
+                "to update; use a model with MLP blocks"
+            )
+        self.n_blocks = cfg.n_layers
+        self.parallel = bool(cfg.parallel_attn_mlp)
+        self.post_norm = cfg.original_architecture in POST_NORM_ARCHITECTURES
+        self.kind = type(model.blocks[0].mlp).__name__
+        if self.kind not in ("MLP", "GatedMLP", "MoE"):
+            raise UnsupportedArchitectureError(
+                f"cannot decompose MLP type {self.kind}: supported are MLP, GatedMLP and MoE (quantized and "
+                "gpt-oss MoE layers are not); dequantize the model or open an issue with the architecture"
+            )
+        self.output_norm = "ln2_post" if cfg.use_normalization_before_and_after else "ln2" if self.post_norm else None
+        if self.output_norm:
+            norm = getattr(model.blocks[0], self.output_norm)
+            if not hasattr(norm, "w"):
+                raise UnsupportedArchitectureError(
+                    f"the norm after the MLP ({self.output_norm}, {type(norm).__name__}) has no learnable scale or "
+                    "bias, so no parameter can absorb the residual difference; load the model without folding it"
+                )
+
+    # -- capture ---------------------------------------------------------------------------------------------------
+
+    def _hook_names(self, block: int) -> list[str]:
+        p = f"blocks.{block}"
+        names = [f"{p}.hook_resid_pre", f"{p}.hook_attn_out", f"{p}.hook_mlp_out", f"{p}.hook_resid_post"]
+        if not self.parallel:
+            names.append(f"{p}.hook_resid_mid")
+        if self.output_norm:
+            names.append(f"{p}.{self.output_norm}.hook_normalized")
+        if self.kind == "MoE":
+            names += [f"{p}.mlp.hook_expert_weights", f"{p}.mlp.hook_expert_indices"]
+            names += [f"{p}.mlp.experts.{e}.hook_post" for e in range(self.model.cfg.num_experts)]
+        return names
+
+    def _capturing(self, blocks: list[int], store: dict[str, Tensor]) -> ExitStack:
+        """Hooks that save every quantity of ``blocks`` into ``store``; removed when the stack closes."""
+
+        def save(act: Tensor, hook) -> None:
+            store[hook.name] = act.detach()
+
+        def save_input(name: str) -> Callable:
+            def pre_hook(module, args):
+                store[name] = args[0].detach()
+
+            return pre_hook
+
+        stack = ExitStack()
+        stack.enter_context(self.model.hooks(fwd_hooks=[(n, save) for b in blocks for n in self._hook_names(b)]))
+        # ln2's hook_normalized is taken before ln2's weight and bias, so the MLP input is read off the MLP itself.
+        stack.enter_context(module_hooks(
+            [(self.model.blocks[b].mlp, "pre", save_input(f"blocks.{b}.mlp.input")) for b in blocks]))
+        return stack
+
+    # -- what the input checks need ----------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def d_model(self) -> int:
+        return self.model.cfg.d_model
+
+    @property
+    def d_vocab(self) -> int:
+        return self.model.cfg.d_vocab
+
+    @property
+    def n_ctx(self) -> int | None:
+        """Longest prompt the positions support (None: no limit, e.g. rotary)."""
+        absolute = self.model.cfg.positional_embedding_type in ("standard", "shortformer")
+        return self.model.cfg.n_ctx if absolute else None
+
+    def tokenize(self, text: str) -> Tensor:
+        if getattr(self.model, "tokenizer", None) is None:
+            raise ValueError("this model has no tokenizer: pass token ids (a LongTensor) instead of text")
+        return self.model.to_tokens(text)[0]
+
+    # -- capture -----------------------------------------------------------------------------------------------
+
+    def capture(self, inputs: Tensor, blocks: list[int], query: str, progress: bool | None = None
+                ) -> list[BlockCapture]:
+        store: dict[str, Tensor] = {}
+        with self._capturing(blocks, store):
+            if inputs.is_floating_point():
+                self.model(inputs, start_at_layer=0, stop_at_layer=max(blocks) + 1)
+            else:
+                self.model(inputs, stop_at_layer=max(blocks) + 1)
+        captures = []
+        for b in tqdm(blocks, desc="decompose", disable=not progress, leave=False):
+            resid_pre = store[f"blocks.{b}.hook_resid_pre"]
+            query_input = resid_pre[:, -1:] if query == "last" else resid_pre
+            alone = self.run_block_alone(b, query_input)
+            captures.append(self._block_capture(b, store, alone, query_input))
+        return captures
+
+    def run_block_alone(self, block: int, query_input: Tensor) -> dict[str, Tensor]:
+        """Run block ``block`` on each query residual as its own one-token sequence; return its quantities."""
+        store: dict[str, Tensor] = {}
+        with self._capturing([block], store):
+            self.model.blocks[block](rearrange(query_input, "b q d -> (b q) 1 d"))
+        batch = query_input.shape[0]
+        return {k: rearrange(v, "(b q) 1 ... -> b q ...", b=batch) for k, v in store.items()
+                if v.dim() >= 3}
+
+    def _residual(self, store: dict[str, Tensor], block: int) -> Tensor:
+        p = f"blocks.{block}"
+        if self.parallel:  # GPT-J/NeoX: resid_post = (resid_pre + attn_out) + mlp_out
+            return store[f"{p}.hook_resid_pre"] + store[f"{p}.hook_attn_out"]
+        return store[f"{p}.hook_resid_mid"]
+
+    def _block_capture(self, b: int, ctx: dict[str, Tensor], alone: dict[str, Tensor],
+                       query_input: Tensor) -> BlockCapture:
+        p = f"blocks.{b}"
+        return BlockCapture(
+            block=b,
+            query_input=query_input,
+            mlp_input=ctx[f"{p}.mlp.input"],
+            query_mlp_input=alone[f"{p}.mlp.input"],
+            residual=self._residual(ctx, b),
+            query_residual=self._residual(alone, b),
+            output=ctx[f"{p}.hook_resid_post"],
+            attention_output=ctx[f"{p}.hook_attn_out"],
+            query_attention_output=alone[f"{p}.hook_attn_out"],
+            maps=self._first_layer_maps(b),
+            correction=self._correction(b, ctx),
+        )
+
+    def _first_layer_maps(self, b: int) -> list[FirstLayerMap]:
+        p, mlp = f"blocks.{b}.mlp", self.model.blocks[b].mlp
+        if self.kind == "MLP":
+            return [FirstLayerMap(f"{p}.W_in", mlp.W_in)]
+        if self.kind == "GatedMLP":
+            return [FirstLayerMap(f"{p}.W_gate", mlp.W_gate), FirstLayerMap(f"{p}.W_in", mlp.W_in)]
+        maps = [FirstLayerMap(f"{p}.W_gate.weight", mlp.W_gate.weight.T, transposed=True)]
+        for e, expert in enumerate(mlp.experts):
+            for lin in ("W_gate", "W_in"):
+                maps.append(FirstLayerMap(f"{p}.experts.{e}.{lin}.weight", getattr(expert, lin).weight.T, True))
+        return maps
+
+    def _correction(self, b: int, ctx: dict[str, Tensor]) -> OutputCorrection:
+        p = f"blocks.{b}"
+        if self.output_norm:
+            norm = getattr(self.model.blocks[b], self.output_norm)
+            if hasattr(norm, "b"):  # LayerNorm after the MLP: its bias takes the difference directly
+                return OutputCorrection("bias", f"{p}.{self.output_norm}.b")
+            return OutputCorrection("scale", f"{p}.{self.output_norm}.w",
+                                    normalized=ctx[f"{p}.{self.output_norm}.hook_normalized"])
+        if self.kind != "MoE":
+            return OutputCorrection("bias", f"{p}.mlp.b_out")
+        mlp = self.model.blocks[b].mlp
+        batch, pos = ctx[f"{p}.hook_resid_pre"].shape[:2]
+        weights = self._routing_weights(mlp, ctx[f"{p}.mlp.hook_expert_weights"],
+                                        ctx[f"{p}.mlp.hook_expert_indices"], ctx[f"{p}.hook_resid_pre"].dtype)
+        hidden = []
+        for e in range(mlp.num_experts):
+            rows = _expert_rows(ctx[f"{p}.mlp.hook_expert_indices"], e, mlp.num_experts)
+            h = ctx[f"{p}.hook_resid_pre"].new_zeros(batch * pos, mlp.d_mlp)
+            if rows.numel():
+                h[rows] = ctx[f"{p}.mlp.experts.{e}.hook_post"]
+            hidden.append(h.view(batch, pos, -1))
+        return OutputCorrection(
+            "expert_out", names=tuple(f"{p}.mlp.experts.{e}.W_out.weight" for e in range(mlp.num_experts)),
+            expert_hidden=tuple(hidden), routing_weights=weights.view(batch, pos, -1))
+
+    @staticmethod
+    def _routing_weights(mlp, probs: Tensor, indices: Tensor, dtype: torch.dtype) -> Tensor:
+        """The weight each expert's output gets per token (zero when not routed), as TransformerLens's MoE."""
+        top = probs.gather(-1, indices)
+        if mlp.cfg.norm_topk_prob:
+            top = top / top.sum(-1, keepdim=True)
+        return torch.zeros(probs.shape, dtype=dtype, device=probs.device).scatter(-1, indices, top.to(dtype))
+
+    # -- verification ----------------------------------------------------------------------------------------------
+
+    def run_patched_block(self, update: BlockUpdate, positions: slice = slice(None)) -> Tensor:
+        """Run the block on the query alone once per position, with each position's updates added in factored form.
+
+        Each rank-one update ``W + outer(row, column)`` changes a map's output by ``(m . row) column``; it is added
+        where the map's output appears, so no dense matrix is formed. Returns ``[batch, pos, d_model]``.
+        """
+        b = update.block
+        p = f"blocks.{b}"
+        batch, n_pos = update.target_output[:, positions].shape[:2]
+
+        def flat(t: Tensor) -> Tensor:  # [batch, q or pos, d] -> [(batch pos), d] for the chosen positions
+            t = t if t.shape[1] == 1 else t[:, positions]
+            return rearrange(t.expand(batch, n_pos, *t.shape[2:]), "b n ... -> (b n) ...")
+
+        live: dict[str, Tensor] = {}
+        hook_points: list[tuple[str, Callable]] = []
+        torch_hooks: list[tuple[nn.Module, str, Callable]] = []
+        mlp = self.model.blocks[b].mlp
+        torch_hooks.append((mlp, "pre", lambda module, args: live.__setitem__("m", args[0])))
+        if self.output_norm:
+            hook_points.append((f"{p}.{self.output_norm}.hook_normalized",
+                                lambda act, hook: live.__setitem__("z", act)))
+        if self.kind == "MoE":
+            hook_points.append((f"{p}.mlp.hook_expert_indices", lambda act, hook: live.__setitem__("idx", act)))
+
+        for u in update.updates:
+            if isinstance(u, RankOneUpdate):
+                row, column = flat(u.row), flat(u.column)
+                site = self._site(u.name)
+                if isinstance(site, str):
+                    hook_points.append((site, _add_rank_one_at_hook(live, row, column)))
+                else:
+                    module, expert = site
+                    torch_hooks.append((module, "fwd", _add_rank_one_at_linear(live, row, column, expert, mlp)))
+            elif isinstance(u, AdditiveUpdate):
+                delta = flat(u.delta)[:, None]
+                if update.correction == "scale":
+                    hook_points.append((f"{p}.hook_mlp_out", lambda act, hook, d=delta: act + d * live["z"]))
+                else:
+                    hook_points.append((f"{p}.hook_mlp_out", lambda act, hook, d=delta: act + d))
+
+        x = flat(update.query_input)[:, None]
+        with self.model.hooks(fwd_hooks=hook_points), module_hooks(torch_hooks):
+            out = self.model.blocks[b](x)
+        return rearrange(out, "(b n) 1 d -> b n d", b=batch)
+
+    def _site(self, name: str):
+        """Where a parameter's map output appears: a hook point name, or (nn.Linear module, expert index)."""
+        module_path, param = name.rsplit(".", 1)
+        if self.kind == "MLP":
+            return f"{module_path}.hook_pre"
+        if self.kind == "GatedMLP":
+            return f"{module_path}.hook_pre" if param == "W_gate" else f"{module_path}.hook_pre_linear"
+        module = self.model.get_submodule(module_path)
+        parts = module_path.split(".")
+        expert = int(parts[parts.index("experts") + 1]) if "experts" in parts else None
+        return module, expert
+
+
+def _add_rank_one_at_hook(live: dict, row: Tensor, column: Tensor) -> Callable:
+    """Hook adding ``(m . row) column`` to a map's output, ``m`` being the MLP input of this same run."""
+
+    def hook(act: Tensor, hook) -> Tensor:
+        m = live["m"].reshape(row.shape[0], -1)
+        return act + ((m * row).sum(-1, keepdim=True) * column).view_as(act)
+
+    return hook
+
+
+def _add_rank_one_at_linear(live: dict, row: Tensor, column: Tensor, expert: int | None, mlp) -> Callable:
+    """Forward hook on an ``nn.Linear``; an expert's rows are the tokens routed to it, in the MoE's own order."""
+
+    def hook(module, args, out: Tensor) -> Tensor:
+        inp = args[0]
+        if expert is None:
+            rows = torch.arange(inp.shape[0], device=inp.device)
+        else:
+            rows = _expert_rows(live["idx"], expert, mlp.num_experts)
+        return out + (inp * row[rows]).sum(-1, keepdim=True) * column[rows]
+
+    return hook
+
+
+def _expert_rows(indices: Tensor, expert: int, num_experts: int) -> Tensor:
+    """Token rows routed to ``expert``, ordered as TransformerLens's ``MoE.forward`` processes them."""
+    mask = torch.nn.functional.one_hot(indices, num_classes=num_experts).permute(2, 1, 0)
+    _, rows = torch.where(mask[expert])
+    return rows
+

@@ -1,0 +1,20 @@
+"""implicit-updates: in-context learning as exact, per-token rank-one MLP weight updates on live models.
+
+Dherin et al. 2025 ("Learning without training"), Innocenti & Achour 2025, Goldwaser et al. 2025.
+"""
+
+from implicit_updates.core import ZeroQueryNormError
+from implicit_updates.decompose import Decomposition, decompose
+from implicit_updates.errors import NonFiniteActivationError, UnsupportedArchitectureError
+from implicit_updates.verify import BlockReport, VerifyReport
+
+__all__ = [
+    "BlockReport",
+    "Decomposition",
+    "NonFiniteActivationError",
+    "UnsupportedArchitectureError",
+    "VerifyReport",
+    "ZeroQueryNormError",
+    "decompose",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,69 @@
+"""What an adapter hands to the core: plain tensors per block, and handles to the parameters the theory touches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class FirstLayerMap:
+    """A linear map that reads the MLP input: ``m @ weight`` with ``weight`` ``[d_in, d_out]``.
+
+    ``name`` is the parameter's key in ``model.named_parameters()``; ``transposed`` says the parameter is stored
+    ``[d_out, d_in]`` (``nn.Linear``) and ``weight`` is its transpose view.
+    """
+
+    name: str
+    weight: Tensor
+    transposed: bool = False
+
+
+@dataclass(frozen=True)
+class OutputCorrection:
+    """Where the residual difference ``r_i - r_x`` goes.
+
+    - ``bias``: add it to the MLP's last bias ``name`` (Dherin Thm A.2).
+    - ``scale``: a norm after the MLP; patch its scale ``name`` by ``(r_i - r_x) / normalized`` (Goldwaser et al.).
+    - ``expert_out``: a mixture of experts without output bias; each routed expert's output matrix (``names``)
+      gets the rank-one update ``(r_i - r_x)/S_i`` x ``p_e/||p_e||^2`` with ``p_e`` its hidden activation
+      (``expert_hidden``) and ``S_i`` the sum of routing weights (``routing_weights``).
+    - ``none``: the block has no MLP skip connection, so the first-layer updates alone are exact (Dherin Eq. 8).
+    """
+
+    kind: Literal["bias", "scale", "expert_out", "none"]
+    name: str | None = None
+    normalized: Tensor | None = None
+    names: tuple[str, ...] = ()
+    expert_hidden: tuple[Tensor, ...] = ()
+    routing_weights: Tensor | None = None
+
+
+@dataclass
+class BlockCapture:
+    """Activations of one block with context (``[batch, pos, d]``) and on the query alone (``[batch, q, d]``)."""
+
+    block: int
+    query_input: Tensor
+    mlp_input: Tensor
+    query_mlp_input: Tensor
+    residual: Tensor
+    query_residual: Tensor
+    output: Tensor
+    attention_output: Tensor
+    query_attention_output: Tensor
+    maps: list[FirstLayerMap] = field(default_factory=list)
+    correction: OutputCorrection = field(default_factory=lambda: OutputCorrection("none"))
+
+
+class Adapter(Protocol):
+    """What the core needs from a framework."""
+
+    model: object
+    n_blocks: int
+
+    def capture(self, inputs: Tensor, blocks: list[int], query: str) -> list[BlockCapture]: ...
+
+    def run_patched_block(self, update: object) -> Tensor: ...

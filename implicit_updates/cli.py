@@ -1,0 +1,87 @@
+"""``implicit-updates``: verify decompositions of live models, and the offline demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+
+import torch
+
+
+def parse_prompt(model, prompt: str | None, seq_len: int, seed: int) -> str | torch.Tensor:
+    """Text, a comma list of token ids (``"1,2,3"``), or ``seq_len`` random token ids when no prompt is given."""
+    device = next(model.parameters()).device
+    if prompt is None:
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randint(0, model.cfg.d_vocab, (1, seq_len), generator=gen).to(device)
+    parts = [p.strip() for p in prompt.split(",")]
+    if getattr(model, "tokenizer", None) is None or all(p.isdigit() for p in parts):
+        if not all(p.isdigit() for p in parts):
+            raise SystemExit("this model has no tokenizer: give --prompt as comma-separated token ids or use --seq-len")
+        return torch.tensor([[int(p) for p in parts]], device=device)
+    return prompt
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"wrote {path}")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from implicit_updates import decompose
+    from implicit_updates.models import load_model
+
+    model = load_model(args.model, device=args.device, seed=args.seed)
+    prompt = parse_prompt(model, args.prompt, args.seq_len, args.seed)
+    start = time.perf_counter()
+    result = decompose(model, prompt, query=args.query, dtype=args.dtype, progress=True)
+    report = result.verify(progress=True)
+    seconds = time.perf_counter() - start
+    print(f"{args.model}: {result.n_positions} positions")
+    print(report)
+    print(f"decompose + verify: {seconds:.2f} s")
+    write_json(args.json, {"model": args.model, **report.to_dict(), "seconds": seconds})
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from implicit_updates.demo import run_demo
+
+    payload = run_demo(steps=args.steps, seed=args.seed)
+    write_json(args.json, payload)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="implicit-updates", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    verify = sub.add_parser("verify", help="decompose a model's context into rank-one updates and verify them")
+    verify.add_argument("--model", required=True, help="TransformerLens pretrained name, or random:PRESET offline")
+    verify.add_argument("--prompt", help="text, or comma-separated token ids; default: --seq-len random tokens")
+    verify.add_argument("--seq-len", type=int, default=32)
+    verify.add_argument("--dtype", choices=["float32", "float64"], default=None)
+    verify.add_argument("--query", choices=["last", "self"], default="last")
+    verify.add_argument("--device", default="cpu")
+    verify.add_argument("--seed", type=int, default=0)
+    verify.add_argument("--json", metavar="PATH")
+    verify.set_defaults(func=cmd_verify)
+
+    demo = sub.add_parser("demo", help="offline: train an in-context regression transformer and decompose it")
+    demo.add_argument("--steps", type=int, default=100)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--json", metavar="PATH")
+    demo.set_defaults(func=cmd_demo)
+
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The math of implicit updates, as pure tensor functions (no framework knowledge).
+
+Shapes: ``[batch, pos, d]`` for with-context activations and ``[batch, q, d]`` for the query-only ones,
+where ``q`` is 1 (``query="last"``: one query shared by every position) or ``pos`` (``query="self"``).
+
+Conventions: a first-layer map reads the MLP input ``m`` as ``m @ W`` with ``W`` of shape ``[d_in, d_out]``
+(TransformerLens layout). Its rank-one update is ``delta_W = outer(row, column)``, the transpose of the
+papers' ``dW = (W dm) m_x^T / ||m_x||^2`` written for ``W x``.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import einsum
+from torch import Tensor
+
+
+def implicit_row(query_mlp_input: Tensor) -> Tensor:
+    """The row shared by every rank-one update of a block: ``m_x / ||m_x||^2``.
+
+    Dherin et al. 2025, Eq. 8 (with ``A(x)`` replaced by the MLP input ``m(x)``, as in Innocenti & Achour 2025
+    for Pre-LN blocks). ``1/||m_x||^2`` is the implicit learning rate of Prop. 3.1.
+    """
+    squared_norm = query_mlp_input.pow(2).sum(-1, keepdim=True)
+    if not torch.all(squared_norm > 0):
+        raise ZeroQueryNormError(
+            "the query's MLP input m(x) has zero norm, so no rank-one update W + (W dm) m(x)^T/||m(x)||^2 exists; "
+            "check the block's pre-MLP norm weights (all zero?) or choose another query token"
+        )
+    return query_mlp_input / squared_norm
+
+
+def implicit_column(mlp_input: Tensor, query_mlp_input: Tensor, weight: Tensor) -> Tensor:
+    """The column ``W (m_i - m_x)`` of the rank-one update of one first-layer map, for every position i.
+
+    Dherin et al. 2025, Eq. 8; Innocenti & Achour 2025 (all positions). ``weight`` is ``[d_in, d_out]``.
+    """
+    return einsum(mlp_input - query_mlp_input, weight, "... d_in, d_in d_out -> ... d_out")
+
+
+def bias_correction(residual: Tensor, query_residual: Tensor) -> Tensor:
+    """The output-bias correction ``delta_b_i = r_i(C, x) - r(x)`` of a block with a skip connection.
+
+    Dherin et al. 2025, Thm A.2 (``db' = dA``); Innocenti & Achour 2025 (``r`` = the residual the MLP output is
+    added to, for every position). Zero for blocks without an MLP skip connection.
+    """
+    return residual - query_residual
+
+
+def scale_correction(residual: Tensor, query_residual: Tensor, normalized_mlp_output: Tensor) -> Tensor:
+    """The patch of a post-MLP norm's scale, ``delta_w_i = (r_i - r_x) / z_i`` (Goldwaser et al. 2025).
+
+    With a norm after the MLP the block adds ``w * z`` (``z`` the normalized MLP output, the same with context and
+    for the patched query), so ``(w + delta_w) * z_i = w * z_i + (r_i - r_x)`` moves the query onto position i.
+    """
+    if not torch.all(normalized_mlp_output != 0):
+        raise ValueError(
+            "the normalized MLP output has an exact zero, so the post-MLP norm's scale cannot absorb the "
+            "residual difference there; this block cannot be decomposed with a scale patch"
+        )
+    return (residual - query_residual) / normalized_mlp_output
+
+
+def rank_one_delta(row: Tensor, column: Tensor) -> Tensor:
+    """Densify one update: ``outer(row, column)``, shaped ``[d_in, d_out]`` like the weight it updates."""
+    return einsum(row, column, "... d_in, ... d_out -> ... d_in d_out")
+
+
+def factored_frobenius_norm(row: Tensor, column: Tensor) -> Tensor:
+    """``||outer(row, column)||_F = ||row|| ||column||`` without densifying."""
+    return row.norm(dim=-1) * column.norm(dim=-1)
+
+
+def summed_update_singular_values(rows: Tensor, columns: Tensor) -> Tensor:
+    """Singular values of ``sum_i outer(row_i, column_i)`` computed from the factors.
+
+    ``rows`` is ``[n, d_in]``, ``columns`` ``[n, d_out]``. With thin QR ``R^T = Q_r S_r`` and ``C^T = Q_c S_c``
+    the sum is ``Q_r (S_r S_c^T) Q_c^T``, whose singular values are those of the small ``S_r S_c^T``.
+    """
+    _, r_rows = torch.linalg.qr(rows.T, mode="reduced")  # [k, n]
+    _, r_cols = torch.linalg.qr(columns.T, mode="reduced")
+    return torch.linalg.svdvals(r_rows @ r_cols.T)
+
+
+def numerical_rank(singular_values: Tensor, size: int) -> int:
+    """Rank with the usual tolerance ``max(sigma) * size * eps`` (as ``numpy.linalg.matrix_rank``)."""
+    if singular_values.numel() == 0 or singular_values.max() == 0:
+        return 0
+    tol = singular_values.max() * size * torch.finfo(singular_values.dtype).eps
+    return int((singular_values > tol).sum())
+
+
+def reproduction_errors(patched_output: Tensor, target_output: Tensor) -> dict[str, float]:
+    """MSD, max absolute and max relative error between patched query-only outputs and with-context outputs.
+
+    The relative error is per position: ``||y'_i - y_i|| / ||y_i||`` (Euclidean over d_model), max over positions.
+    """
+    diff = (patched_output - target_output).to(torch.float64)
+    target = target_output.to(torch.float64)
+    rel = diff.norm(dim=-1) / target.norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
+    return {
+        "msd": float(diff.pow(2).mean()),
+        "max_abs_err": float(diff.abs().max()),
+        "max_rel_err": float(rel.max()),
+    }
+
+
+class ZeroQueryNormError(ValueError):
+    """The query's MLP input is the zero vector: no rank-one update through it exists."""

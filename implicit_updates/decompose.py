@@ -1,0 +1,200 @@
+"""``decompose(model, prompt)``: the context's effect on every block, as factored weight updates, and their proof."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from implicit_updates import core
+from implicit_updates.capture import BlockCapture
+from implicit_updates.errors import NonFiniteActivationError
+from implicit_updates.inputs import as_model_inputs
+from implicit_updates.updates import BlockUpdate, decompose_block
+from implicit_updates.verify import BlockReport, VerifyReport
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+@contextmanager
+def untouched(model: nn.Module) -> Iterator[None]:
+    """Run in eval mode without gradients, then restore every submodule's train/eval mode (on any exit)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def resolve_dtype(model: nn.Module, dtype: torch.dtype | str | None) -> torch.dtype:
+    """The dtype to compute in: the model's, or the one asked for; half precision is upcast to float32 (warned)."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError("dtype must be a torch floating dtype or its name, e.g. 'float32' or 'float64'")
+    model_dtype = next(model.parameters()).dtype
+    wanted = dtype or model_dtype
+    if wanted in HALF:
+        warnings.warn(
+            f"{wanted} cannot resolve the rank-one updates (errors would be ~1e-3); computing in float32 on an "
+            "upcast copy of the model. Pass dtype=torch.float64 for the tightest check.", stacklevel=3)
+        wanted = torch.float32
+    return wanted
+
+
+def working_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The model itself when it already computes in ``dtype``, else an upcast deep copy (the user's stays as is)."""
+    if next(model.parameters()).dtype == dtype:
+        return model
+    with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints "Changing model dtype"
+        work = copy.deepcopy(model).to(dtype)
+    if hasattr(work, "cfg") and hasattr(work.cfg, "dtype"):
+        work.cfg.dtype = dtype
+    return work
+
+
+def adapter_for(model: nn.Module):
+    from implicit_updates.adapters import adapter_for as pick
+
+    return pick(model)
+
+
+def decompose(
+    model: nn.Module,
+    prompt: str | Sequence[str] | Tensor,
+    query: str = "last",
+    blocks: int | Sequence[int] | None = None,
+    dtype: torch.dtype | str | None = None,
+    progress: bool | None = None,
+) -> Decomposition:
+    """Decompose the effect of the context on every block into exact rank-one MLP updates and output corrections.
+
+    ``prompt``: text (needs the model's tokenizer), token ids ``[pos]``/``[batch, pos]``, or continuous residual
+    inputs ``[batch, pos, d_model]`` fed at block 0. ``query="last"``: the last token is the query and every position
+    i gets ``dW_i = W (m_i - m_x) m_x^T/||m_x||^2`` (Innocenti & Achour's all-position form); ``query="self"``: each
+    position is its own query with the tokens before it as context. ``dtype`` computes on an upcast copy.
+    The user's model is left bit-identical, without hooks, in its train/eval mode, on its device.
+    """
+    if query not in ("last", "self"):
+        raise ValueError(f"query must be 'last' or 'self', not {query!r}")
+    compute_dtype = resolve_dtype(model, dtype)
+    with untouched(model):
+        work = working_model(model, compute_dtype)
+        adapter = adapter_for(work)
+        block_ids = _block_indices(blocks, adapter.n_blocks)
+        inputs = as_model_inputs(adapter, prompt, compute_dtype)
+        if inputs.shape[1] == 1:
+            warnings.warn("one-token prompt: there is no context, so every update is exactly zero", stacklevel=2)
+        with untouched(work):
+            captures = adapter.capture(inputs, block_ids, query, progress=progress)
+        for c in captures:
+            _check_finite(c)
+        updates = [decompose_block(c) for c in captures]
+    return Decomposition(adapter, updates, query, compute_dtype, inputs)
+
+
+class Decomposition:
+    """Factored per-block, per-position updates; ``patch`` gives real parameter deltas, ``verify`` proves them."""
+
+    def __init__(self, adapter, updates: list[BlockUpdate], query: str, dtype: torch.dtype, inputs: Tensor):
+        self.adapter = adapter
+        self.blocks = updates
+        self.query = query
+        self.dtype = dtype
+        self.inputs = inputs
+        self._by_block = {u.block: u for u in updates}
+
+    @property
+    def n_positions(self) -> int:
+        return self.inputs.shape[1]
+
+    def block(self, block: int) -> BlockUpdate:
+        if block not in self._by_block:
+            raise IndexError(f"block {block} was not decomposed; decomposed blocks: {sorted(self._by_block)}")
+        return self._by_block[block]
+
+    def _index(self, position: int, batch: int) -> tuple[int, int]:
+        n, nb = self.n_positions, self.inputs.shape[0]
+        if not -n <= position < n or not -nb <= batch < nb:
+            raise IndexError(f"position {position} / batch {batch} out of range for {nb} x {n} positions")
+        return position % n, batch % nb
+
+    def patch(self, block: int, position: int = -1, batch: int = 0) -> dict[str, Tensor]:
+        """``{parameter_name: delta}`` keyed like ``model.named_parameters()``, each shaped like its parameter.
+
+        Adding them to a copy of the model (in this decomposition's dtype) and running ``copy.blocks[block]`` on
+        ``query_input(block, position)`` reproduces the with-context block output at ``position``.
+        """
+        position, batch = self._index(position, batch)
+        return {u.name: u.dense(batch, position) for u in self.block(block).updates}
+
+    def query_input(self, block: int, position: int = -1, batch: int = 0) -> Tensor:
+        """The residual block ``block`` is run on alone, shaped ``[1, 1, d_model]`` (one sequence of one token)."""
+        position, batch = self._index(position, batch)
+        x = self.block(block).query_input
+        return x[batch, position if x.shape[1] > 1 else 0][None, None]
+
+    def target_output(self, block: int, position: int = -1, batch: int = 0) -> Tensor:
+        """The with-context output of block ``block`` at ``position`` (``hook_resid_post``), ``[d_model]``."""
+        position, batch = self._index(position, batch)
+        return self.block(block).target_output[batch, position]
+
+    def verify(self, progress: bool | None = None, chunk_size: int = 512) -> VerifyReport:
+        """Run every block on its query alone with each position's updates applied in factored form.
+
+        Reports per block the MSD, max absolute and relative errors against the with-context outputs (all
+        positions), and the rank of the summed first-layer update (Innocenti & Achour: 1 for ``query="last"``).
+        """
+        reports = []
+        with untouched(self.adapter.model):
+            for u in tqdm(self.blocks, desc="verify", disable=not progress, leave=False):
+                outs = [self.adapter.run_patched_block(u, slice(s, s + chunk_size))
+                        for s in range(0, self.n_positions, chunk_size)]
+                errors = core.reproduction_errors(torch.cat(outs, dim=1), u.target_output)
+                rank = max(u.summed_rank(b) for b in range(u.row.shape[0]))
+                reports.append(BlockReport(u.block, rank=rank, **errors))
+        return VerifyReport(tuple(reports), self.n_positions, self.query, str(self.dtype).removeprefix("torch."))
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        """The factors as numpy arrays, keyed ``"{block}/{parameter}/row|column|delta"`` (for ``np.savez``)."""
+        out: dict[str, np.ndarray] = {}
+        for u in self.blocks:
+            out[f"{u.block}/query_input"] = u.query_input.cpu().numpy()
+            out[f"{u.block}/delta_b"] = u.delta_b.cpu().numpy()
+            for p in u.updates:
+                for field in ("row", "column", "delta"):
+                    if hasattr(p, field):
+                        out[f"{u.block}/{p.name}/{field}"] = getattr(p, field).cpu().numpy()
+        return out
+
+
+def _block_indices(blocks: int | Sequence[int] | None, n_blocks: int) -> list[int]:
+    if blocks is None:
+        return list(range(n_blocks))
+    ids = [blocks] if isinstance(blocks, int) else list(blocks)
+    if not ids:
+        raise ValueError("blocks is empty; pass None for every block")
+    bad = [b for b in ids if not -n_blocks <= b < n_blocks]
+    if bad:
+        raise IndexError(f"block index {bad} out of range for a model with {n_blocks} blocks (0..{n_blocks - 1})")
+    return sorted({b % n_blocks for b in ids})
+
+
+def _check_finite(capture: BlockCapture) -> None:
+    for name in ("mlp_input", "query_mlp_input", "residual", "query_residual", "output"):
+        t = getattr(capture, name)
+        if not torch.isfinite(t).all():
+            raise NonFiniteActivationError(
+                f"block {capture.block}: {name} contains NaN or Inf; the model (or its inputs) produce non-finite "
+                "activations here, so no update is defined. Check the weights and try dtype=torch.float64")

@@ -1,0 +1,116 @@
+"""Shared fixtures: small random TransformerLens models of every block variant, and a model-integrity check."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from contextlib import contextmanager
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*")
+
+BASE = dict(n_layers=3, d_model=32, d_head=8, n_heads=4, d_mlp=48, n_ctx=64, d_vocab=61, act_fn="gelu",
+            normalization_type="LN")
+
+# Every HookedTransformer block variant the foundation issue lists.
+ARCHITECTURES: dict[str, dict] = {
+    "layernorm": dict(),
+    "layernorm-folded": dict(normalization_type="LNPre"),
+    "rmsnorm": dict(normalization_type="RMS", act_fn="silu"),
+    "rmsnorm-folded": dict(normalization_type="RMSPre"),
+    "no-norm": dict(normalization_type=None, act_fn="relu"),
+    "gated": dict(normalization_type="RMS", gated_mlp=True, act_fn="silu"),
+    "solu": dict(act_fn="solu_ln"),
+    "parallel-neox": dict(parallel_attn_mlp=True, positional_embedding_type="rotary", rotary_dim=4),
+    "gqa-rotary": dict(normalization_type="RMS", gated_mlp=True, act_fn="silu", n_key_value_heads=2,
+                       positional_embedding_type="rotary", rotary_dim=8),
+    "shortformer": dict(positional_embedding_type="shortformer"),
+    "alibi": dict(positional_embedding_type="alibi"),
+    "pre-post-norm-gemma": dict(normalization_type="RMS", use_normalization_before_and_after=True, gated_mlp=True,
+                                act_fn="gelu_pytorch_tanh", n_key_value_heads=2, positional_embedding_type="rotary",
+                                rotary_dim=8, use_local_attn=True, attn_types=["global", "local", "global"],
+                                window_size=4),
+    "post-norm-olmo2": dict(normalization_type="RMS", gated_mlp=True, act_fn="silu",
+                            original_architecture="Olmo2ForCausalLM", positional_embedding_type="rotary",
+                            rotary_dim=8),
+    "moe-mixtral": dict(normalization_type="RMS", gated_mlp=True, act_fn="silu", num_experts=4, experts_per_token=2,
+                        positional_embedding_type="rotary", rotary_dim=8),
+}
+
+
+def build(seed: int = 0, zero_biases: bool = False, **overrides) -> HookedTransformer:
+    """A random model whose biases and norm scales are random too (unless ``zero_biases``)."""
+    cfg = HookedTransformerConfig(**{**BASE, **overrides}, seed=seed)
+    model = HookedTransformer(cfg)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            last = name.rsplit(".", 1)[-1]
+            if last in ("b_in", "b_out", "b_O", "b_Q", "b_K", "b_V", "b") and not zero_biases:
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+            elif last == "w":
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(ARCHITECTURES), ids=sorted(ARCHITECTURES))
+def arch(request):
+    return request.param, build(**ARCHITECTURES[request.param])
+
+
+def hook_count(model: torch.nn.Module) -> int:
+    """Every torch hook and every TransformerLens hook-point hook on the model."""
+    n = 0
+    for m in model.modules():
+        n += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        n += len(getattr(m, "fwd_hooks", [])) + len(getattr(m, "bwd_hooks", []))
+    return n
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes, so NaN == NaN and -0.0 != 0.0: bit-identical means bit-identical."""
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
+@contextmanager
+def assert_untouched(model: torch.nn.Module):
+    """Parameters bit-identical, no hooks left, every module's train/eval mode and the device unchanged."""
+    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    modes = {name: m.training for name, m in model.named_modules()}
+    device = next(model.parameters()).device
+    hooks = hook_count(model)
+    try:
+        yield
+    finally:
+        after = model.state_dict()
+        assert params.keys() == after.keys()
+        for k, v in params.items():
+            assert after[k].dtype == v.dtype and torch.equal(_bits(after[k]), _bits(v)), f"parameter {k} changed"
+        assert {name: m.training for name, m in model.named_modules()} == modes
+        assert next(model.parameters()).device == device
+        assert hook_count(model) == hooks
+
+
+def literal_edit_output(model, result, block: int, position: int, batch: int = 0) -> torch.Tensor:
+    """Add ``result.patch`` to a deep copy's real parameters and run that copy's block on the query alone."""
+    edited = copy.deepcopy(model).to(result.dtype)
+    params = dict(edited.named_parameters())
+    with torch.no_grad():
+        for name, delta in result.patch(block, position, batch).items():
+            assert params[name].shape == delta.shape, name
+            params[name].add_(delta)
+        return edited.blocks[block](result.query_input(block, position, batch))[0, 0]
+
+
+def context_outputs(model, tokens, dtype) -> dict[int, torch.Tensor]:
+    """With-context block outputs, from a plain ``run_with_cache`` on an upcast copy (none of our hooks)."""
+    ref = copy.deepcopy(model).to(dtype)
+    _, cache = ref.run_with_cache(tokens)
+    return {b: cache[f"blocks.{b}.hook_resid_post"] for b in range(model.cfg.n_layers)}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())

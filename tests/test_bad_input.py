@@ -1,0 +1,154 @@
+"""Bad input gets a clear error (or a warning) and the user's model is never harmed, also when a call fails."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, assert_untouched, build, context_outputs, literal_edit_output, rel_err
+
+import implicit_updates as iu
+
+
+@pytest.fixture
+def model():
+    return build()
+
+
+def tokens(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 61, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_empty_prompt(model):
+    with assert_untouched(model), pytest.raises(ValueError, match="empty"):
+        iu.decompose(model, torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_one_token_prompt_gives_exactly_zero_updates(model):
+    with assert_untouched(model), pytest.warns(UserWarning, match="no context"):
+        result = iu.decompose(model, tokens(1))
+    for update in result.blocks:
+        assert torch.count_nonzero(update.delta_b) == 0
+        for u in update.first_layer:
+            assert torch.count_nonzero(u.column) == 0
+    assert result.verify().max_rel_err == 0.0
+
+
+def test_zero_norm_query_mlp_input(model):
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.blocks[1].ln2.w.zero_()
+        broken.blocks[1].ln2.b.zero_()
+    with assert_untouched(broken), pytest.raises(iu.ZeroQueryNormError, match="zero norm"):
+        iu.decompose(broken, tokens(6))
+
+
+def test_nan_in_activations(model):
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.blocks[2].attn.b_O[0] = float("nan")
+    with assert_untouched(broken), pytest.raises(iu.NonFiniteActivationError, match="block 2"):
+        iu.decompose(broken, tokens(6))
+
+
+def test_inf_in_continuous_inputs(model):
+    x = torch.randn(1, 5, model.cfg.d_model)
+    x[0, 2, 3] = float("inf")
+    with assert_untouched(model), pytest.raises(ValueError, match="NaN or Inf"):
+        iu.decompose(model, x)
+
+
+@pytest.mark.parametrize("blocks", [3, -4, [0, 7]])
+def test_block_index_out_of_range(model, blocks):
+    with assert_untouched(model), pytest.raises(IndexError, match="out of range"):
+        iu.decompose(model, tokens(5), blocks=blocks)
+
+
+def test_block_subset_and_negative_index(model):
+    result = iu.decompose(model, tokens(5), blocks=[-1, 0])
+    assert [u.block for u in result.blocks] == [0, 2]
+    with pytest.raises(IndexError, match="not decomposed"):
+        result.patch(1)
+
+
+def test_batch_is_supported(model):
+    toks = tokens(7, batch=3, seed=2)
+    result = iu.decompose(model, toks, dtype=torch.float64)
+    targets = context_outputs(model, toks, torch.float64)
+    for batch in range(3):
+        out = literal_edit_output(model, result, 1, 2, batch=batch)
+        assert rel_err(out, targets[1][batch, 2]) <= 1e-10
+    assert result.verify().max_rel_err <= 1e-10
+
+
+def test_text_needs_a_tokenizer(model):
+    model.tokenizer = None
+    with pytest.raises(ValueError, match="no tokenizer"):
+        iu.decompose(model, "hello")
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_half_precision_warns_and_computes_in_float32(half):
+    model = build(**ARCHITECTURES["gated"]).to(half)
+    with assert_untouched(model), pytest.warns(UserWarning, match="float32"):
+        result = iu.decompose(model, tokens(6))
+        report = result.verify()
+    assert result.dtype == torch.float32 and report.dtype == "float32"
+    assert report.max_rel_err <= 1e-4
+
+
+def test_attn_only_model_is_refused():
+    model = build(attn_only=True)
+    with assert_untouched(model), pytest.raises(iu.UnsupportedArchitectureError, match="attn_only"):
+        iu.decompose(model, tokens(5))
+
+
+def test_prompt_on_another_device(model):
+    with assert_untouched(model), pytest.raises(ValueError, match="model is on cpu"):
+        iu.decompose(model, tokens(5).to("meta"))
+
+
+def test_token_ids_out_of_vocabulary(model):
+    with assert_untouched(model), pytest.raises(ValueError, match="token ids must lie"):
+        iu.decompose(model, torch.tensor([[1, 2, 999]]))
+
+
+def test_prompt_longer_than_context(model):
+    with assert_untouched(model), pytest.raises(ValueError, match="n_ctx"):
+        iu.decompose(model, tokens(model.cfg.n_ctx + 1))
+
+
+def test_bad_query_and_dtype(model):
+    with pytest.raises(ValueError, match="query"):
+        iu.decompose(model, tokens(4), query="first")
+    with pytest.raises(ValueError, match="dtype"):
+        iu.decompose(model, tokens(4), dtype="float65")
+
+
+def test_train_mode_is_kept_and_hooks_removed_on_failure(model):
+    model.train()
+    model.blocks[1].eval()  # a mixed mode must come back exactly as it was
+    with assert_untouched(model), pytest.raises(IndexError):
+        iu.decompose(model, tokens(5), blocks=[9])
+    with assert_untouched(model):
+        iu.decompose(model, tokens(5)).verify()
+    assert model.training and not model.blocks[1].training
+
+
+def test_failure_inside_a_forward_leaves_no_hooks(model, monkeypatch):
+    """An exception raised while our hooks are attached still removes them."""
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(model.blocks[1].mlp, "forward", boom)
+    with assert_untouched(model), pytest.raises(RuntimeError, match="boom"):
+        iu.decompose(model, tokens(5))
+
+
+def test_no_warning_for_ordinary_calls(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        iu.decompose(model, tokens(5)).verify()
