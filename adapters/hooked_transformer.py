@@ -54,6 +54,18 @@ class HookedTransformerAdapter:
                     "bias, so no parameter can absorb the residual difference; load the model without folding it"
                 )
 
+    def embed_alone(self, inputs: Tensor) -> Tensor:
+        """Block 0's input when the model sees only the last token (at position 0): ``[batch, 1, d_model]``."""
+        if inputs.is_floating_point():
+            return inputs[:, -1:]
+        return self.model(inputs[:, -1:], stop_at_layer=0)
+
+    def logits(self, inputs: Tensor) -> Tensor:
+        """The model's logits ``[batch, pos, d_vocab]``."""
+        if inputs.is_floating_point():
+            return self.model(inputs, start_at_layer=0)
+        return self.model(inputs)
+
     # -- capture ---------------------------------------------------------------------------------------------------
 
     def _hook_names(self, block: int) -> list[str]:
@@ -114,8 +126,14 @@ class HookedTransformerAdapter:
 
     # -- capture -----------------------------------------------------------------------------------------------
 
-    def capture(self, inputs: Tensor, blocks: list[int], query: str, progress: bool | None = None
-                ) -> list[BlockCapture]:
+    def capture(self, inputs: Tensor, blocks: list[int], query: str, progress: bool | None = None,
+                query_inputs: dict[int, Tensor] | None = None) -> list[BlockCapture]:
+        """With-context quantities of ``blocks`` in one forward, then each block on its query alone.
+
+        ``query_inputs`` overrides a block's query-only input (the absorbed model starts block 0 from the query
+        token's own embedding, at position 0).
+        """
+        query_inputs = query_inputs or {}
         store: dict[str, Tensor] = {}
         with self._capturing(blocks, store):
             if inputs.is_floating_point():
@@ -125,7 +143,7 @@ class HookedTransformerAdapter:
         captures = []
         for b in tqdm(blocks, desc="decompose", disable=not progress, leave=False):
             resid_pre = store[f"blocks.{b}.hook_resid_pre"]
-            query_input = resid_pre[:, -1:] if query == "last" else resid_pre
+            query_input = query_inputs.get(b, resid_pre[:, -1:] if query == "last" else resid_pre)
             alone = self.run_block_alone(b, query_input)
             captures.append(self._block_capture(b, store, alone, query_input))
         return captures
@@ -210,24 +228,30 @@ class HookedTransformerAdapter:
     # -- verification ----------------------------------------------------------------------------------------------
 
     def run_patched_block(self, update: BlockUpdate, positions: slice = slice(None)) -> Tensor:
-        """Run the block on the query alone once per position, with each position's updates added in factored form.
+        """Run the block on the query alone for each position, with that position's updates in factored form.
 
-        Each rank-one update ``W + outer(row, column)`` changes a map's output by ``(m . row) column``; it is added
-        where the map's output appears, so no dense matrix is formed. Returns ``[batch, pos, d_model]``.
+        A rank-one update ``W + outer(row, column)`` changes the map's output by ``(m . row) column``; it is added
+        where the map's output appears, so no dense matrix is formed. With one query for all positions the block
+        runs on that single token and the MLP fans out: its first-layer output is broadcast to one row per
+        position, each with its own update (attention runs once). Returns ``[batch, pos, d_model]``.
         """
-        b = update.block
-        p = f"blocks.{b}"
+        b, p = update.block, f"blocks.{update.block}"
         batch, n_pos = update.target_output[:, positions].shape[:2]
+        shared_query = update.query_input.shape[1] == 1
+        fan_out = shared_query and self.kind != "MoE"  # MoE routes rows by index, so it gets one row per position
 
-        def flat(t: Tensor) -> Tensor:  # [batch, q or pos, d] -> [(batch pos), d] for the chosen positions
+        def rows(t: Tensor) -> Tensor:
+            """[batch, q or pos, ...] -> [(batch q) or (batch pos), fan, ...], matching the block's input rows."""
             t = t if t.shape[1] == 1 else t[:, positions]
-            return rearrange(t.expand(batch, n_pos, *t.shape[2:]), "b n ... -> (b n) ...")
+            if fan_out:
+                return t
+            return rearrange(t.expand(batch, n_pos, *t.shape[2:]), "b n ... -> (b n) 1 ...")
 
         live: dict[str, Tensor] = {}
         hook_points: list[tuple[str, Callable]] = []
-        torch_hooks: list[tuple[nn.Module, str, Callable]] = []
         mlp = self.model.blocks[b].mlp
-        torch_hooks.append((mlp, "pre", lambda module, args: live.__setitem__("m", args[0])))
+        torch_hooks: list[tuple[nn.Module, str, Callable]] = [
+            (mlp, "pre", lambda module, args: live.__setitem__("m", args[0]))]
         if self.output_norm:
             hook_points.append((f"{p}.{self.output_norm}.hook_normalized",
                                 lambda act, hook: live.__setitem__("z", act)))
@@ -236,24 +260,22 @@ class HookedTransformerAdapter:
 
         for u in update.updates:
             if isinstance(u, RankOneUpdate):
-                row, column = flat(u.row), flat(u.column)
                 site = self._site(u.name)
                 if isinstance(site, str):
-                    hook_points.append((site, _add_rank_one_at_hook(live, row, column)))
+                    hook_points.append((site, _add_rank_one_at_hook(live, rows(u.row), rows(u.column))))
                 else:
                     module, expert = site
+                    row, column = (rearrange(rows(t), "r 1 d -> r d") for t in (u.row, u.column))
                     torch_hooks.append((module, "fwd", _add_rank_one_at_linear(live, row, column, expert, mlp)))
-            elif isinstance(u, AdditiveUpdate):
-                delta = flat(u.delta)[:, None]
-                if update.correction == "scale":
-                    hook_points.append((f"{p}.hook_mlp_out", lambda act, hook, d=delta: act + d * live["z"]))
-                else:
-                    hook_points.append((f"{p}.hook_mlp_out", lambda act, hook, d=delta: act + d))
+            elif update.correction == "scale":
+                hook_points.append((f"{p}.hook_mlp_out", lambda act, hook, d=rows(u.delta): act + d * live["z"]))
+            else:
+                hook_points.append((f"{p}.hook_mlp_out", lambda act, hook, d=rows(u.delta): act + d))
 
-        x = flat(update.query_input)[:, None]
+        x = update.query_input if fan_out else rows(update.query_input)
         with self.model.hooks(fwd_hooks=hook_points), module_hooks(torch_hooks):
             out = self.model.blocks[b](x)
-        return rearrange(out, "(b n) 1 d -> b n d", b=batch)
+        return out if fan_out else rearrange(out, "(b n) 1 d -> b n d", b=batch)
 
     def _site(self, name: str):
         """Where a parameter's map output appears: a hook point name, or (nn.Linear module, expert index)."""
@@ -271,9 +293,8 @@ class HookedTransformerAdapter:
 def _add_rank_one_at_hook(live: dict, row: Tensor, column: Tensor) -> Callable:
     """Hook adding ``(m . row) column`` to a map's output, ``m`` being the MLP input of this same run."""
 
-    def hook(act: Tensor, hook) -> Tensor:
-        m = live["m"].reshape(row.shape[0], -1)
-        return act + ((m * row).sum(-1, keepdim=True) * column).view_as(act)
+    def hook(act: Tensor, hook) -> Tensor:  # act [rows, 1, d_out] fans out to [rows, fan, d_out]
+        return act + (live["m"] * row).sum(-1, keepdim=True) * column
 
     return hook
 

@@ -49,6 +49,28 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_absorb(args: argparse.Namespace) -> int:
+    from implicit_updates.absorb import compare_absorbed
+    from implicit_updates.models import load_model
+
+    model = load_model(args.model, device=args.device, seed=args.seed)
+    prompt = parse_prompt(model, args.prompt, args.seq_len, args.seed)
+    report = compare_absorbed(model, prompt, dtype=args.dtype, k=args.top_k)
+    decode = getattr(getattr(model, "tokenizer", None), "decode", None)
+    name = (lambda i: repr(decode([i]))) if decode else str
+    print(f"{'rank':>4}  {'full model, whole prompt':>28}  {'absorbed, query alone':>28}  {'control, query alone':>28}")
+    for r in range(args.top_k):
+        cells = [f"{name(report.top_k[run][r][0])} {report.top_k[run][r][1]:.4f}" for run in
+                 ("full", "absorbed", "control")]
+        print(f"{r + 1:>4}  " + "  ".join(f"{c:>28}" for c in cells))
+    print(f"absorbed: max |logit diff| {report.max_abs_logit_diff:.3e}, KL(full||absorbed) "
+          f"{report.kl_full_vs_absorbed:.3e}, top-1 agrees: {report.top1_agree}")
+    print(f"control:  max |logit diff| {report.max_abs_logit_diff_control:.3e}, KL(full||control) "
+          f"{report.kl_full_vs_control:.3e}")
+    write_json(args.json, {"model": args.model, "dtype": args.dtype or "model", **report.to_dict()})
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from implicit_updates.demo import run_demo
 
@@ -71,6 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("--seed", type=int, default=0)
     verify.add_argument("--json", metavar="PATH")
     verify.set_defaults(func=cmd_verify)
+
+    absorb = sub.add_parser("absorb", help="write the context into the weights; compare next-token predictions")
+    absorb.add_argument("--model", required=True, help="TransformerLens pretrained name, or random:PRESET offline")
+    absorb.add_argument("--prompt", help="text, or comma-separated token ids; default: --seq-len random tokens")
+    absorb.add_argument("--seq-len", type=int, default=32)
+    absorb.add_argument("--dtype", choices=["float32", "float64"], default=None)
+    absorb.add_argument("--top-k", type=int, default=5)
+    absorb.add_argument("--device", default="cpu")
+    absorb.add_argument("--seed", type=int, default=0)
+    absorb.add_argument("--json", metavar="PATH")
+    absorb.set_defaults(func=cmd_absorb)
 
     demo = sub.add_parser("demo", help="offline: train an in-context regression transformer and decompose it")
     demo.add_argument("--steps", type=int, default=100)

@@ -77,6 +77,7 @@ def decompose(
     blocks: int | Sequence[int] | None = None,
     dtype: torch.dtype | str | None = None,
     progress: bool | None = None,
+    _absorb: bool = False,
 ) -> Decomposition:
     """Decompose the effect of the context on every block into exact rank-one MLP updates and output corrections.
 
@@ -97,7 +98,9 @@ def decompose(
         if inputs.shape[1] == 1:
             warnings.warn("one-token prompt: there is no context, so every update is exactly zero", stacklevel=2)
         with untouched(work):
-            captures = adapter.capture(inputs, block_ids, query, progress=progress)
+            # the absorbed model sees the query token alone, so block 0 starts from its own embedding
+            overrides = {0: adapter.embed_alone(inputs)} if _absorb else None
+            captures = adapter.capture(inputs, block_ids, query, progress=progress, query_inputs=overrides)
         for c in captures:
             _check_finite(c)
         updates = [decompose_block(c) for c in captures]

@@ -61,8 +61,9 @@ class BlockUpdate:
     def summed_singular_values(self, batch: int = 0) -> Tensor:
         """Singular values of ``sum_i dW_i`` over positions, all first-layer maps stacked along d_out."""
         columns = torch.cat([u.column[batch] for u in self.first_layer], dim=-1)
-        rows = self.row[batch].expand(columns.shape[0], -1)
-        return core.summed_update_singular_values(rows, columns)
+        if self.row.shape[1] == 1:  # one row for every position: sum_i outer(v, u_i) = outer(v, sum_i u_i)
+            return (self.row[batch, 0].norm() * columns.sum(0).norm())[None]
+        return core.summed_update_singular_values(self.row[batch], columns)
 
     def summed_rank(self, batch: int = 0) -> int:
         sv = self.summed_singular_values(batch)

@@ -1,0 +1,51 @@
+"""What users do online: GPT-2 small on few-shot prompts, with the context absorbed into its weights.
+
+    python examples/absorb_gpt2_fewshot.py [--model gpt2] [--json absorb_gpt2.json]
+
+For each prompt it prints the full model's next-token prediction, the absorbed model's on the query token alone
+(the same, to float64 rounding), and the unpatched model's on the query token alone (the control). It runs the
+real loading path (TransformerLens from the Hugging Face hub) and exits cleanly with a message when the hub cannot be
+reached.
+"""
+
+import argparse
+import json
+import sys
+import warnings
+
+import torch
+
+import implicit_updates as iu
+
+PROMPTS = [
+    "hot -> cold\nbig -> small\nfast -> slow\nup -> down\nhappy ->",
+    "France: Paris\nJapan: Tokyo\nItaly: Rome\nGermany: Berlin\nSpain:",
+    "My friend's name is Zorblat. Every morning, Zorblat walks to the park. Yesterday,",
+]
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--model", default="gpt2")
+parser.add_argument("--json")
+args = parser.parse_args()
+warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*")
+
+try:
+    from transformer_lens import HookedTransformer
+
+    model = HookedTransformer.from_pretrained(args.model)
+except Exception as err:  # offline, or the hub refused: nothing to demonstrate here
+    print(f"skipped: could not load {args.model!r} from the Hugging Face hub ({type(err).__name__}: {err})")
+    sys.exit(0)
+
+rows = []
+for prompt in PROMPTS:
+    report = iu.compare_absorbed(model, prompt, dtype=torch.float64)
+    tok = lambda run: model.tokenizer.decode([report.top_k[run][0][0]])  # noqa: E731
+    print(f"\n{prompt!r}\n  full {tok('full')!r} p={report.top_k['full'][0][1]:.3f} | absorbed {tok('absorbed')!r} "
+          f"p={report.top_k['absorbed'][0][1]:.3f} | control {tok('control')!r} "
+          f"p={report.top_k['control'][0][1]:.3f}\n  max |logit diff| {report.max_abs_logit_diff:.2e}, "
+          f"KL(full||absorbed) {report.kl_full_vs_absorbed:.2e}, KL(full||control) {report.kl_full_vs_control:.2e}")
+    rows.append({"prompt": prompt, **report.to_dict()})
+if args.json:
+    with open(args.json, "w") as f:
+        json.dump({"model": args.model, "rows": rows}, f, indent=2)

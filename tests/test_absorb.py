@@ -1,0 +1,73 @@
+"""The absorbed-context model: real weights edited, the query token alone gives the full prompt's logits."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, assert_untouched, build
+
+import implicit_updates as iu
+from implicit_updates.cli import main
+from implicit_updates.models import PRESETS, random_model
+
+SMALL_PRESETS = sorted(set(PRESETS) - {"gpt2-small"})
+
+
+def tokens(model, n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, model.cfg.d_vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("preset", SMALL_PRESETS)
+def test_absorbed_model_matches_full_logits_every_preset(preset):
+    model = random_model(preset)
+    toks = tokens(model, 20)
+    with assert_untouched(model):
+        patched = iu.absorb(model, toks, dtype=torch.float64)
+    with torch.no_grad():
+        full = _full_logits(model, toks)
+        absorbed = patched(toks[:, -1:])[0, -1]
+        control = _full_logits(model, toks[:, -1:])
+    assert patched is not model and next(patched.parameters()).dtype == torch.float64
+    assert float((absorbed - full).abs().max()) <= 1e-9
+    assert float((control - full).abs().max()) > 1e-2  # the context mattered
+
+
+@pytest.mark.parametrize("name", ["layernorm", "shortformer", "alibi", "parallel-neox", "solu"])
+def test_absorbed_model_other_architectures(name):
+    """Absolute and shortformer positions: the query alone sits at position 0; block 0's correction absorbs it."""
+    model = build(**ARCHITECTURES[name])
+    report = iu.compare_absorbed(model, tokens(model, 12, seed=1), dtype=torch.float64)
+    assert report.max_abs_logit_diff <= 1e-9 and report.top1_agree
+    assert report.kl_full_vs_absorbed <= 1e-12 < report.kl_full_vs_control
+
+
+def test_absorb_float32():
+    model = random_model("llama")
+    report = iu.compare_absorbed(model, tokens(model, 16))
+    assert report.max_abs_logit_diff <= 1e-4 and report.top1_agree
+
+
+def test_absorb_errors():
+    model = build()
+    with pytest.raises(ValueError, match="n_ctx"):
+        iu.absorb(model, tokens(model, model.cfg.n_ctx + 1))
+    with pytest.raises(iu.UnsupportedArchitectureError, match="attn_only"):
+        iu.absorb(build(attn_only=True), tokens(model, 5))
+    with pytest.raises(ValueError, match="batch 1"):
+        iu.absorb(model, torch.randint(0, 61, (2, 5)))
+
+
+def test_absorb_cli_json(tmp_path):
+    out = tmp_path / "absorb.json"
+    main(["absorb", "--model", "random:mixtral", "--seq-len", "16", "--dtype", "float64", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["max_abs_logit_diff"] <= 1e-9 and data["top1_agree"] is True
+    assert data["kl_full_vs_absorbed"] <= 1e-12 < data["kl_full_vs_control"]
+
+
+def _full_logits(model, toks):
+    """Reference logits from a plain float64 copy (none of our code involved)."""
+    return copy.deepcopy(model).to(torch.float64)(toks)[0, -1]
