@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from implicit_updates.capture import BlockCapture, FirstLayerMap, OutputCorrection
 from implicit_updates.errors import UnsupportedArchitectureError
 from implicit_updates.hooks import module_hooks
-from implicit_updates.updates import AdditiveUpdate, BlockUpdate, RankOneUpdate
+from implicit_updates.updates import BlockUpdate, RankOneUpdate
 
 try:  # TransformerLens >= 3.8 names its post-norm (OLMo 2/3) architectures
     from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
@@ -267,10 +267,9 @@ class HookedTransformerAdapter:
                     module, expert = site
                     row, column = (rearrange(rows(t), "r 1 d -> r d") for t in (u.row, u.column))
                     torch_hooks.append((module, "fwd", _add_rank_one_at_linear(live, row, column, expert, mlp)))
-            elif update.correction == "scale":
-                hook_points.append((f"{p}.hook_mlp_out", lambda act, hook, d=rows(u.delta): act + d * live["z"]))
             else:
-                hook_points.append((f"{p}.hook_mlp_out", lambda act, hook, d=rows(u.delta): act + d))
+                hook_points.append((f"{p}.hook_mlp_out", _add_output_correction(live, rows(u.delta),
+                                                                                 update.correction == "scale")))
 
         x = update.query_input if fan_out else rows(update.query_input)
         with self.model.hooks(fwd_hooks=hook_points), module_hooks(torch_hooks):
@@ -295,6 +294,15 @@ def _add_rank_one_at_hook(live: dict, row: Tensor, column: Tensor) -> Callable:
 
     def hook(act: Tensor, hook) -> Tensor:  # act [rows, 1, d_out] fans out to [rows, fan, d_out]
         return act + (live["m"] * row).sum(-1, keepdim=True) * column
+
+    return hook
+
+
+def _add_output_correction(live: dict, delta: Tensor, scale: bool) -> Callable:
+    """Hook on the MLP output: a bias patch adds ``delta``; a post-norm scale patch adds ``delta * z``."""
+
+    def hook(act: Tensor, hook) -> Tensor:
+        return act + (delta * live["z"] if scale else delta)
 
     return hook
 

@@ -40,10 +40,10 @@ except Exception as err:  # offline, or the hub refused: nothing to demonstrate 
 rows = []
 for prompt in PROMPTS:
     report = iu.compare_absorbed(model, prompt, dtype=torch.float64)
-    tok = lambda run: model.tokenizer.decode([report.top_k[run][0][0]])  # noqa: E731
-    print(f"\n{prompt!r}\n  full {tok('full')!r} p={report.top_k['full'][0][1]:.3f} | absorbed {tok('absorbed')!r} "
-          f"p={report.top_k['absorbed'][0][1]:.3f} | control {tok('control')!r} "
-          f"p={report.top_k['control'][0][1]:.3f}\n  max |logit diff| {report.max_abs_logit_diff:.2e}, "
+    top = {run: (model.tokenizer.decode([ids[0][0]]), ids[0][1]) for run, ids in report.top_k.items()}
+    print(f"\n{prompt!r}\n  full {top['full'][0]!r} p={top['full'][1]:.3f} | absorbed {top['absorbed'][0]!r} "
+          f"p={top['absorbed'][1]:.3f} | control {top['control'][0]!r} p={top['control'][1]:.3f}\n"
+          f"  max |logit diff| {report.max_abs_logit_diff:.2e}, "
           f"KL(full||absorbed) {report.kl_full_vs_absorbed:.2e}, KL(full||control) {report.kl_full_vs_control:.2e}")
     rows.append({"prompt": prompt, **report.to_dict()})
 if args.json:

@@ -3,8 +3,8 @@
 Dherin et al. 2025 ("Learning without training"), Innocenti & Achour 2025, Goldwaser et al. 2025.
 """
 
-from implicit_updates.core import ZeroQueryNormError
 from implicit_updates.absorb import AbsorbReport, absorb, compare_absorbed
+from implicit_updates.core import ZeroQueryNormError
 from implicit_updates.decompose import Decomposition, decompose
 from implicit_updates.errors import NonFiniteActivationError, UnsupportedArchitectureError
 from implicit_updates.verify import BlockReport, VerifyReport
