@@ -13,10 +13,12 @@ import torch
 
 def parse_prompt(model, prompt: str | None, seq_len: int, seed: int) -> str | torch.Tensor:
     """Text, a comma list of token ids (``"1,2,3"``), or ``seq_len`` random token ids when no prompt is given."""
+    from implicit_updates.adapters import adapter_for
+
     device = next(model.parameters()).device
     if prompt is None:
         gen = torch.Generator().manual_seed(seed)
-        return torch.randint(0, model.cfg.d_vocab, (1, seq_len), generator=gen).to(device)
+        return torch.randint(0, adapter_for(model).d_vocab, (1, seq_len), generator=gen).to(device)
     parts = [p.strip() for p in prompt.split(",")]
     if getattr(model, "tokenizer", None) is None or all(p.isdigit() for p in parts):
         if not all(p.isdigit() for p in parts):
@@ -36,7 +38,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from implicit_updates import decompose
     from implicit_updates.models import load_model
 
-    model = load_model(args.model, device=args.device, seed=args.seed)
+    model = load_model(args.model, device=args.device, seed=args.seed, backend=args.backend)
     prompt = parse_prompt(model, args.prompt, args.seq_len, args.seed)
     start = time.perf_counter()
     result = decompose(model, prompt, query=args.query, dtype=args.dtype, progress=True)
@@ -53,7 +55,7 @@ def cmd_absorb(args: argparse.Namespace) -> int:
     from implicit_updates.absorb import compare_absorbed
     from implicit_updates.models import load_model
 
-    model = load_model(args.model, device=args.device, seed=args.seed)
+    model = load_model(args.model, device=args.device, seed=args.seed, backend=args.backend)
     prompt = parse_prompt(model, args.prompt, args.seq_len, args.seed)
     report = compare_absorbed(model, prompt, dtype=args.dtype, k=args.top_k)
     decode = getattr(getattr(model, "tokenizer", None), "decode", None)
@@ -84,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     verify = sub.add_parser("verify", help="decompose a model's context into rank-one updates and verify them")
-    verify.add_argument("--model", required=True, help="TransformerLens pretrained name, or random:PRESET offline")
+    verify.add_argument("--model", required=True,
+                        help="TransformerLens pretrained name, random:PRESET, or a local Hugging Face directory")
+    verify.add_argument("--backend", choices=["hooked", "bridge", "hf"], default=None,
+                        help="for a local directory: HookedTransformer (TL 3.x; default there), TransformerBridge "
+                             "(default on TL 4.x) or the plain Hugging Face model")
     verify.add_argument("--prompt", help="text, or comma-separated token ids; default: --seq-len random tokens")
     verify.add_argument("--seq-len", type=int, default=32)
     verify.add_argument("--dtype", choices=["float32", "float64"], default=None)
@@ -95,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     verify.set_defaults(func=cmd_verify)
 
     absorb = sub.add_parser("absorb", help="write the context into the weights; compare next-token predictions")
-    absorb.add_argument("--model", required=True, help="TransformerLens pretrained name, or random:PRESET offline")
+    absorb.add_argument("--model", required=True,
+                        help="TransformerLens pretrained name, random:PRESET, or a local Hugging Face directory")
+    absorb.add_argument("--backend", choices=["hooked", "bridge", "hf"], default=None,
+                        help="for a local directory: HookedTransformer (TL 3.x; default there), TransformerBridge "
+                             "(default on TL 4.x) or the plain Hugging Face model")
     absorb.add_argument("--prompt", help="text, or comma-separated token ids; default: --seq-len random tokens")
     absorb.add_argument("--seq-len", type=int, default=32)
     absorb.add_argument("--dtype", choices=["float32", "float64"], default=None)

@@ -1,4 +1,4 @@
-"""Models by name: random-init presets of named architectures (offline), or TransformerLens pretrained names."""
+"""Models by name: random-init presets (offline), local Hugging Face directories, TransformerLens pretrained names."""
 
 from __future__ import annotations
 
@@ -33,10 +33,11 @@ PRESETS: dict[str, dict] = {
 def random_model(preset: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A random-init ``HookedTransformer`` of a named architecture; biases and norm scales are randomised too,
     so no term of the decomposition is trivially zero."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from implicit_updates.loading import hooked_classes
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    HookedTransformer, HookedTransformerConfig = hooked_classes()
     cfg = HookedTransformerConfig(**PRESETS[preset], seed=seed, dtype=dtype, device=device)
     model = HookedTransformer(cfg)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -48,14 +49,33 @@ def random_model(preset: str, seed: int = 0, dtype: torch.dtype = torch.float32,
     return model.eval()
 
 
-def load_model(name: str, device: str = "cpu", seed: int = 0):
-    """``random:PRESET`` builds an offline random model; anything else is a TransformerLens pretrained name."""
-    if name.startswith("random:"):
-        return random_model(name.removeprefix("random:"), seed=seed, device=device)
-    from transformer_lens import HookedTransformer
+def load_model(name: str, device: str = "cpu", seed: int = 0, backend: str | None = None):
+    """``random:PRESET`` builds an offline random model; a local Hugging Face directory loads with ``backend``
+    (``"hooked" | "bridge" | "hf"``; default ``"hooked"`` on TransformerLens 3.x, else ``"bridge"``); anything else
+    is a TransformerLens pretrained name."""
+    from implicit_updates.loading import hooked_classes, is_local_model, load_local
 
+    if name.startswith("random:"):
+        if backend not in (None, "hooked"):
+            raise SystemExit(f"random:PRESET models are HookedTransformers; --backend {backend} needs a local path")
+        return random_model(name.removeprefix("random:"), seed=seed, device=device)
+    if is_local_model(name):
+        return load_local(name, backend or _default_backend(), device=device)
+    if backend not in (None, "hooked"):
+        raise SystemExit(f"--backend {backend} needs a local Hugging Face directory (no config.json in {name!r})")
+    HookedTransformer, _ = hooked_classes()
     try:
         return HookedTransformer.from_pretrained(name, device=device)
     except OSError as err:  # no network / unknown repository
         raise SystemExit(f"could not load {name!r} from the Hugging Face hub ({err}); use random:PRESET offline "
-                         f"(presets: {', '.join(PRESETS)})") from err
+                         f"(presets: {', '.join(PRESETS)}) or a local model directory") from err
+
+
+def _default_backend() -> str:
+    from implicit_updates.loading import HookedTransformerUnavailable, hooked_classes
+
+    try:
+        hooked_classes()
+    except HookedTransformerUnavailable:
+        return "bridge"
+    return "hooked"

@@ -1,0 +1,70 @@
+"""TransformerLens ``TransformerBridge`` (TL 4.x's model; TL 3.x ships it too).
+
+A bridge wraps a Hugging Face model: every HF module sits inside a bridge component (``blocks.L.mlp.gate`` around
+``gate_proj`` ...) and the bridge's forward runs the HF model's own forward, so the HF block layouts of
+:mod:`implicit_updates.adapters.hf` apply unchanged, hooked on the modules inside the wrappers. Patches are keyed
+by the bridge's own ``named_parameters()`` (``model.layers.L._original_component.mlp...``), which ``get_parameter``
+on the bridge resolves.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+from torch import Tensor, nn
+
+from implicit_updates.adapters.hf import HFAdapter
+from implicit_updates.errors import UnsupportedArchitectureError
+
+
+class BridgeAdapter(HFAdapter):
+    """Adapter for ``transformer_lens.model_bridge.TransformerBridge`` (numerics: the wrapped HF model's)."""
+
+    def __init__(self, model: nn.Module):
+        if getattr(model, "compatibility_mode", False):
+            # compatibility mode runs folded/processed weight copies that are not parameters, so a patch of the
+            # bridge's named_parameters() would not act on what the model computes
+            raise UnsupportedArchitectureError(
+                "this TransformerBridge is in compatibility mode (processed weights): boot it without "
+                "enable_compatibility_mode() so its parameters are the weights it computes with")
+        _drop_stale_capture_hooks(model)
+        super().__init__(model, hf_model=model.original_model)
+
+    def _forward(self, ids: Tensor):
+        # The wrapped HF model's forward runs every bridge component (hook points fire). A bridge block also wires its own capture hooks on its first forward; unwire what our run wired, so the
+        # model is left as found and a deep copy of it (absorb's patched copy) inherits no hooks bound to it.
+        unwired = [b for b in _blocks(self.model) if b._capture_hooks_wired is False]
+        try:
+            return super()._forward(ids)
+        finally:
+            for block in unwired:
+                if block._capture_hooks_wired:
+                    block._teardown_capture_hooks()
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    return [b for b in getattr(model, "blocks", []) if hasattr(b, "_capture_hooks_wired")
+            and hasattr(b, "_teardown_capture_hooks")]
+
+
+def _drop_stale_capture_hooks(model: nn.Module) -> None:
+    """A deep copy of a bridge that has run keeps its blocks' capture hooks, whose closures hold weak proxies to
+    the *original* modules (TransformerLens binds them with ``weakref.proxy``): they would write into the original
+    or fail once it is freed. Remove such hooks (via the copy's own handles) so the copy wires its own; a bridge
+    whose hooks are its own is left untouched."""
+    for block in _blocks(model):
+        if not block._capture_hooks_wired:
+            continue
+        own = {id(r) for m in block.modules() for r in weakref.getweakrefs(m)}
+        for handle in block._capture_hook_handles:
+            hooks = handle.hooks_dict_ref()
+            fn = hooks.get(handle.id) if hooks is not None else None
+            cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
+            if any(isinstance(c, weakref.ProxyTypes) and id(c) not in own for c in cells):
+                block._teardown_capture_hooks()
+                break
+
+    def tokenize(self, text: str) -> Tensor:
+        if getattr(self.model, "tokenizer", None) is None:
+            raise ValueError("this bridge has no tokenizer: pass token ids (a LongTensor) instead of text")
+        return self.model.to_tokens(text)[0]

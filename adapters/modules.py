@@ -1,0 +1,316 @@
+"""The adapter machinery shared by plain Hugging Face models and TransformerBridge: torch hooks on the model's own
+modules, described per block by :class:`BlockParts`.
+
+How a block runs on its query alone: decoder layers need what the model's forward builds before them (rotary
+``position_embeddings``, attention masks, Gemma's per-layer-type masks), and its signature differs across
+architectures and ``transformers`` versions. So the whole model runs on a one-token dummy input; a pre-hook on
+layer l swaps in the query residual, and a hook after layer l saves its output and raises a private exception
+that ends the forward. The model's own code thus computes everything for position 0, exactly as a one-token
+prompt would, and layers after l never run. Every hook is removed on any exit (``torch_hooks``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from implicit_updates.capture import BlockCapture, FirstLayerMap, OutputCorrection
+from implicit_updates.updates import BlockUpdate, RankOneUpdate
+
+
+@dataclass(frozen=True)
+class BlockParts:
+    """The modules of one decoder layer that the theory touches, and their parameter names.
+
+    ``first``: (weight name, module) of each map reading the MLP input (``nn.Linear`` or GPT-2 ``Conv1D``).
+    ``out``: the MLP's output projection; ``out_bias`` its bias name, or None (the correction is then a rank-one
+    update of ``out_weight``). ``residual_norm``: the norm whose input is the residual the MLP output is added to
+    (sequential blocks); ``attention``: for parallel blocks, where ``r = resid_pre + attention output``.
+    ``post_norm``: (scale name, norm) after the MLP (Gemma 2/3), whose scale takes the correction.
+    """
+
+    layer: nn.Module
+    mlp: nn.Module
+    first: tuple[tuple[str, nn.Module], ...]
+    out: nn.Module
+    out_weight: str
+    out_bias: str | None
+    attention: nn.Module
+    residual_norm: nn.Module | None
+    post_norm: tuple[str, nn.Module] | None = None
+
+
+class _Stop(Exception):
+    """Raised after the last layer a run needs, so the layers after it do not run."""
+
+
+@contextmanager
+def torch_hooks(hooks: list[tuple[nn.Module, str, Callable]]) -> Iterator[None]:
+    """``(module, "pre" | "pre_kw" | "fwd", fn)`` hooks, removed on any exit (``pre_kw`` sees kwargs too)."""
+    handles = []
+    try:
+        for module, kind, fn in hooks:
+            if kind == "fwd":
+                handles.append(module.register_forward_hook(fn))
+            else:
+                handles.append(module.register_forward_pre_hook(fn, with_kwargs=kind == "pre_kw"))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def hidden_states_arg(args: tuple, kwargs: dict) -> Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def first_tensor(output) -> Tensor:
+    return output if isinstance(output, Tensor) else output[0]
+
+
+def substitute(x: Tensor) -> Callable:
+    """A ``pre_kw`` hook that replaces a layer's hidden-states input by ``x``."""
+
+    def hook(module, args, kwargs):
+        if args:
+            return (x, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": x}
+
+    return hook
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The Hugging Face module inside a TransformerBridge wrapper (the module itself for plain HF models)."""
+    while isinstance(getattr(module, "original_component", None), nn.Module):
+        module = module.original_component
+    return module
+
+
+def weight_view(name: str, module: nn.Module) -> FirstLayerMap:
+    """``m @ weight`` view of a map: ``nn.Linear`` stores ``[d_out, d_in]``, GPT-2's ``Conv1D`` ``[d_in, d_out]``."""
+    module = unwrap(module)
+    if isinstance(module, nn.Linear):
+        return FirstLayerMap(name, module.weight.T, transposed=True)
+    return FirstLayerMap(name, module.weight)
+
+
+class ModuleAdapter:
+    """Same interface as ``HookedTransformerAdapter``; subclasses give ``parts`` (one :class:`BlockParts` per
+    block), ``_forward(ids)`` (the model's own forward on token ids) and the model facts."""
+
+    model: nn.Module
+    parts: list[BlockParts]
+    n_blocks: int
+
+    def _forward(self, ids: Tensor):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _final_logits(self, output) -> Tensor:
+        return output if isinstance(output, Tensor) else output.logits
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- running ---------------------------------------------------------------------------------------------
+
+    def _run(self, inputs: Tensor, hooks: list, stop_after: int | None = None):
+        """Forward on token ids, or on residual inputs ``[batch, pos, d_model]`` swapped in at layer 0 (dummy ids).
+
+        ``stop_after``: end the forward after that layer's output is computed (returns None then).
+        """
+        hooks = list(hooks)
+        ids = inputs
+        if inputs.is_floating_point():
+            ids = torch.zeros(inputs.shape[:2], dtype=torch.long, device=inputs.device)
+            hooks.append((self.parts[0].layer, "pre_kw", substitute(inputs)))
+        if stop_after is not None:
+            hooks.append((self.parts[stop_after].layer, "fwd", _raise_stop))
+        try:
+            with torch_hooks(hooks):
+                return self._forward(ids)
+        except _Stop:
+            return None
+
+    def logits(self, inputs: Tensor) -> Tensor:
+        """The model's logits ``[batch, pos, d_vocab]``."""
+        return self._final_logits(self._run(inputs, []))
+
+    def embed_alone(self, inputs: Tensor) -> Tensor:
+        """Block 0's input when the model sees only the last token (at position 0): ``[batch, 1, d_model]``."""
+        if inputs.is_floating_point():
+            return inputs[:, -1:]
+        store: dict[str, Tensor] = {}
+        self._run(inputs[:, -1:], [(self.parts[0].layer, "pre_kw", _save_hidden(store, "x"))], stop_after=0)
+        return store["x"]
+
+    # -- capture ---------------------------------------------------------------------------------------------
+
+    def _capturing(self, blocks: list[int], store: dict[str, Tensor]) -> list:
+        hooks = []
+        for b in blocks:
+            p = self.parts[b]
+            hooks += [(p.layer, "pre_kw", _save_hidden(store, f"{b}.resid_pre")),
+                      (p.layer, "fwd", _save_output(store, f"{b}.resid_post")),
+                      (p.mlp, "pre", _save_input(store, f"{b}.m")),
+                      (p.attention, "fwd", _save_output(store, f"{b}.attn_out"))]
+            if p.residual_norm is not None:
+                hooks.append((p.residual_norm, "pre", _save_input(store, f"{b}.r")))
+            if p.post_norm is not None:
+                hooks.append((p.post_norm[1], "pre", _save_normalized(store, f"{b}.z", p.post_norm[1])))
+            elif p.out_bias is None:
+                hooks.append((p.out, "pre", _save_input(store, f"{b}.hidden")))
+        return hooks
+
+    def _residual(self, store: dict[str, Tensor], b: int) -> Tensor:
+        if self.parts[b].residual_norm is not None:
+            return store[f"{b}.r"]
+        return store[f"{b}.resid_pre"] + store[f"{b}.attn_out"]  # parallel: (mlp + attn) + resid_pre
+
+    def capture(self, inputs: Tensor, blocks: list[int], query: str, progress: bool | None = None,
+                query_inputs: dict[int, Tensor] | None = None) -> list[BlockCapture]:
+        """With-context quantities of ``blocks`` in one forward, then each block on its query alone."""
+        query_inputs = query_inputs or {}
+        store: dict[str, Tensor] = {}
+        self._run(inputs, self._capturing(blocks, store), stop_after=max(blocks))
+        captures = []
+        for b in tqdm(blocks, desc="decompose", disable=not progress, leave=False):
+            resid_pre = store[f"{b}.resid_pre"]
+            query_input = query_inputs.get(b, resid_pre[:, -1:] if query == "last" else resid_pre)
+            alone = self.run_block_alone(b, query_input)
+            captures.append(self._block_capture(b, store, alone, query_input))
+        return captures
+
+    def run_block_alone(self, block: int, query_input: Tensor, hooks: list | None = None) -> dict[str, Tensor]:
+        """Run layer ``block`` on each query residual as its own one-token sequence; return its quantities."""
+        store: dict[str, Tensor] = {}
+        rows = rearrange(query_input, "b q d -> (b q) 1 d")
+        all_hooks = [(self.parts[block].layer, "pre_kw", substitute(rows)), *self._capturing([block], store),
+                     *(hooks or [])]
+        dummy = torch.zeros(rows.shape[0], 1, dtype=torch.long, device=rows.device)
+        self._run(dummy, all_hooks, stop_after=block)
+        return {k: rearrange(v, "(b q) 1 ... -> b q ...", b=query_input.shape[0]) for k, v in store.items()}
+
+    def _block_capture(self, b: int, ctx: dict[str, Tensor], alone: dict[str, Tensor],
+                       query_input: Tensor) -> BlockCapture:
+        p = self.parts[b]
+        return BlockCapture(
+            block=b, query_input=query_input, mlp_input=ctx[f"{b}.m"], query_mlp_input=alone[f"{b}.m"],
+            residual=self._residual(ctx, b), query_residual=self._residual(alone, b),
+            output=ctx[f"{b}.resid_post"], attention_output=ctx[f"{b}.attn_out"],
+            query_attention_output=alone[f"{b}.attn_out"],
+            maps=[weight_view(name, module) for name, module in p.first], correction=self._correction(b, ctx))
+
+    def _correction(self, b: int, ctx: dict[str, Tensor]) -> OutputCorrection:
+        p = self.parts[b]
+        if p.post_norm is not None:
+            return OutputCorrection("scale", p.post_norm[0], normalized=ctx[f"{b}.z"])
+        if p.out_bias is not None:
+            return OutputCorrection("bias", p.out_bias)
+        # No bias (Llama, Gemma, Qwen): the output projection itself takes r_i - r_x as a rank-one update through
+        # its input (the core's single-"expert" form with routing weight 1): W_out += (r_i - r_x) p_i^T/||p_i||^2.
+        hidden = ctx[f"{b}.hidden"]
+        return OutputCorrection("expert_out", names=(p.out_weight,), expert_hidden=(hidden,),
+                                routing_weights=hidden.new_ones(*hidden.shape[:2], 1))
+
+    # -- verification ----------------------------------------------------------------------------------------
+
+    def run_patched_block(self, update: BlockUpdate, positions: slice = slice(None)) -> Tensor:
+        """Run the layer on the query alone with each position's updates added in factored form.
+
+        ``W + outer(row, column)`` changes a map's output by ``(input . row) column``, added by a forward hook on
+        the map's own module; with one query for all positions the layer runs on that one token and the MLP fans
+        out to one row per position (attention runs once). Returns ``[batch, pos, d_model]``.
+        """
+        p = self.parts[update.block]
+        batch, n_pos = update.target_output[:, positions].shape[:2]
+        fan_out = update.query_input.shape[1] == 1
+
+        def rows(t: Tensor) -> Tensor:
+            t = t if t.shape[1] == 1 else t[:, positions]
+            return t if fan_out else rearrange(t.expand(batch, n_pos, *t.shape[2:]), "b n ... -> (b n) 1 ...")
+
+        modules = {name: module for name, module in p.first} | {p.out_weight: p.out}
+        hooks = []
+        for u in update.updates:
+            if isinstance(u, RankOneUpdate):
+                hooks.append((modules[u.name], "fwd", _add_rank_one(rows(u.row), rows(u.column))))
+            elif update.correction == "scale":
+                hooks.append((p.post_norm[1], "fwd", _add_scaled(rows(u.delta), p.post_norm[1])))
+            else:
+                hooks.append((p.out, "fwd", _add(rows(u.delta))))
+        x = update.query_input if fan_out else rows(update.query_input)
+        store: dict[str, Tensor] = {}
+        hooks += [(p.layer, "pre_kw", substitute(rearrange(x, "b q d -> (b q) 1 d") if fan_out else x)),
+                  (p.layer, "fwd", _save_output(store, "out"))]
+        dummy = torch.zeros(x.shape[0] * (x.shape[1] if fan_out else 1), 1, dtype=torch.long, device=x.device)
+        self._run(dummy, hooks, stop_after=update.block)
+        out = store["out"]
+        return out if fan_out else rearrange(out, "(b n) 1 d -> b n d", b=batch)
+
+
+def _raise_stop(module, args, output):
+    raise _Stop
+
+
+def _save_hidden(store: dict, key: str) -> Callable:
+    def hook(module, args, kwargs):
+        store[key] = hidden_states_arg(args, kwargs).detach()
+
+    return hook
+
+
+def _save_input(store: dict, key: str) -> Callable:
+    def hook(module, args):
+        store[key] = args[0].detach()
+
+    return hook
+
+
+def _save_output(store: dict, key: str) -> Callable:
+    def hook(module, args, output):
+        store[key] = first_tensor(output).detach()
+
+    return hook
+
+
+def normalized(norm: nn.Module, x: Tensor) -> Tensor:
+    """What a Gemma-style RMSNorm multiplies by ``1 + weight``: its own ``_norm`` (computed in float32, as the
+    module does), so a scale patch ``delta`` changes the norm's output by exactly ``delta * normalized``."""
+    return unwrap(norm)._norm(x.float()).to(x.dtype)
+
+
+def _save_normalized(store: dict, key: str, norm: nn.Module) -> Callable:
+    def hook(module, args):
+        store[key] = normalized(norm, args[0]).detach()
+
+    return hook
+
+
+def _add_rank_one(row: Tensor, column: Tensor) -> Callable:
+    """Forward hook adding ``(input . row) column``: a module's output under ``W + outer(row, column)``."""
+
+    def hook(module, args, output: Tensor) -> Tensor:
+        return output + (args[0] * row).sum(-1, keepdim=True) * column
+
+    return hook
+
+
+def _add(delta: Tensor) -> Callable:
+    def hook(module, args, output: Tensor) -> Tensor:
+        return output + delta
+
+    return hook
+
+
+def _add_scaled(delta: Tensor, norm: nn.Module) -> Callable:
+    def hook(module, args, output: Tensor) -> Tensor:
+        return output + delta * normalized(norm, args[0])
+
+    return hook

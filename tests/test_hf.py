@@ -1,0 +1,198 @@
+"""Plain Hugging Face causal LMs: every supported block layout, by a literal weight edit on a deep copy.
+
+Small random models built from configs (biases and norm scales randomised so no term is trivially zero). The
+helpers here use only the model's own forward and plain torch hooks, none of the adapter's code; test_bridge.py
+and test_stories260k.py reuse them.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from conftest import assert_untouched, hook_count, rel_err
+
+import implicit_updates as iu
+from implicit_updates.adapters import adapter_for
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+# transformers computes Gemma's RMSNorm in float32 whatever the model's dtype (``x.float()``, then
+# ``(1 + weight.float())``), so a float64 edit of the post-MLP norm's scale is rounded to float32 on its way in.
+GEMMA_FLOAT64_TOL = 1e-6
+GEMMA_FLOAT64_LOGIT_TOL = 1e-5  # the same rounding, through every block and the soft-capped logits
+SMALL = dict(vocab_size=61, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
+             max_position_embeddings=64)
+CONFIGS = {
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=61, n_embd=32, n_layer=3, n_head=4, n_positions=64, n_inner=48,
+                                            bos_token_id=0, eos_token_id=0),
+    "llama": lambda: transformers.LlamaConfig(**SMALL, num_key_value_heads=2, head_dim=8),
+    "llama-mlp-bias": lambda: transformers.LlamaConfig(**SMALL, num_key_value_heads=2, mlp_bias=True,
+                                                       attention_bias=True),
+    "qwen2": lambda: transformers.Qwen2Config(**SMALL, num_key_value_heads=2),
+    "neox-parallel": lambda: transformers.GPTNeoXConfig(**SMALL, rotary_pct=0.5),
+    "neox-sequential": lambda: transformers.GPTNeoXConfig(**SMALL, use_parallel_residual=False),
+    "gemma2": lambda: transformers.Gemma2Config(**SMALL, num_key_value_heads=2, head_dim=8, sliding_window=4),
+    "gemma3": lambda: transformers.Gemma3TextConfig(**SMALL, num_key_value_heads=2, head_dim=8, sliding_window=4),
+}
+LAYERS = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}  # the rest: model.layers
+
+
+def tiny_hf(kind: str, seed: int = 0) -> torch.nn.Module:
+    cfg = CONFIGS[kind]()
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:  # biases and norm scales
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def tokens(n: int, seed: int = 3, vocab: int = 61) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def layers_of(model) -> torch.nn.ModuleList:
+    if hasattr(model, "original_model"):  # a TransformerBridge
+        return model.blocks
+    return model.get_submodule(LAYERS.get(model.config.model_type, "model.layers"))
+
+
+def _forward(model, ids):
+    return model(ids) if hasattr(model, "original_model") else model(input_ids=ids, use_cache=False)
+
+
+class _Done(Exception):
+    pass
+
+
+def run_layer(model, block: int, x: torch.Tensor) -> torch.Tensor:
+    """Layer ``block`` of ``model`` on ``x`` ``[1, 1, d]`` as a one-token sequence, by the model's own forward."""
+    layer, out = layers_of(model)[block], {}
+
+    def swap(module, args, kwargs):
+        return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+    def done(module, args, output):
+        out["y"] = output if isinstance(output, torch.Tensor) else output[0]
+        raise _Done
+
+    handles = [layer.register_forward_pre_hook(swap, with_kwargs=True), layer.register_forward_hook(done)]
+    try:
+        _forward(model, torch.zeros(1, 1, dtype=torch.long))
+    except _Done:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return out["y"]
+
+
+def context_outputs(model, ids: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Every layer's with-context output from a plain forward of an upcast copy."""
+    ref, outs = copy.deepcopy(model).to(dtype), []
+    handles = [layer.register_forward_hook(lambda m, a, o: outs.append(o if isinstance(o, torch.Tensor) else o[0]))
+               for layer in layers_of(ref)]
+    with torch.no_grad():
+        _forward(ref, ids)
+    for h in handles:
+        h.remove()
+    return outs
+
+
+def literal_edit_output(model, result, block: int, position: int) -> torch.Tensor:
+    """Add ``result.patch`` to a deep copy's real parameters and run that copy's layer on the query alone."""
+    edited = copy.deepcopy(model).to(result.dtype)
+    params = dict(edited.named_parameters())
+    with torch.no_grad():
+        for name, delta in result.patch(block, position).items():
+            assert params[name].shape == delta.shape, name
+            params[name].add_(delta)
+        return run_layer(edited, block, result.query_input(block, position))[0, 0]
+
+
+def check_literal_edits(model, ids, dtype, tol: float, positions=(0, 4, 10)) -> iu.Decomposition:
+    with assert_untouched(model):
+        result = iu.decompose(model, ids, dtype=dtype)
+        report = result.verify()
+    assert report.max_rel_err <= TOL[dtype]  # factored form: exact up to dtype rounding everywhere
+    assert [b.rank for b in report.blocks] == [1] * len(report.blocks)
+    targets = context_outputs(model, ids, dtype)
+    for block in range(len(targets)):
+        for position in positions:
+            out = literal_edit_output(model, result, block, position)
+            assert rel_err(out, targets[block][0, position]) <= tol, (block, position)
+    return result
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_literal_weight_edit_every_layout(kind, dtype):
+    model = tiny_hf(kind)
+    tol = GEMMA_FLOAT64_TOL if kind.startswith("gemma") and dtype == torch.float64 else TOL[dtype]
+    result = check_literal_edits(model, tokens(11), dtype, tol)
+    update = result.block(1)  # not vacuous: the context moved the residual and the MLP input
+    assert update.delta_b[0, :-1].abs().max() > 1e-3
+    assert max(u.column[0, :-1].abs().max() for u in update.first_layer) > 1e-3
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_absorbed_model_matches_full_logits(kind):
+    model = tiny_hf(kind)
+    with assert_untouched(model):
+        report = iu.compare_absorbed(model, tokens(12, seed=1), dtype=torch.float64)
+    tol = GEMMA_FLOAT64_LOGIT_TOL if kind.startswith("gemma") else 1e-9
+    assert report.max_abs_logit_diff <= tol and report.top1_agree
+    assert report.max_abs_logit_diff_control > 1e-3  # the context mattered
+
+
+def test_patch_keys_and_corrections():
+    """Patches use the model's own parameter names; bias-free MLPs take the correction in the output projection."""
+    expected = {
+        "gpt2": {"transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.bias"},
+        "llama": {f"model.layers.1.mlp.{p}_proj.weight" for p in ("gate", "up", "down")},
+        "llama-mlp-bias": {"model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight",
+                           "model.layers.1.mlp.down_proj.bias"},
+        "neox-parallel": {"gpt_neox.layers.1.mlp.dense_h_to_4h.weight", "gpt_neox.layers.1.mlp.dense_4h_to_h.bias"},
+        "gemma2": {"model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight",
+                   "model.layers.1.post_feedforward_layernorm.weight"},
+    }
+    for kind, names in expected.items():
+        model = tiny_hf(kind)
+        result = iu.decompose(model, tokens(6), dtype=torch.float64)
+        assert set(result.patch(1, 2)) == names, kind
+
+
+def test_query_self_and_continuous_inputs():
+    model = tiny_hf("llama")
+    result = iu.decompose(model, tokens(9), query="self", dtype=torch.float64)
+    targets = context_outputs(model, tokens(9), torch.float64)
+    for position in (1, 5, 8):
+        assert rel_err(literal_edit_output(model, result, 2, position), targets[2][0, position]) <= 1e-10
+    assert result.verify().max_rel_err <= 1e-10
+    residual = torch.randn(1, 7, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert iu.decompose(model.double(), residual).verify().max_rel_err <= 1e-10
+
+
+def test_unsupported_layout_is_named():
+    cfg = transformers.OPTConfig(vocab_size=61, hidden_size=32, num_hidden_layers=1, ffn_dim=48,
+                                 num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(iu.UnsupportedArchitectureError, match="model_type 'opt'.*gpt2"):
+        adapter_for(model)
+
+
+def test_model_untouched_on_failure_and_in_train_mode():
+    model = tiny_hf("gpt2").train()
+    with assert_untouched(model), pytest.raises(ValueError, match="token ids must lie"):
+        iu.decompose(model, torch.tensor([[1, 2, 99]]))
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.transformer.h[1].mlp.c_fc.weight[0, 0] = float("nan")
+    with assert_untouched(broken), pytest.raises(iu.NonFiniteActivationError, match="block 1"):
+        iu.decompose(broken, tokens(6))
+    assert hook_count(broken) == 0 and broken.training
