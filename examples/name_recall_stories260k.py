@@ -48,7 +48,8 @@ def run_case(model, tokenizer, prompt: str, continuation: str) -> dict:
         alone = adapter_for(absorbed).logits(ids[:, -1:])[0, -1]
     logp = {k: torch.log_softmax(v, -1) for k, v in (("full", full), ("absorbed", alone), ("control", control))}
     return {
-        "prompt": prompt, "token": tokenizer.decode([answer]), "query_token": tokenizer.decode(ids[0, -1:]),
+        "prompt": prompt, "continuation": continuation.strip(), "token": tokenizer.decode([answer]),
+        "query_token": tokenizer.decode(ids[0, -1:]),
         "p_full": float(logp["full"][answer].exp()), "p_absorbed": float(logp["absorbed"][answer].exp()),
         "p_control": float(logp["control"][answer].exp()),
         "kl_full_absorbed": kl(logp["full"], logp["absorbed"]), "kl_full_control": kl(logp["full"], logp["control"]),
@@ -67,10 +68,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [{"kind": kind, **run_case(model, tokenizer, prompt, cont)} for kind, prompt, cont in CASES]
     print(f"stories260K ({args.backend}), float64: the full model reads the prompt; absorbed and control read only "
           "its last token")
-    print(f"{'kind':<7} {'query':>7} {'token':>7} {'p_full':>8} {'p_absorbed':>10} {'p_control':>9} "
+    print(f"{'kind':<7} {'answer':>7} {'query':>7} {'token':>7} {'p_full':>8} {'p_absorbed':>10} {'p_control':>9} "
           f"{'KL(full||abs)':>13} {'KL(full||ctrl)':>14} {'max|dlogit|':>11}")
     for r in rows:
-        print(f"{r['kind']:<7} {r['query_token']!r:>7} {r['token']!r:>7} {r['p_full']:8.4f} {r['p_absorbed']:10.4f} "
+        print(f"{r['kind']:<7} {r['continuation']:>7} {r['query_token']!r:>7} {r['token']!r:>7} {r['p_full']:8.4f} "
+              f"{r['p_absorbed']:10.4f} "
               f"{r['p_control']:9.4f} {r['kl_full_absorbed']:13.2e} {r['kl_full_control']:14.3f} "
               f"{r['max_abs_logit_diff']:11.2e}")
     if args.json:
