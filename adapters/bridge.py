@@ -31,8 +31,9 @@ class BridgeAdapter(HFAdapter):
         super().__init__(model, hf_model=model.original_model)
 
     def _forward(self, ids: Tensor):
-        # The wrapped HF model's forward runs every bridge component (hook points fire). A bridge block also wires its own capture hooks on its first forward; unwire what our run wired, so the
-        # model is left as found and a deep copy of it (absorb's patched copy) inherits no hooks bound to it.
+        # The wrapped HF model's forward runs every bridge component (hook points fire). A bridge block also wires
+        # its own capture hooks on its first forward: unwire what our run wired, so the model is left as found and
+        # a deep copy of it (absorb's patched copy) inherits no hooks bound to it.
         unwired = [b for b in _blocks(self.model) if b._capture_hooks_wired is False]
         try:
             return super()._forward(ids)

@@ -245,12 +245,10 @@ class ModuleAdapter:
                 hooks.append((p.post_norm[1], "fwd", _add_scaled(rows(u.delta), p.post_norm[1])))
             else:
                 hooks.append((p.out, "fwd", _add(rows(u.delta))))
-        x = update.query_input if fan_out else rows(update.query_input)
+        x = update.query_input if fan_out else rows(update.query_input)  # [rows, 1, d_model] either way
         store: dict[str, Tensor] = {}
-        hooks += [(p.layer, "pre_kw", substitute(rearrange(x, "b q d -> (b q) 1 d") if fan_out else x)),
-                  (p.layer, "fwd", _save_output(store, "out"))]
-        dummy = torch.zeros(x.shape[0] * (x.shape[1] if fan_out else 1), 1, dtype=torch.long, device=x.device)
-        self._run(dummy, hooks, stop_after=update.block)
+        hooks += [(p.layer, "pre_kw", substitute(x)), (p.layer, "fwd", _save_output(store, "out"))]
+        self._run(torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device), hooks, stop_after=update.block)
         out = store["out"]
         return out if fan_out else rearrange(out, "(b n) 1 d -> b n d", b=batch)
 
