@@ -81,6 +81,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dynamics(args: argparse.Namespace) -> int:
+    from implicit_updates.dynamics import prefix_dynamics
+    from implicit_updates.models import load_model
+
+    model = load_model(args.model, device=args.device, seed=args.seed)
+    prompt = parse_prompt(model, args.prompt, args.seq_len, args.seed)
+    start = time.perf_counter()
+    dyn = prefix_dynamics(model, prompt, blocks=args.block, dtype=args.dtype, method=args.method, progress=True)
+    seconds = time.perf_counter() - start
+    print(f"{args.model}: {dyn.n_prefixes} prefixes [c_1..c_i, x], {len(dyn.blocks)} blocks")
+    print(dyn)
+    print(f"prefix dynamics ({args.method}): {seconds:.2f} s")
+    write_json(args.json, {"model": args.model, **dyn.to_dict(), "seconds": seconds})
+    if args.plot:
+        from implicit_updates import plots
+
+        curves = {f"block {b}": d.step_norms[None] for b, d in dyn.blocks.items()}
+        ax = plots.decay_curves(curves, title=f"{args.model}: step norms of the implicit update")
+        plots.save(ax, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="implicit-updates", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +143,19 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", metavar="PATH")
     demo.set_defaults(func=cmd_demo)
+
+    dyn = sub.add_parser("dynamics", help="the implicit update of every prefix [c_1..c_i, x]: step norms, rates")
+    dyn.add_argument("--model", required=True, help="TransformerLens pretrained name, or random:PRESET offline")
+    dyn.add_argument("--prompt", help="text, or comma-separated token ids; default: --seq-len random tokens")
+    dyn.add_argument("--seq-len", type=int, default=32)
+    dyn.add_argument("--block", type=int, action="append", help="block index (repeatable); default: every block")
+    dyn.add_argument("--dtype", choices=["float32", "float64"], default=None)
+    dyn.add_argument("--method", choices=["onepass", "naive"], default="onepass")
+    dyn.add_argument("--device", default="cpu")
+    dyn.add_argument("--seed", type=int, default=0)
+    dyn.add_argument("--json", metavar="PATH")
+    dyn.add_argument("--plot", metavar="PATH", help="step-norm decay curves (needs matplotlib)")
+    dyn.set_defaults(func=cmd_dynamics)
 
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*")

@@ -1,0 +1,373 @@
+"""Implicit learning dynamics: the update of every block as the context grows token by token (Dherin et al. 2025).
+
+**Prefix dynamics** (Dherin et al. 2025, Sec. 3, Prop. 3.1). The prompt is ``[c_1..c_N, x]`` with the query x last.
+For prefix i = 1..N the prompt ``[c_1..c_i, x]`` puts x at position i, and block l's update is exactly what
+``decompose(model, [c_1..c_i, x], query="last")`` gives for block l at the last position:
+
+    dW_i = u_i v_i^T,  u_i = W (m_i - m_x,i),  v_i = m_x,i / ||m_x,i||^2,  delta_b_i = r_i - r_x,i
+
+(``m_i`` the with-context MLP input at the query, ``m_x,i`` block l's MLP input on the query's block-l input alone,
+``r`` the residual the MLP output is added to; Eq. 8 and Thm A.2). ``h_i = 1/||m_x,i||^2`` is the implicit learning
+rate. Where the query's row is shared by all prefixes (block 0 with rotary, ALiBi or no positions, or Dherin's
+single block) the step is Prop. 3.1's gradient step,
+
+    dW_{i+1} - dW_i = -h grad L_i,   grad L_i = W (m_i - m_{i+1}) m_x^T.
+
+With absolute positions (the query's embedding moves with i) or at deeper blocks (its input depends on the context)
+the row changes with i and the step has a second, row-change term:
+
+    dW_{i+1} - dW_i = (u_{i+1} - u_i) v_{i+1}^T + u_i (v_{i+1} - v_i)^T = -h_{i+1} G_i + u_i (v_{i+1} - v_i)^T,
+
+with ``G_i = g_i m_x,i+1^T`` and ``g_i = u_i - u_{i+1}`` (``= W (m_i - m_{i+1})`` when the row is shared). Both
+terms are reported, in factored form; step norms come from the factors without cancellation.
+
+``prefix_decomposition(method="onepass")`` computes all N prefixes in one pass (``adapters/hooked_prefixes.py``);
+``method="naive"`` runs one ``decompose`` per prefix and is the reference the tests compare it with.
+
+**Suffix removal** (Dherin et al. 2025, Appendix B): see :func:`suffix_removal`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from implicit_updates.analysis import difference_frobenius_norm, first_layer_factors
+from implicit_updates.decompose import (
+    Decomposition,
+    _block_indices,
+    _check_finite,
+    adapter_for,
+    decompose,
+    resolve_dtype,
+    untouched,
+    working_model,
+)
+from implicit_updates.errors import UnsupportedArchitectureError
+from implicit_updates.inputs import as_model_inputs
+from implicit_updates.updates import AdditiveUpdate, BlockUpdate, RankOneUpdate, decompose_block
+
+METHODS = ("onepass", "naive")
+
+
+class PrefixDecomposition(Decomposition):
+    """A :class:`Decomposition` whose "positions" are the N prefixes ``[c_1..c_i, x]`` (position i-1 = prefix i).
+
+    Each position has its own query input (block l's input for the query at position i of prefix i), so
+    ``patch``, ``query_input``, ``target_output`` and ``verify`` work unchanged. ``inputs`` is the full prompt.
+    """
+
+    def __init__(self, adapter, updates: list[BlockUpdate], dtype: torch.dtype, inputs: Tensor):
+        super().__init__(adapter, updates, "prefix", dtype, inputs)
+
+    @property
+    def n_positions(self) -> int:
+        return self.inputs.shape[1] - 1
+
+
+def prefix_decomposition(model: nn.Module, prompt, blocks: int | Sequence[int] | None = None,
+                         dtype: torch.dtype | str | None = None, method: str = "onepass", chunk_size: int = 64,
+                         progress: bool | None = None) -> PrefixDecomposition:
+    """Every prefix's update of every block, factored (Dherin et al. 2025 Prop. 3.1; Eq. 8 per prefix).
+
+    ``prompt``: one prompt ``[c_1..c_N, x]`` (text, token ids, or continuous ``[1, N+1, d_model]`` inputs fed at
+    block 0). ``method="onepass"``: the context once with a KV cache, then the N query paths as one batch
+    (HookedTransformer, causal); ``"naive"``: one ``decompose`` per prefix. The user's model is untouched.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+    compute_dtype = resolve_dtype(model, dtype)
+    with untouched(model):
+        work = working_model(model, compute_dtype)
+        adapter = adapter_for(work)
+        block_ids = _block_indices(blocks, adapter.n_blocks)
+        inputs = as_model_inputs(adapter, prompt, compute_dtype)
+        if inputs.shape[0] != 1:
+            raise ValueError(f"prefix dynamics takes one prompt (batch 1), got batch {inputs.shape[0]}; "
+                             "loop over the prompts")
+        if inputs.shape[1] < 2:
+            raise ValueError("the prompt needs at least one context token before the query (2 tokens or more)")
+        if method == "naive":
+            updates = _naive_updates(work, inputs, block_ids)
+        else:
+            from implicit_updates.adapters.hooked_prefixes import capture_prefixes
+
+            with untouched(work):
+                captures = capture_prefixes(adapter, inputs, block_ids, chunk_size=chunk_size, progress=progress)
+            for c in captures:
+                _check_finite(c)
+            updates = [decompose_block(c) for c in captures]
+    return PrefixDecomposition(adapter, updates, compute_dtype, inputs)
+
+
+def _naive_updates(work: nn.Module, inputs: Tensor, block_ids: list[int]) -> list[BlockUpdate]:
+    """The reference: ``decompose(model, [c_1..c_i, x])`` for i = 1..N, last position of each, stacked."""
+    per_prefix = [decompose(work, torch.cat([inputs[:, :i], inputs[:, -1:]], dim=1), query="last", blocks=block_ids)
+                  for i in range(1, inputs.shape[1])]
+    return [stack_last_positions([d.block(b) for d in per_prefix]) for b in block_ids]
+
+
+def stack_last_positions(updates: list[BlockUpdate]) -> BlockUpdate:
+    """One :class:`BlockUpdate` whose position k is the last position of ``updates[k]`` (rows per position)."""
+
+    def last(t: Tensor) -> Tensor:
+        return t[:, -1:]
+
+    def cat(ts) -> Tensor:
+        return torch.cat([last(t) for t in ts], dim=1)
+
+    first = updates[0]
+    row = cat(u.row for u in updates)
+    stacked: list[RankOneUpdate | AdditiveUpdate] = []
+    for k, p in enumerate(first.updates):
+        if isinstance(p, AdditiveUpdate):
+            stacked.append(AdditiveUpdate(p.name, cat(u.updates[k].delta for u in updates)))
+        elif p.row is first.row:  # a first-layer map: keep the shared row object (BlockUpdate.first_layer)
+            stacked.append(RankOneUpdate(p.name, row, cat(u.updates[k].column for u in updates), p.transposed))
+        else:
+            stacked.append(RankOneUpdate(p.name, cat(u.updates[k].row for u in updates),
+                                         cat(u.updates[k].column for u in updates), p.transposed))
+    return BlockUpdate(first.block, row, cat(u.delta_b for u in updates), stacked,
+                       cat(u.query_input for u in updates), cat(u.target_output for u in updates), first.correction)
+
+
+@dataclass
+class BlockDynamics:
+    """One block's prefix dynamics, factored (Prop. 3.1). Index k is prefix i = k + 1; step k goes k -> k + 1.
+
+    ``columns`` ``[N, d_out]`` are the ``u_i`` of every map reading the MLP input, stacked along d_out (they share
+    the row); ``rows`` ``[N, d_in]`` the ``v_i``. Dense matrices use the papers' layout ``[d_out, d_in]``.
+    """
+
+    block: int
+    columns: Tensor
+    rows: Tensor
+    delta_b: Tensor
+    implicit_lr: Tensor  # h_i = 1/||m_x,i||^2, [N]
+    update_norms: Tensor  # ||dW_i||_F, [N]
+    step_norms: Tensor  # ||dW_{i+1} - dW_i||_F, [N-1]
+    gradient_norms: Tensor  # h_{i+1} ||G_i||_F, the gradient term of each step, [N-1]
+    row_change_norms: Tensor  # ||u_i (v_{i+1} - v_i)^T||_F, [N-1]
+    delta_b_step_norms: Tensor  # ||delta_b_{i+1} - delta_b_i||, [N-1]
+    shared_row: bool
+    map_names: list[str] = field(default_factory=list)
+
+    @property
+    def gradient_columns(self) -> Tensor:
+        """``g_i = u_i - u_{i+1}`` (``= W (m_i - m_{i+1})`` with a shared row), ``[N-1, d_out]``."""
+        return self.columns[:-1] - self.columns[1:]
+
+    @property
+    def gradient_rows(self) -> Tensor:
+        """``m_x,i+1 = v_{i+1} / ||v_{i+1}||^2`` (the query's MLP input), ``[N-1, d_in]``."""
+        v = self.rows[1:]
+        return v / v.pow(2).sum(-1, keepdim=True)
+
+    def update(self, k: int) -> Tensor:
+        """Dense ``dW`` of prefix k + 1, ``[d_out, d_in]`` (tests and small models only)."""
+        return torch.outer(self.columns[k], self.rows[k])
+
+    def gradient(self, k: int) -> Tensor:
+        """Dense ``G_k = g_k m_x^T`` (Prop. 3.1's ``grad L``), ``[d_out, d_in]``."""
+        return torch.outer(self.gradient_columns[k], self.gradient_rows[k])
+
+    def to_dict(self) -> dict:
+        def floats(t: Tensor) -> list[float]:
+            return [float(x) for x in t]
+
+        return {"block": self.block, "shared_row": self.shared_row, "implicit_lr": floats(self.implicit_lr),
+                "update_norms": floats(self.update_norms), "step_norms": floats(self.step_norms),
+                "gradient_norms": floats(self.gradient_norms), "row_change_norms": floats(self.row_change_norms),
+                "delta_b_norms": floats(self.delta_b.norm(dim=-1)),
+                "delta_b_step_norms": floats(self.delta_b_step_norms)}
+
+
+def block_dynamics(update: BlockUpdate, batch: int = 0) -> BlockDynamics:
+    """Step norms, implicit learning rates and Prop. 3.1 gradient terms of one block, from its factors alone."""
+    columns, rows = first_layer_factors(update, batch)
+    rows = rows.expand(columns.shape[0], rows.shape[-1])
+    implicit_lr = rows.pow(2).sum(-1)  # ||v||^2 = 1/||m_x||^2 = h
+    u1, v1, u2, v2 = columns[1:], rows[1:], columns[:-1], rows[:-1]
+    gradient_term = (u1 - u2).norm(dim=-1) * v1.norm(dim=-1)  # ||(u_{i+1}-u_i) v_{i+1}^T|| = h ||G_i||
+    row_change = u2.norm(dim=-1) * (v1 - v2).norm(dim=-1)
+    tol = 100 * torch.finfo(rows.dtype).eps
+    shared = bool(((rows - rows[:1]).norm(dim=-1) <= tol * rows[:1].norm()).all())
+    delta_b = update.delta_b[batch]
+    return BlockDynamics(update.block, columns, rows, delta_b, implicit_lr,
+                         update_norms=columns.norm(dim=-1) * rows.norm(dim=-1),
+                         step_norms=difference_frobenius_norm(u1, v1, u2, v2),
+                         gradient_norms=gradient_term, row_change_norms=row_change,
+                         delta_b_step_norms=(delta_b[1:] - delta_b[:-1]).norm(dim=-1), shared_row=shared,
+                         map_names=[u.name for u in update.first_layer])
+
+
+@dataclass
+class PrefixDynamics:
+    """Prefix dynamics of every decomposed block, and the decomposition it was computed from."""
+
+    decomposition: PrefixDecomposition
+    blocks: dict[int, BlockDynamics]
+    method: str
+
+    @property
+    def n_prefixes(self) -> int:
+        return self.decomposition.n_positions
+
+    def to_dict(self) -> dict:
+        return {"n_prefixes": self.n_prefixes, "method": self.method,
+                "dtype": str(self.decomposition.dtype).removeprefix("torch."),
+                "blocks": [b.to_dict() for b in self.blocks.values()]}
+
+    def __str__(self) -> str:
+        lines = [f"{'block':>5}  {'shared row':>10}  {'h first':>9}  {'h last':>9}  {'|dW| last':>9}  "
+                 f"{'step first':>10}  {'step last':>10}  {'row-change':>10}"]
+        for b in self.blocks.values():
+            first = float(b.step_norms[0]) if len(b.step_norms) else float("nan")
+            last = float(b.step_norms[-1]) if len(b.step_norms) else float("nan")
+            change = float(b.row_change_norms.max()) if len(b.row_change_norms) else float("nan")
+            lines.append(f"{b.block:>5}  {str(b.shared_row):>10}  {float(b.implicit_lr[0]):9.3e}  "
+                         f"{float(b.implicit_lr[-1]):9.3e}  {float(b.update_norms[-1]):9.3e}  {first:10.3e}  "
+                         f"{last:10.3e}  {change:10.3e}")
+        lines.append(f"{self.n_prefixes} prefixes ({self.method}); step k: ||dW(c_1..c_k+1) - dW(c_1..c_k)||_F")
+        return "\n".join(lines)
+
+
+def prefix_dynamics(model: nn.Module, prompt, blocks: int | Sequence[int] | None = None,
+                    dtype: torch.dtype | str | None = None, method: str = "onepass", chunk_size: int = 64,
+                    progress: bool | None = None) -> PrefixDynamics:
+    """:func:`prefix_decomposition`, then :func:`block_dynamics` for each block (Dherin et al. Prop. 3.1)."""
+    result = prefix_decomposition(model, prompt, blocks, dtype, method, chunk_size, progress)
+    return PrefixDynamics(result, {u.block: block_dynamics(u) for u in result.blocks}, method)
+
+
+# -- Appendix B: removing context tokens from the front --------------------------------------------------------------
+
+
+@dataclass
+class SuffixRemoval:
+    """Dherin et al. 2025 Appendix B for one block: remove c_1, then c_2, ... from the block's input sequence.
+
+    ``a[i] = A(c_{i+1..n}, x)`` (``[n+1, d_in]``; ``a[0] = A(C, x)``, ``a[n] = A(x)``), ``deltas[i-1] = a[i-1] -
+    a[i]``, ``implicit_lr[i-1] = h_i = 1/||a_i||^2``, and ``A_i = delta_i a_i^T``. Every first-layer map moves by
+    ``W_i = W_{i-1} (I + h_i A_i)`` (dense ``[d_out, d_in]``, papers' layout), so ``W_i a_i = W_{i-1} a_{i-1} =
+    W_0 A(C, x)``; the output correction moves by ``r(c_{i..n}, x) - r(c_{i+1..n}, x)`` per step (``output_steps``,
+    divided by the normalized MLP output for a post-MLP norm's scale), telescoping to Thm A.2's ``delta_b``.
+    """
+
+    block: int
+    a: Tensor
+    residuals: Tensor  # r(c_{i+1..n}, x), [n+1, d_model]
+    implicit_lr: Tensor  # [n]
+    maps: dict[str, Tensor]  # name -> W_0 [d_out, d_in]
+    transposed: dict[str, bool]
+    output_name: str
+    output_steps: Tensor  # [n, *shape of the corrected parameter]
+    inputs: Tensor  # the block's with-context input sequence [1, n+1, d_model]
+    target_output: Tensor  # T_{W_0}(C, x) [d_model]
+
+    @property
+    def n(self) -> int:
+        return self.a.shape[0] - 1
+
+    @property
+    def deltas(self) -> Tensor:
+        return self.a[:-1] - self.a[1:]
+
+    def factor(self, i: int) -> Tensor:
+        """``I + h_i A_i`` for step i = 1..n, ``[d_in, d_in]``."""
+        a, delta = self.a[i], self.deltas[i - 1]
+        return torch.eye(a.shape[0], dtype=a.dtype, device=a.device) + self.implicit_lr[i - 1] * torch.outer(delta, a)
+
+    def weights(self, i: int) -> dict[str, Tensor]:
+        """``W_i`` of every map, computed sequentially: ``W_i = W_{i-1} (I + h_i A_i)``, one rank-one step at a time."""
+        out = dict(self.maps)
+        for j in range(1, i + 1):
+            a, delta, h = self.a[j], self.deltas[j - 1], self.implicit_lr[j - 1]
+            out = {name: w + h * torch.outer(w @ delta, a) for name, w in out.items()}
+        return out
+
+    def product(self, i: int) -> Tensor:
+        """``(I + h_1 A_1) ... (I + h_i A_i)``, the factorised form (``W_i = W_0 @ product(i)``)."""
+        out = torch.eye(self.a.shape[1], dtype=self.a.dtype, device=self.a.device)
+        for j in range(1, i + 1):
+            out = out @ self.factor(j)
+        return out
+
+    def patch(self, i: int) -> dict[str, Tensor]:
+        """``{parameter name: delta}`` after removing c_1..c_i, shaped like the parameters (a literal edit)."""
+        out = {}
+        for name, w in self.weights(i).items():
+            delta = w - self.maps[name]
+            out[name] = delta if self.transposed[name] else delta.T
+        out[self.output_name] = self.output_steps[:i].sum(0)
+        return out
+
+
+def suffix_removal(model: nn.Module, prompt, block: int, dtype: torch.dtype | str | None = None) -> SuffixRemoval:
+    """Appendix B dynamics of ``block``, on its with-context input sequence ``resid_pre`` of ``prompt``.
+
+    Runs the block alone on each suffix ``(c_{i+1..n}, x)`` of its input sequence (i = 0..n) and reads what the MLP
+    reads at the query (``A = m``) and the residual the MLP output is added to (``r``). Truncating a block's input
+    sequence keeps relative positions for rotary, ALiBi and no-position blocks (absolute positions are already in
+    the residual); shortformer blocks need their positions re-fed and raise. MoE blocks (no output bias) raise.
+    """
+    compute_dtype = resolve_dtype(model, dtype)
+    with untouched(model):
+        work = working_model(model, compute_dtype)
+        adapter = adapter_for(work)
+        (block,) = _block_indices(block, adapter.n_blocks)
+        inputs = as_model_inputs(adapter, prompt, compute_dtype)
+        if inputs.shape[0] != 1 or inputs.shape[1] < 2:
+            raise ValueError("suffix removal takes one prompt (batch 1) with at least one context token")
+        cfg = getattr(work, "cfg", None)
+        if getattr(cfg, "positional_embedding_type", None) == "shortformer":
+            raise UnsupportedArchitectureError(
+                "shortformer positions are added to each block's keys, not to its input, so a truncated input "
+                "sequence would lose them; suffix removal supports rotary, ALiBi, absolute and no positions")
+        if getattr(adapter, "kind", None) == "MoE":
+            raise UnsupportedArchitectureError(
+                "suffix removal needs an output bias (or post-MLP norm scale) for the residual steps; a mixture of "
+                "experts without one is not supported")
+        with untouched(work):
+            stop = dict(start_at_layer=0) if inputs.is_floating_point() else {}
+            sequence = work(inputs, stop_at_layer=block, **stop) if block > 0 or not stop else inputs
+            suffixes = [_run_block(adapter, block, sequence[:, i:]) for i in range(inputs.shape[1])]
+    a = torch.stack([s["mlp_input"] for s in suffixes])
+    residuals = torch.stack([s["residual"] for s in suffixes])
+    full = suffixes[0]
+    capture_maps = adapter._first_layer_maps(block)
+    maps = {m.name: m.weight.detach().T.clone() for m in capture_maps}
+    correction = adapter._correction(block, full["store"])
+    steps = residuals[:-1] - residuals[1:]
+    if correction.kind == "scale":
+        steps = steps / correction.normalized[0, -1]
+    elif correction.kind != "bias":
+        raise UnsupportedArchitectureError(f"output correction {correction.kind!r} is not supported here")
+    return SuffixRemoval(block, a, residuals, 1 / a[1:].pow(2).sum(-1), maps,
+                         {m.name: m.transposed for m in capture_maps}, correction.name, steps, sequence,
+                         full["output"])
+
+
+def _run_block(adapter, block: int, sequence: Tensor) -> dict:
+    """Block ``block`` on ``sequence`` ``[1, pos, d]`` alone: the query's MLP input, residual and output."""
+    store: dict[str, Tensor] = {}
+    with adapter._capturing([block], store):
+        out = adapter.model.blocks[block](sequence)
+    p = f"blocks.{block}"
+    residual = adapter._residual(store, block)
+    store = {k: v[:, -1:] if v.dim() >= 3 else v for k, v in store.items()}
+    return {"mlp_input": store[f"{p}.mlp.input"][0, -1], "residual": residual[0, -1], "output": out[0, -1],
+            "store": store}
+
+
+def edited_block_output(result: SuffixRemoval, model: nn.Module, i: int) -> Tensor:
+    """``T_{W_i}(c_{i+1..n}, x)``: a deep copy with the step-i weights written in, run on the shortened sequence."""
+    edited = copy.deepcopy(model).to(result.a.dtype)
+    with torch.no_grad():
+        for name, delta in result.patch(i).items():
+            edited.get_parameter(name).add_(delta)
+        return edited.blocks[result.block](result.inputs[:, i:])[0, -1]

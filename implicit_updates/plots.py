@@ -1,0 +1,86 @@
+"""Matplotlib figures for the analysis helpers: alignment heatmaps and step-norm decay curves with error bands.
+
+matplotlib is optional (``pip install 'implicit-updates[plot]'``); every function raises a clear ImportError
+without it. Functions draw on ``ax`` when given, else on a new figure, and return the axes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+
+def _pyplot():
+    try:  # without a display matplotlib picks a headless backend (Agg) itself
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError("plots need matplotlib: pip install 'implicit-updates[plot]' (or pip install matplotlib)"
+                          ) from err
+    return plt
+
+
+def _axes(ax, figsize: tuple[float, float]):
+    if ax is not None:
+        return ax
+    _, ax = _pyplot().subplots(figsize=figsize)
+    return ax
+
+
+def alignment_heatmap(matrix, ax=None, title: str = "", labels: Sequence[str] | None = None,
+                      axis_label: str = "position"):
+    """Heatmap of an alignment matrix (values in [-1, 1]) with a diverging colormap and a colorbar."""
+    plt = _pyplot()
+    matrix = np.asarray(_numpy(matrix))
+    ax = _axes(ax, (4.5, 4))
+    image = ax.imshow(matrix, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    plt.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="alignment")
+    if labels is not None:
+        ax.set_xticks(range(len(labels)), labels, rotation=90)
+        ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel(axis_label)
+    ax.set_ylabel(axis_label)
+    ax.set_title(title)
+    return ax
+
+
+def mean_and_standard_error(curves) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over prompts and its standard error ``std / sqrt(n)`` (zero for one prompt), ``curves`` ``[prompts, k]``."""
+    curves = np.atleast_2d(np.asarray(_numpy(curves), dtype=float))
+    n = curves.shape[0]
+    sem = curves.std(axis=0, ddof=1) / np.sqrt(n) if n > 1 else np.zeros(curves.shape[1])
+    return curves.mean(axis=0), sem
+
+
+def decay_curves(curves: Mapping[str, object], ax=None, x=None, log_y: bool = True, title: str = "",
+                 xlabel: str = "context length i", ylabel: str = r"$\|\Delta W_{i+1} - \Delta W_i\|_F$"):
+    """One line per label: the mean over prompts of a step-norm curve ``[prompts, k]``, with a mean ± SE band."""
+    ax = _axes(ax, (5.5, 3.6))
+    for label, values in curves.items():
+        mean, sem = mean_and_standard_error(values)
+        xs = np.arange(1, len(mean) + 1) if x is None else np.asarray(x)
+        line, = ax.plot(xs, mean, label=label, lw=1.5)
+        lower = mean - sem
+        if log_y:
+            lower = np.where(lower > 0, lower, mean)  # a log axis cannot show a band below zero
+        ax.fill_between(xs, lower, mean + sem, color=line.get_color(), alpha=0.25, lw=0)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    return ax
+
+
+def save(ax, path: str, dpi: int = 110) -> None:
+    """Tight layout and save the axes' figure to ``path``; closes it."""
+    plt = _pyplot()
+    fig = ax.figure
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def _numpy(x):
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else x

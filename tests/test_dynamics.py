@@ -1,0 +1,229 @@
+"""Prefix dynamics (Dherin et al. Prop. 3.1) in one pass vs one decompose per prefix, and Appendix B suffix removal."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, assert_untouched, build
+
+import implicit_updates as iu
+from implicit_updates.dynamics import (
+    block_dynamics,
+    edited_block_output,
+    prefix_decomposition,
+    prefix_dynamics,
+    suffix_removal,
+)
+from implicit_updates.errors import UnsupportedArchitectureError
+from implicit_updates.icl import regression_transformer, sample_tasks
+from implicit_updates.models import PRESETS, random_model
+from implicit_updates.updates import RankOneUpdate
+
+F64 = torch.float64
+
+
+def tokens(model, n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, model.cfg.d_vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def max_rel_diff(one, naive) -> float:
+    """Largest relative difference over every factor, correction, query input and target of every block."""
+    worst = 0.0
+    for a, b in zip(one.blocks, naive.blocks, strict=True):
+        assert a.block == b.block and [u.name for u in a.updates] == [u.name for u in b.updates]
+        for x, y in zip(a.updates, b.updates, strict=True):
+            for name in ("row", "column", "delta"):
+                if hasattr(x, name):
+                    assert getattr(x, name).shape == getattr(y, name).shape
+                    worst = max(worst, rel(getattr(x, name), getattr(y, name)))
+        for name in ("row", "delta_b", "query_input", "target_output"):
+            worst = max(worst, rel(getattr(a, name), getattr(b, name)))
+    return worst
+
+
+def check_onepass(model, prompt, blocks=None, chunk_size: int = 64) -> None:
+    with assert_untouched(model):
+        one = prefix_decomposition(model, prompt, blocks=blocks, dtype=F64, chunk_size=chunk_size)
+        naive = prefix_decomposition(model, prompt, blocks=blocks, dtype=F64, method="naive")
+    assert one.n_positions == prompt.shape[1] - 1
+    assert max_rel_diff(one, naive) <= 1e-10
+    assert one.verify().max_rel_err <= 1e-10
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_onepass_equals_naive_every_preset(preset):
+    model = random_model(preset)
+    if preset == "gpt2-small":  # 12 blocks of GPT-2 small's shapes: fewer prefixes and blocks keep it quick
+        check_onepass(model, tokens(model, 6), blocks=[0, 3])
+    else:
+        check_onepass(model, tokens(model, 10), chunk_size=4)  # three chunks, the last one short
+
+
+@pytest.mark.parametrize("name", ["shortformer", "alibi", "layernorm-folded", "solu", "no-norm",
+                                  "pre-post-norm-gemma", "moe-mixtral"])
+def test_onepass_equals_naive_architectures(name):
+    """Shortformer keys, ALiBi and local windows (window 4 < 8 prefixes) on the left-padded cache; MoE chunks."""
+    model = build(**ARCHITECTURES[name])
+    check_onepass(model, tokens(model, 9, seed=1), chunk_size=3)
+
+
+def test_onepass_continuous_inputs():
+    """The in-context regression model reads continuous tokens at block 0 (no embedding, no positions)."""
+    model = regression_transformer(n_layers=2)
+    prompt = sample_tasks(1, 8, 2, torch.Generator().manual_seed(0)).prompts
+    check_onepass(model, prompt)
+
+
+def test_naive_prefix_is_decompose_of_that_prefix():
+    """Prefix i of the result is literally decompose([c_1..c_i, x]) at its last position."""
+    model = random_model("llama")
+    toks = tokens(model, 7)
+    result = prefix_decomposition(model, toks, dtype=F64)
+    for i in (1, 4, 6):
+        ref = iu.decompose(model, torch.cat([toks[:, :i], toks[:, -1:]], 1), dtype=F64).block(2)
+        got = result.block(2)
+        assert rel(got.first_layer[0].column[0, i - 1], ref.first_layer[0].column[0, -1]) <= 1e-10
+        assert rel(got.row[0, i - 1], ref.row[0, 0]) <= 1e-10
+        assert rel(got.delta_b[0, i - 1], ref.delta_b[0, -1]) <= 1e-10
+
+
+def _mlp_inputs(model, prompts: list[torch.Tensor], block: int) -> torch.Tensor:
+    """What block ``block``'s MLP reads at the last position of each prompt (a plain forward pre-hook)."""
+    seen = []
+    handle = model.blocks[block].mlp.register_forward_pre_hook(lambda m, args: seen.append(args[0][0, -1]))
+    try:
+        with torch.no_grad():
+            for p in prompts:
+                model(p, stop_at_layer=block + 1)
+    finally:
+        handle.remove()
+    return torch.stack(seen)
+
+
+def test_prop31_gradient_step_with_shared_row():
+    """Block 0 with rotary positions: one row for all prefixes, and dW_{i+1} - dW_i = -h W (m_i - m_{i+1}) m_x^T."""
+    model = build(**ARCHITECTURES["gqa-rotary"])
+    toks = tokens(model, 8)
+    dyn = prefix_dynamics(model, toks, blocks=0, dtype=F64).blocks[0]
+    assert dyn.shared_row and float(dyn.row_change_norms.max()) <= 1e-12 * float(dyn.update_norms.max())
+    ref = copy.deepcopy(model).to(F64)
+    m = _mlp_inputs(ref, [torch.cat([toks[:, :i], toks[:, -1:]], 1) for i in range(1, 8)], 0)
+    mlp = ref.blocks[0].mlp
+    w = torch.cat([mlp.W_gate, mlp.W_in], dim=1).detach()  # both maps read m and share the row: stacked
+    m_x = _mlp_inputs(ref, [toks[:, -1:]], 0)[0]
+    h = 1 / m_x.pow(2).sum()
+    for k in range(6):
+        grad = torch.outer((m[k] - m[k + 1]) @ w, m_x)  # Prop. 3.1: grad L_i = W (m_i - m_{i+1}) m_x^T
+        assert rel(dyn.gradient(k), grad) <= 1e-10
+        step = dyn.update(k + 1) - dyn.update(k)
+        assert rel(step, -h * grad) <= 1e-10
+        assert abs(float(dyn.step_norms[k]) - float(step.norm())) <= 1e-10 * float(step.norm())
+    assert rel(dyn.implicit_lr, h.expand(7)) <= 1e-12
+
+
+def test_step_with_row_change_absolute_positions():
+    """Absolute positions move the query's row with i: the step is the gradient term plus the row-change term."""
+    model = build(**ARCHITECTURES["layernorm"])
+    result = prefix_decomposition(model, tokens(model, 8), dtype=F64)
+    for block in (0, 2):
+        dyn = block_dynamics(result.block(block))
+        assert not dyn.shared_row and float(dyn.row_change_norms.min()) > 0
+        for k in range(6):
+            step = dyn.update(k + 1) - dyn.update(k)
+            row_change = torch.outer(dyn.columns[k], dyn.rows[k + 1] - dyn.rows[k])
+            assert rel(-dyn.implicit_lr[k + 1] * dyn.gradient(k) + row_change, step) <= 1e-10
+            assert abs(float(dyn.step_norms[k]) - float(step.norm())) <= 1e-10 * float(step.norm())
+            assert abs(float(dyn.row_change_norms[k]) - float(row_change.norm())) <= 1e-10 * float(step.norm())
+        dense = torch.stack([dyn.update(k).norm() for k in range(7)])
+        assert rel(dyn.update_norms, dense) <= 1e-12
+    payload = prefix_dynamics(model, tokens(model, 5), dtype=F64).to_dict()
+    assert payload["n_prefixes"] == 4 and len(payload["blocks"][0]["step_norms"]) == 3
+
+
+def test_prefix_dynamics_errors_and_untouched_on_failure():
+    model = build()
+    with pytest.raises(ValueError, match="batch 1"):
+        prefix_decomposition(model, torch.randint(0, 61, (2, 5)))
+    with pytest.raises(ValueError, match="context token"):
+        prefix_decomposition(model, torch.tensor([[3]]))
+    with pytest.raises(ValueError, match="method"):
+        prefix_decomposition(model, tokens(model, 4), method="fast")
+    with pytest.raises(UnsupportedArchitectureError, match="bidirectional"):
+        prefix_decomposition(build(attention_dir="bidirectional"), tokens(model, 4))
+
+    def boom(act, hook):
+        if act.shape[0] > 1:  # only the batched query rows
+            raise RuntimeError("boom")
+
+    model.add_hook("blocks.1.hook_resid_pre", boom)
+    try:
+        with assert_untouched(model), pytest.raises(RuntimeError, match="boom"):
+            prefix_decomposition(model, tokens(model, 6))
+    finally:
+        model.reset_hooks()
+
+
+# -- Appendix B ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,block", [("gqa-rotary", 1), ("alibi", 2), ("pre-post-norm-gemma", 1)])
+def test_suffix_removal_factorisation(name, block):
+    """W_n = W_0 (I + h_1 A_1)...(I + h_n A_n); W_i a_i = W_0 A(C, x); every partial edit keeps the output."""
+    model = build(**ARCHITECTURES[name])
+    toks = tokens(model, 7, seed=2)
+    with assert_untouched(model):
+        sr = suffix_removal(model, toks, block, dtype=F64)
+    n = sr.n
+    assert n == 6
+    final = sr.weights(n)
+    for name_, w0 in sr.maps.items():
+        assert rel(w0 @ sr.product(n), final[name_]) <= 1e-10  # the factorised form
+        target = w0 @ sr.a[0]
+        for i in range(n + 1):
+            assert rel(sr.weights(i)[name_] @ sr.a[i], target) <= 1e-10  # telescoping
+    # the output correction telescopes to Thm A.2's delta_b of decompose at the query
+    ref = iu.decompose(model, toks, blocks=block, dtype=F64).block(block)
+    assert rel(sr.residuals[0] - sr.residuals[n], ref.delta_b[0, -1]) <= 1e-10
+    # (W_n - W_0) a_n = the direct Eq. 8 update's action on A(x): both move the query onto W_0 A(C, x)
+    direct = {u.name: u for u in ref.first_layer}
+    for name_, w0 in sr.maps.items():
+        u: RankOneUpdate = direct[name_]
+        assert rel((final[name_] - w0) @ sr.a[n], u.column[0, -1] * float(u.row[0, 0] @ sr.a[n])) <= 1e-10
+    for i in range(n + 1):  # literal weight edits on a deep copy, block run on the shortened input sequence
+        assert rel(edited_block_output(sr, model, i), sr.target_output) <= 1e-10
+    with torch.no_grad():
+        unedited = copy.deepcopy(model).to(F64).blocks[block](sr.inputs[:, n:])[0, -1]
+    assert rel(unedited, sr.target_output) > 1e-3  # removing the context mattered
+
+
+def test_suffix_removal_errors():
+    with pytest.raises(UnsupportedArchitectureError, match="shortformer"):
+        model = build(**ARCHITECTURES["shortformer"])
+        suffix_removal(model, tokens(model, 5), 1)
+    with pytest.raises(UnsupportedArchitectureError, match="mixture of experts"):
+        model = build(**ARCHITECTURES["moe-mixtral"])
+        suffix_removal(model, tokens(model, 5), 0)
+
+
+def test_cli_dynamics(tmp_path, capsys):
+    from implicit_updates.cli import main
+
+    out, fig = tmp_path / "dyn.json", tmp_path / "dyn.png"
+    args = ["dynamics", "--model", "random:llama", "--seq-len", "9", "--dtype", "float64", "--block", "0",
+            "--block", "2", "--json", str(out)]
+    if importlib.util.find_spec("matplotlib"):
+        args += ["--plot", str(fig)]
+    assert main(args) == 0
+    payload = json.loads(out.read_text())
+    assert payload["n_prefixes"] == 8 and [b["block"] for b in payload["blocks"]] == [0, 2]
+    assert len(payload["blocks"][0]["step_norms"]) == 7 and payload["blocks"][0]["shared_row"] is True
+    assert "step first" in capsys.readouterr().out
+    assert not args[-1].endswith(".png") or fig.stat().st_size > 1000
