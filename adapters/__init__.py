@@ -9,6 +9,12 @@ from implicit_updates.errors import UnsupportedArchitectureError
 
 def adapter_for(model: nn.Module):
     """The adapter for ``model``'s framework: HookedTransformer (and look-alikes), TransformerBridge, Hugging Face."""
+    from implicit_updates.toy import ToyTransformer
+
+    if isinstance(model, ToyTransformer):  # the seed papers' own model (before the HookedTransformer look-alikes)
+        from implicit_updates.adapters.toy import ToyAdapter
+
+        return ToyAdapter(model)
     if _is_bridge(model):  # before the look-alike test: a TransformerBridge has cfg, blocks and hooks too
         from implicit_updates.adapters.bridge import BridgeAdapter
 

@@ -1,0 +1,140 @@
+"""Adapter for :class:`implicit_updates.toy.ToyTransformer`, the seed papers' own model (same interface as
+:class:`~implicit_updates.adapters.hooked_transformer.HookedTransformerAdapter`).
+
+It captures by the toy model's hook points; the first-layer map is ``mlp.layers.0.weight`` (an ``nn.Linear``, so
+stored transposed) and the output correction goes to the MLP's last bias, or nowhere for a block without the MLP
+skip connection (Dherin et al. Sec. 4: the first-layer update alone is exact there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from einops import rearrange
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from implicit_updates.adapters.hooked_transformer import _add_output_correction, _add_rank_one_at_hook
+from implicit_updates.capture import BlockCapture, FirstLayerMap, OutputCorrection
+from implicit_updates.toy import ToyTransformer
+from implicit_updates.updates import BlockUpdate, RankOneUpdate
+
+HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_in", "hook_resid_post")
+
+
+class ToyAdapter:
+    """Runs a :class:`ToyTransformer` with context and each block on its query alone; patches in factored form."""
+
+    def __init__(self, model: ToyTransformer):
+        self.model = model
+        self.n_blocks = model.cfg.n_layers
+        self.n_ctx = None  # no positional encoding: any length
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def d_model(self) -> int:
+        return self.model.cfg.d_model
+
+    @property
+    def d_vocab(self) -> int:  # the "logits" are the last block's residual output
+        return self.model.cfg.d_model
+
+    def tokenize(self, text: str) -> Tensor:
+        raise ValueError("the toy model reads continuous tokens: pass a float tensor [batch, pos, d_model]")
+
+    def _continuous(self, inputs: Tensor) -> Tensor:
+        if not inputs.is_floating_point():
+            raise ValueError("the toy model has no embedding: pass continuous tokens [batch, pos, d_model], "
+                             "not token ids")
+        return inputs
+
+    def embed_alone(self, inputs: Tensor) -> Tensor:
+        """Block 0's input for the query token alone: the token itself (no embedding, no positions)."""
+        return self._continuous(inputs)[:, -1:]
+
+    def logits(self, inputs: Tensor) -> Tensor:
+        """The residual after the last block, ``[batch, pos, d_model]`` (its last coordinate is the prediction)."""
+        return self.model(self._continuous(inputs))
+
+    # -- capture -------------------------------------------------------------------------------------------------
+
+    def _saving(self, blocks: list[int], store: dict[str, Tensor]):
+        def save(act: Tensor, hook) -> None:
+            store[hook.name] = act.detach()
+
+        return self.model.hooks(fwd_hooks=[(f"blocks.{b}.{h}", save) for b in blocks for h in HOOKS])
+
+    def capture(self, inputs: Tensor, blocks: list[int], query: str, progress: bool | None = None,
+                query_inputs: dict[int, Tensor] | None = None) -> list[BlockCapture]:
+        """With-context quantities of ``blocks`` in one forward, then each block on its query alone."""
+        query_inputs = query_inputs or {}
+        store: dict[str, Tensor] = {}
+        with self._saving(blocks, store):
+            self.model(self._continuous(inputs), stop_at_layer=max(blocks) + 1)
+        captures = []
+        for b in tqdm(blocks, desc="decompose", disable=not progress, leave=False):
+            resid_pre = store[f"blocks.{b}.hook_resid_pre"]
+            query_input = query_inputs.get(b, resid_pre[:, -1:] if query == "last" else resid_pre)
+            alone = self.run_block_alone(b, query_input)
+            captures.append(self._block_capture(b, store, alone, query_input))
+        return captures
+
+    def run_block_alone(self, block: int, query_input: Tensor) -> dict[str, Tensor]:
+        """Run block ``block`` on each query residual as its own one-token sequence; return its activations."""
+        store: dict[str, Tensor] = {}
+        with self._saving([block], store):
+            self.model.blocks[block](rearrange(query_input, "b q d -> (b q) 1 d"))
+        return {k: rearrange(v, "(b q) 1 d -> b q d", b=query_input.shape[0]) for k, v in store.items()}
+
+    def _block_capture(self, b: int, ctx: dict[str, Tensor], alone: dict[str, Tensor],
+                       query_input: Tensor) -> BlockCapture:
+        p, mlp = f"blocks.{b}", self.model.blocks[b].mlp
+        last = len(mlp.layers) - 1
+        correction = (OutputCorrection("bias", f"{p}.mlp.layers.{last}.bias") if self.model.cfg.mlp_skip
+                      else OutputCorrection("none"))
+        return BlockCapture(
+            block=b,
+            query_input=query_input,
+            mlp_input=ctx[f"{p}.hook_mlp_in"],
+            query_mlp_input=alone[f"{p}.hook_mlp_in"],
+            residual=ctx[f"{p}.hook_resid_mid"],
+            query_residual=alone[f"{p}.hook_resid_mid"],
+            output=ctx[f"{p}.hook_resid_post"],
+            attention_output=ctx[f"{p}.hook_attn_out"],
+            query_attention_output=alone[f"{p}.hook_attn_out"],
+            maps=[FirstLayerMap(f"{p}.mlp.layers.0.weight", mlp.layers[0].weight.T, transposed=True)],
+            correction=correction,
+        )
+
+    # -- verification --------------------------------------------------------------------------------------------
+
+    def run_patched_block(self, update: BlockUpdate, positions: slice = slice(None)) -> Tensor:
+        """Run the block on the query alone with each position's update added in factored form.
+
+        ``W + outer(column, row)`` changes the first map's output by ``(m . row) column``, added at ``mlp.hook_pre``;
+        with one query for all positions the block runs once and the MLP fans out to one row per position.
+        Returns ``[batch, pos, d_model]``.
+        """
+        p = f"blocks.{update.block}"
+        batch, n_pos = update.target_output[:, positions].shape[:2]
+        fan_out = update.query_input.shape[1] == 1
+
+        def rows(t: Tensor) -> Tensor:
+            t = t if t.shape[1] == 1 else t[:, positions]
+            return t if fan_out else rearrange(t.expand(batch, n_pos, *t.shape[2:]), "b n ... -> (b n) 1 ...")
+
+        live: dict[str, Tensor] = {}
+        hooks: list[tuple[str, Callable]] = [(f"{p}.hook_mlp_in", lambda act, hook: live.__setitem__("m", act))]
+        for u in update.updates:
+            if isinstance(u, RankOneUpdate):
+                hooks.append((f"{p}.mlp.hook_pre", _add_rank_one_at_hook(live, rows(u.row), rows(u.column))))
+            else:
+                hooks.append((f"{p}.hook_mlp_out", _add_output_correction(live, rows(u.delta), scale=False)))
+        x = update.query_input if fan_out else rows(update.query_input)
+        with self.model.hooks(fwd_hooks=hooks):
+            out = self.model.blocks[update.block](x)
+        return out if fan_out else rearrange(out, "(b n) 1 d -> b n d", b=batch)
