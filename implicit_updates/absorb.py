@@ -35,6 +35,7 @@ def decompose_for_absorb(model: nn.Module, prompt, dtype=None, progress: bool | 
 def absorbed_model(result: Decomposition) -> nn.Module:
     """Deep copy of the decomposed model with every block's update for the last position added to its weights."""
     patched = copy.deepcopy(result.adapter.model)
+    type(result.adapter)(patched)  # adapters clean what a copy inherits (a bridge's hooks bound to the original)
     with torch.no_grad():
         for update in result.blocks:
             for name, delta in result.patch(update.block, position=-1).items():
