@@ -25,7 +25,54 @@ except ImportError:  # pragma: no cover - older TransformerLens
     POST_NORM_ARCHITECTURES = set()
 
 
-class HookedTransformerAdapter:
+class HookPointCapture:
+    """``capture`` and ``run_block_alone`` for models whose blocks carry TransformerLens hook points.
+
+    Subclasses say which hooks save what (``_capturing``) and how to run the model up to a block (``_forward_to``).
+    """
+
+    model: nn.Module
+
+    def _capturing(self, blocks: list[int], store: dict[str, Tensor]):
+        raise NotImplementedError
+
+    def _forward_to(self, inputs: Tensor, stop: int) -> None:
+        raise NotImplementedError
+
+    def _block_capture(self, b: int, ctx: dict[str, Tensor], alone: dict[str, Tensor],
+                       query_input: Tensor) -> BlockCapture:
+        raise NotImplementedError
+
+    def capture(self, inputs: Tensor, blocks: list[int], query: str, progress: bool | None = None,
+                query_inputs: dict[int, Tensor] | None = None) -> list[BlockCapture]:
+        """With-context quantities of ``blocks`` in one forward, then each block on its query alone.
+
+        ``query_inputs`` overrides a block's query-only input (the absorbed model starts block 0 from the query
+        token's own embedding, at position 0).
+        """
+        query_inputs = query_inputs or {}
+        store: dict[str, Tensor] = {}
+        with self._capturing(blocks, store):
+            self._forward_to(inputs, max(blocks) + 1)
+        captures = []
+        for b in tqdm(blocks, desc="decompose", disable=not progress, leave=False):
+            resid_pre = store[f"blocks.{b}.hook_resid_pre"]
+            query_input = query_inputs.get(b, resid_pre[:, -1:] if query == "last" else resid_pre)
+            alone = self.run_block_alone(b, query_input)
+            captures.append(self._block_capture(b, store, alone, query_input))
+        return captures
+
+    def run_block_alone(self, block: int, query_input: Tensor) -> dict[str, Tensor]:
+        """Run block ``block`` on each query residual as its own one-token sequence; return its quantities."""
+        store: dict[str, Tensor] = {}
+        with self._capturing([block], store):
+            self.model.blocks[block](rearrange(query_input, "b q d -> (b q) 1 d"))
+        batch = query_input.shape[0]
+        return {k: rearrange(v, "(b q) 1 ... -> b q ...", b=batch) for k, v in store.items()
+                if v.dim() >= 3}
+
+
+class HookedTransformerAdapter(HookPointCapture):
     """Adapter for ``transformer_lens.HookedTransformer`` (and ``HookedRootModule`` models with its hook names)."""
 
     def __init__(self, model: nn.Module):
@@ -126,36 +173,11 @@ class HookedTransformerAdapter:
 
     # -- capture -----------------------------------------------------------------------------------------------
 
-    def capture(self, inputs: Tensor, blocks: list[int], query: str, progress: bool | None = None,
-                query_inputs: dict[int, Tensor] | None = None) -> list[BlockCapture]:
-        """With-context quantities of ``blocks`` in one forward, then each block on its query alone.
-
-        ``query_inputs`` overrides a block's query-only input (the absorbed model starts block 0 from the query
-        token's own embedding, at position 0).
-        """
-        query_inputs = query_inputs or {}
-        store: dict[str, Tensor] = {}
-        with self._capturing(blocks, store):
-            if inputs.is_floating_point():
-                self.model(inputs, start_at_layer=0, stop_at_layer=max(blocks) + 1)
-            else:
-                self.model(inputs, stop_at_layer=max(blocks) + 1)
-        captures = []
-        for b in tqdm(blocks, desc="decompose", disable=not progress, leave=False):
-            resid_pre = store[f"blocks.{b}.hook_resid_pre"]
-            query_input = query_inputs.get(b, resid_pre[:, -1:] if query == "last" else resid_pre)
-            alone = self.run_block_alone(b, query_input)
-            captures.append(self._block_capture(b, store, alone, query_input))
-        return captures
-
-    def run_block_alone(self, block: int, query_input: Tensor) -> dict[str, Tensor]:
-        """Run block ``block`` on each query residual as its own one-token sequence; return its quantities."""
-        store: dict[str, Tensor] = {}
-        with self._capturing([block], store):
-            self.model.blocks[block](rearrange(query_input, "b q d -> (b q) 1 d"))
-        batch = query_input.shape[0]
-        return {k: rearrange(v, "(b q) 1 ... -> b q ...", b=batch) for k, v in store.items()
-                if v.dim() >= 3}
+    def _forward_to(self, inputs: Tensor, stop: int) -> None:
+        if inputs.is_floating_point():
+            self.model(inputs, start_at_layer=0, stop_at_layer=stop)
+        else:
+            self.model(inputs, stop_at_layer=stop)
 
     def _residual(self, store: dict[str, Tensor], block: int) -> Tensor:
         p = f"blocks.{block}"

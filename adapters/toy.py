@@ -13,9 +13,12 @@ from collections.abc import Callable
 import torch
 from einops import rearrange
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from implicit_updates.adapters.hooked_transformer import _add_output_correction, _add_rank_one_at_hook
+from implicit_updates.adapters.hooked_transformer import (
+    HookPointCapture,
+    _add_output_correction,
+    _add_rank_one_at_hook,
+)
 from implicit_updates.capture import BlockCapture, FirstLayerMap, OutputCorrection
 from implicit_updates.toy import ToyTransformer
 from implicit_updates.updates import BlockUpdate, RankOneUpdate
@@ -23,7 +26,7 @@ from implicit_updates.updates import BlockUpdate, RankOneUpdate
 HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_in", "hook_resid_post")
 
 
-class ToyAdapter:
+class ToyAdapter(HookPointCapture):
     """Runs a :class:`ToyTransformer` with context and each block on its query alone; patches in factored form."""
 
     def __init__(self, model: ToyTransformer):
@@ -62,33 +65,14 @@ class ToyAdapter:
 
     # -- capture -------------------------------------------------------------------------------------------------
 
-    def _saving(self, blocks: list[int], store: dict[str, Tensor]):
+    def _capturing(self, blocks: list[int], store: dict[str, Tensor]):
         def save(act: Tensor, hook) -> None:
             store[hook.name] = act.detach()
 
         return self.model.hooks(fwd_hooks=[(f"blocks.{b}.{h}", save) for b in blocks for h in HOOKS])
 
-    def capture(self, inputs: Tensor, blocks: list[int], query: str, progress: bool | None = None,
-                query_inputs: dict[int, Tensor] | None = None) -> list[BlockCapture]:
-        """With-context quantities of ``blocks`` in one forward, then each block on its query alone."""
-        query_inputs = query_inputs or {}
-        store: dict[str, Tensor] = {}
-        with self._saving(blocks, store):
-            self.model(self._continuous(inputs), stop_at_layer=max(blocks) + 1)
-        captures = []
-        for b in tqdm(blocks, desc="decompose", disable=not progress, leave=False):
-            resid_pre = store[f"blocks.{b}.hook_resid_pre"]
-            query_input = query_inputs.get(b, resid_pre[:, -1:] if query == "last" else resid_pre)
-            alone = self.run_block_alone(b, query_input)
-            captures.append(self._block_capture(b, store, alone, query_input))
-        return captures
-
-    def run_block_alone(self, block: int, query_input: Tensor) -> dict[str, Tensor]:
-        """Run block ``block`` on each query residual as its own one-token sequence; return its activations."""
-        store: dict[str, Tensor] = {}
-        with self._saving([block], store):
-            self.model.blocks[block](rearrange(query_input, "b q d -> (b q) 1 d"))
-        return {k: rearrange(v, "(b q) 1 d -> b q d", b=query_input.shape[0]) for k, v in store.items()}
+    def _forward_to(self, inputs: Tensor, stop: int) -> None:
+        self.model(self._continuous(inputs), stop_at_layer=stop)
 
     def _block_capture(self, b: int, ctx: dict[str, Tensor], alone: dict[str, Tensor],
                        query_input: Tensor) -> BlockCapture:

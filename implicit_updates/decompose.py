@@ -64,6 +64,28 @@ def working_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return work
 
 
+@contextmanager
+def prepared(model: nn.Module, prompt, blocks, dtype) -> Iterator[tuple[object, list[int], Tensor]]:
+    """Guard the user's model; yield the adapter of the working model (an upcast copy where ``dtype`` asks for one),
+    the checked block indices and the checked inputs."""
+    compute_dtype = resolve_dtype(model, dtype)
+    with untouched(model):
+        adapter = adapter_for(working_model(model, compute_dtype))
+        yield adapter, _block_indices(blocks, adapter.n_blocks), as_model_inputs(adapter, prompt, compute_dtype)
+
+
+def decompose_captures(captures: list[BlockCapture]) -> list[BlockUpdate]:
+    """Check every capture is finite, then apply the core math to each block."""
+    for c in captures:
+        _check_finite(c)
+    return [decompose_block(c) for c in captures]
+
+
+def _dtype(adapter) -> torch.dtype:
+    """The compute dtype: the working model's (an upcast copy's where one was made)."""
+    return next(adapter.model.parameters()).dtype
+
+
 def adapter_for(model: nn.Module):
     from implicit_updates.adapters import adapter_for as pick
 
@@ -89,22 +111,15 @@ def decompose(
     """
     if query not in ("last", "self"):
         raise ValueError(f"query must be 'last' or 'self', not {query!r}")
-    compute_dtype = resolve_dtype(model, dtype)
-    with untouched(model):
-        work = working_model(model, compute_dtype)
-        adapter = adapter_for(work)
-        block_ids = _block_indices(blocks, adapter.n_blocks)
-        inputs = as_model_inputs(adapter, prompt, compute_dtype)
+    with prepared(model, prompt, blocks, dtype) as (adapter, block_ids, inputs):
         if inputs.shape[1] == 1:
             warnings.warn("one-token prompt: there is no context, so every update is exactly zero", stacklevel=2)
-        with untouched(work):
+        with untouched(adapter.model):
             # the absorbed model sees the query token alone, so block 0 starts from its own embedding
             overrides = {0: adapter.embed_alone(inputs)} if _absorb else None
             captures = adapter.capture(inputs, block_ids, query, progress=progress, query_inputs=overrides)
-        for c in captures:
-            _check_finite(c)
-        updates = [decompose_block(c) for c in captures]
-    return Decomposition(adapter, updates, query, compute_dtype, inputs)
+        updates = decompose_captures(captures)
+    return Decomposition(adapter, updates, query, _dtype(adapter), inputs)
 
 
 class Decomposition:

@@ -39,17 +39,14 @@ from torch import Tensor, nn
 from implicit_updates.analysis import difference_frobenius_norm, first_layer_factors
 from implicit_updates.decompose import (
     Decomposition,
-    _block_indices,
-    _check_finite,
-    adapter_for,
+    _dtype,
     decompose,
-    resolve_dtype,
+    decompose_captures,
+    prepared,
     untouched,
-    working_model,
 )
 from implicit_updates.errors import UnsupportedArchitectureError
-from implicit_updates.inputs import as_model_inputs
-from implicit_updates.updates import AdditiveUpdate, BlockUpdate, RankOneUpdate, decompose_block
+from implicit_updates.updates import AdditiveUpdate, BlockUpdate, RankOneUpdate
 
 METHODS = ("onepass", "naive")
 
@@ -80,28 +77,21 @@ def prefix_decomposition(model: nn.Module, prompt, blocks: int | Sequence[int] |
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
-    compute_dtype = resolve_dtype(model, dtype)
-    with untouched(model):
-        work = working_model(model, compute_dtype)
-        adapter = adapter_for(work)
-        block_ids = _block_indices(blocks, adapter.n_blocks)
-        inputs = as_model_inputs(adapter, prompt, compute_dtype)
+    with prepared(model, prompt, blocks, dtype) as (adapter, block_ids, inputs):
         if inputs.shape[0] != 1:
             raise ValueError(f"prefix dynamics takes one prompt (batch 1), got batch {inputs.shape[0]}; "
                              "loop over the prompts")
         if inputs.shape[1] < 2:
             raise ValueError("the prompt needs at least one context token before the query (2 tokens or more)")
         if method == "naive":
-            updates = _naive_updates(work, inputs, block_ids)
+            updates = _naive_updates(adapter.model, inputs, block_ids)
         else:
             from implicit_updates.adapters.hooked_prefixes import capture_prefixes
 
-            with untouched(work):
+            with untouched(adapter.model):
                 captures = capture_prefixes(adapter, inputs, block_ids, chunk_size=chunk_size, progress=progress)
-            for c in captures:
-                _check_finite(c)
-            updates = [decompose_block(c) for c in captures]
-    return PrefixDecomposition(adapter, updates, compute_dtype, inputs)
+            updates = decompose_captures(captures)
+    return PrefixDecomposition(adapter, updates, _dtype(adapter), inputs)
 
 
 def _naive_updates(work: nn.Module, inputs: Tensor, block_ids: list[int]) -> list[BlockUpdate]:
@@ -315,12 +305,8 @@ def suffix_removal(model: nn.Module, prompt, block: int, dtype: torch.dtype | st
     sequence keeps relative positions for rotary, ALiBi and no-position blocks (absolute positions are already in
     the residual); shortformer blocks need their positions re-fed and raise. MoE blocks (no output bias) raise.
     """
-    compute_dtype = resolve_dtype(model, dtype)
-    with untouched(model):
-        work = working_model(model, compute_dtype)
-        adapter = adapter_for(work)
-        (block,) = _block_indices(block, adapter.n_blocks)
-        inputs = as_model_inputs(adapter, prompt, compute_dtype)
+    with prepared(model, prompt, block, dtype) as (adapter, (block,), inputs):
+        work = adapter.model
         if inputs.shape[0] != 1 or inputs.shape[1] < 2:
             raise ValueError("suffix removal takes one prompt (batch 1) with at least one context token")
         cfg = getattr(work, "cfg", None)
