@@ -6,13 +6,12 @@ How a block runs on its query alone: decoder layers need what the model's forwar
 architectures and ``transformers`` versions. So the whole model runs on a one-token dummy input; a pre-hook on
 layer l swaps in the query residual, and a hook after layer l saves its output and raises a private exception
 that ends the forward. The model's own code thus computes everything for position 0, exactly as a one-token
-prompt would, and layers after l never run. Every hook is removed on any exit (``torch_hooks``).
+prompt would, and layers after l never run. Every hook is removed on any exit (``module_hooks``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from implicit_updates.capture import BlockCapture, FirstLayerMap, OutputCorrection
+from implicit_updates.hooks import module_hooks
 from implicit_updates.updates import BlockUpdate, RankOneUpdate
 
 
@@ -48,22 +48,6 @@ class BlockParts:
 
 class _Stop(Exception):
     """Raised after the last layer a run needs, so the layers after it do not run."""
-
-
-@contextmanager
-def torch_hooks(hooks: list[tuple[nn.Module, str, Callable]]) -> Iterator[None]:
-    """``(module, "pre" | "pre_kw" | "fwd", fn)`` hooks, removed on any exit (``pre_kw`` sees kwargs too)."""
-    handles = []
-    try:
-        for module, kind, fn in hooks:
-            if kind == "fwd":
-                handles.append(module.register_forward_hook(fn))
-            else:
-                handles.append(module.register_forward_pre_hook(fn, with_kwargs=kind == "pre_kw"))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def hidden_states_arg(args: tuple, kwargs: dict) -> Tensor:
@@ -133,7 +117,7 @@ class ModuleAdapter:
         if stop_after is not None:
             hooks.append((self.parts[stop_after].layer, "fwd", _raise_stop))
         try:
-            with torch_hooks(hooks):
+            with module_hooks(hooks):
                 return self._forward(ids)
         except _Stop:
             return None
