@@ -33,6 +33,14 @@ class HookPointCapture:
 
     model: nn.Module
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def d_model(self) -> int:
+        return self.model.cfg.d_model
+
     def _capturing(self, blocks: list[int], store: dict[str, Tensor]):
         raise NotImplementedError
 
@@ -147,14 +155,6 @@ class HookedTransformerAdapter(HookPointCapture):
         return stack
 
     # -- what the input checks need ----------------------------------------------------------------------------
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def d_model(self) -> int:
-        return self.model.cfg.d_model
 
     @property
     def d_vocab(self) -> int:

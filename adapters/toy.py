@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from einops import rearrange
 from torch import Tensor
 
@@ -33,14 +32,6 @@ class ToyAdapter(HookPointCapture):
         self.model = model
         self.n_blocks = model.cfg.n_layers
         self.n_ctx = None  # no positional encoding: any length
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def d_model(self) -> int:
-        return self.model.cfg.d_model
 
     @property
     def d_vocab(self) -> int:  # the "logits" are the last block's residual output
