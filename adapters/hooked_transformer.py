@@ -12,9 +12,8 @@ from contextlib import ExitStack
 import torch
 from einops import rearrange
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from implicit_updates.capture import BlockCapture, FirstLayerMap, OutputCorrection
+from implicit_updates.capture import BlockCapture, FirstLayerMap, OutputCorrection, captures_per_block
 from implicit_updates.errors import UnsupportedArchitectureError
 from implicit_updates.hooks import module_hooks
 from implicit_updates.updates import BlockUpdate, RankOneUpdate
@@ -58,17 +57,11 @@ class HookPointCapture:
         ``query_inputs`` overrides a block's query-only input (the absorbed model starts block 0 from the query
         token's own embedding, at position 0).
         """
-        query_inputs = query_inputs or {}
         store: dict[str, Tensor] = {}
         with self._capturing(blocks, store):
             self._forward_to(inputs, max(blocks) + 1)
-        captures = []
-        for b in tqdm(blocks, desc="decompose", disable=not progress, leave=False):
-            resid_pre = store[f"blocks.{b}.hook_resid_pre"]
-            query_input = query_inputs.get(b, resid_pre[:, -1:] if query == "last" else resid_pre)
-            alone = self.run_block_alone(b, query_input)
-            captures.append(self._block_capture(b, store, alone, query_input))
-        return captures
+        return captures_per_block(self, store, lambda b: f"blocks.{b}.hook_resid_pre", blocks, query, query_inputs,
+                                  progress)
 
     def run_block_alone(self, block: int, query_input: Tensor) -> dict[str, Tensor]:
         """Run block ``block`` on each query residual as its own one-token sequence; return its quantities."""

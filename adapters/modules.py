@@ -17,9 +17,8 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from implicit_updates.capture import BlockCapture, FirstLayerMap, OutputCorrection
+from implicit_updates.capture import BlockCapture, FirstLayerMap, OutputCorrection, captures_per_block
 from implicit_updates.hooks import module_hooks
 from implicit_updates.updates import BlockUpdate, RankOneUpdate
 
@@ -160,16 +159,9 @@ class ModuleAdapter:
     def capture(self, inputs: Tensor, blocks: list[int], query: str, progress: bool | None = None,
                 query_inputs: dict[int, Tensor] | None = None) -> list[BlockCapture]:
         """With-context quantities of ``blocks`` in one forward, then each block on its query alone."""
-        query_inputs = query_inputs or {}
         store: dict[str, Tensor] = {}
         self._run(inputs, self._capturing(blocks, store), stop_after=max(blocks))
-        captures = []
-        for b in tqdm(blocks, desc="decompose", disable=not progress, leave=False):
-            resid_pre = store[f"{b}.resid_pre"]
-            query_input = query_inputs.get(b, resid_pre[:, -1:] if query == "last" else resid_pre)
-            alone = self.run_block_alone(b, query_input)
-            captures.append(self._block_capture(b, store, alone, query_input))
-        return captures
+        return captures_per_block(self, store, lambda b: f"{b}.resid_pre", blocks, query, query_inputs, progress)
 
     def run_block_alone(self, block: int, query_input: Tensor, hooks: list | None = None) -> dict[str, Tensor]:
         """Run layer ``block`` on each query residual as its own one-token sequence; return its quantities."""
