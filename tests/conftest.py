@@ -70,6 +70,15 @@ def build(seed: int = 0, zero_biases: bool = False, **overrides):
     return model.eval()
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run several times faster on one thread (and the machine is shared); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=sorted(ARCHITECTURES), ids=sorted(ARCHITECTURES))
 def arch(request):
     return request.param, build(**ARCHITECTURES[request.param])

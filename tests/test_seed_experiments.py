@@ -13,14 +13,7 @@ import implicit_updates as iu
 from implicit_updates import icl, seeds
 from implicit_updates.toy import ToyTransformer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread (and the machine is shared); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 def tasks(batch: int = 4, n: int = 10, d: int = 2, seed: int = 0, dtype=torch.float32) -> icl.RegressionTasks:

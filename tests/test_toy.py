@@ -25,13 +25,7 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread (and the machine is shared); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 def prompts(batch: int = 3, n: int = 12, d: int = 2, seed: int = 0) -> torch.Tensor:
