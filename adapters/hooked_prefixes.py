@@ -1,15 +1,34 @@
 """All prefixes ``[c_1..c_i, x]`` of a prompt in one pass, on a TransformerLens ``HookedTransformer``.
 
 With causal attention the context tokens' keys and values at every block are the same in every prefix: the prompt
-``[c_1..c_i, x]`` differs from the full one only in the query's own path, which attends to the cached keys/values of
+``[c_1..c_i, x]`` differs from the full one only in the query's own path, which attends to the keys/values of
 ``c_1..c_i`` and to itself, at its position i. So the context ``[c_1..c_N]`` runs once with TransformerLens's own
-``TransformerLensKeyValueCache`` (its keys are cached before rotary), and the N query paths run block by block as a
-batch of N one-token sequences. Row r (prefix i = r + 1) gets a *left-padded* frozen cache entry whose last i slots
-hold the context keys/values ``0..i-1`` and an attention mask ``[0]*(L-i) + [1]*i + [1]`` (the last column is the
-query itself). TransformerLens derives the rotary positions from the mask's cumsum (the query sits at position i),
-and left padding keeps index-based ALiBi and local windows right, so its own attention (masks, GQA, soft-caps, q/k
-norms) is reused unchanged. Absolute and shortformer positions give the query ``W_pos[i]`` through ``pos_embed``
-with the same mask.
+``TransformerLensKeyValueCache`` (keys after q/k-norms and clipping, before rotary), and the N query paths run block by
+block as a batch of N one-token sequences (row r is prefix i = r + 1).
+
+Inside each block only the attention of the query rows is replaced (:func:`replaced_forward`); the norms, hooks,
+residual adds and the MLP run through TransformerLens's modules, so every capture hook fires as in a forward. The
+replacement (:func:`query_attention`) shares one copy of the context's keys and values between all rows and uses
+TransformerLens's own pieces wherever the value of a term is decided:
+
+- q, k, v of the query token: ``calculate_qkv_matrices`` (projections, ``use_qk_norm``), OLMo's q/k-norm and
+  ``clip_qkv`` as ``AbstractAttention.forward`` applies them;
+- rotary: ``apply_rotary`` of the context keys at positions ``0..N-1`` (what a forward does to them) and of the
+  query's q and k at each row's own position i, read from a left-padded mask's cumsum (:func:`prefix_mask`), so
+  the sin/cos come from TransformerLens's tables;
+- scores: ``AbstractAttention.calculate_attention_scores`` (``attn_scale``, soft-cap) of all rows against the
+  shared context keys in one batched matmul, grouped-query heads grouped over the rows rather than keys repeated,
+  and of each row's query against its own key;
+- masks and biases: row i sees context ``j < i`` intersected with TransformerLens's causal/local-window mask at
+  ``(i, j)`` (:func:`context_visible`), and the ALiBi table at ``(i, j)`` (:func:`alibi_bias`); the query always sees
+  itself;
+- softmax over ``[context, self]`` (and the attention sink where the model has one) in the scores' dtype, then
+  ``z = pattern_ctx @ V_ctx + p_self v_self`` and TransformerLens's output projection (``F.linear`` or the
+  ``hook_result`` path).
+
+Every term is the same sum of the same products as the forward of ``[c_1..c_i, x]`` computes; only the order of
+floating-point additions differs (the context and self parts of the softmax-weighted sum). ``hook_attn_scores`` and
+``hook_pattern`` see ``[rows, heads, 1, i_max + 1]``: context slots first (slots ``j >= i`` masked), the query last.
 
 The captured per-block quantities are assembled into :class:`BlockCapture` s with batch 1 and one "position" per
 prefix (query inputs per position, as ``query="self"``), so the core's ``decompose_block`` does the math unchanged.
@@ -17,18 +36,27 @@ prefix (query inputs per position, as ``query="self"``), so the core's ``decompo
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import torch
-from einops import rearrange
-from torch import Tensor
+import torch.nn.functional as F
+from einops import rearrange, reduce
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from implicit_updates.adapters.hooked_transformer import HookedTransformerAdapter, _expert_rows
 from implicit_updates.capture import BlockCapture
 from implicit_updates.errors import UnsupportedArchitectureError
 
+OLMO_QK_NORM = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")  # q/k-norm over all heads at once
 
-def check_prefix_support(adapter) -> None:
-    """Raise unless ``adapter`` is a HookedTransformer adapter of a causal model (the one-pass needs both)."""
+
+def check_prefix_support(adapter, n_tokens: int | None = None) -> None:
+    """Raise unless ``adapter`` is a HookedTransformer adapter of a causal model the one-pass can run exactly.
+
+    ``n_tokens`` (the prompt length, when known) checks Qwen-1's length-dependent rotary/query scalings.
+    """
     if not isinstance(adapter, HookedTransformerAdapter):
         raise UnsupportedArchitectureError(
             f"the one-pass prefix dynamics needs a TransformerLens HookedTransformer (got {type(adapter).__name__}); "
@@ -42,10 +70,26 @@ def check_prefix_support(adapter) -> None:
         raise UnsupportedArchitectureError(
             f"positional_embedding_type={cfg.positional_embedding_type!r} is not supported by the one-pass prefix "
             "dynamics; use method='naive'")
+    if getattr(cfg, "load_in_4bit", False):
+        raise UnsupportedArchitectureError(
+            "4-bit attention weights are not supported by the one-pass prefix dynamics; load the model unquantized "
+            "or use method='naive'")
+    long_scaled = getattr(cfg, "use_logn_attn", False) or getattr(cfg, "use_dynamic_ntk_rope", False)
+    train_length = getattr(cfg, "train_seq_length", None) or cfg.n_ctx
+    if long_scaled and n_tokens is not None and n_tokens > train_length:
+        raise UnsupportedArchitectureError(
+            f"the prompt ({n_tokens} tokens) is longer than the training length {train_length}, where log-n "
+            "attention / dynamic NTK rotary scale every prefix by its own length; use method='naive' or a prompt "
+            f"of at most {train_length} tokens")
 
 
-def context_cache(adapter: HookedTransformerAdapter, inputs: Tensor, n_blocks: int):
-    """Run the context ``inputs[:, :-1]`` (batch 1) once through blocks ``0..n_blocks-1``; return TL's KV cache."""
+# -- the context, once --------------------------------------------------------------------------------------------
+
+
+def context_keys_values(adapter: HookedTransformerAdapter, inputs: Tensor, n_blocks: int
+                        ) -> list[tuple[Tensor, Tensor]]:
+    """Run the context ``inputs[:, :-1]`` (batch 1) once through blocks ``0..n_blocks-1``; per block the keys and
+    values ``[n, kv_heads, d_head]`` as the attention scores and z use them (keys rotated at positions ``0..n-1``)."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
     model = adapter.model
@@ -56,44 +100,136 @@ def context_cache(adapter: HookedTransformerAdapter, inputs: Tensor, n_blocks: i
         model(context, start_at_layer=0, stop_at_layer=n_blocks, past_kv_cache=cache, attention_mask=mask)
     else:
         model(context, stop_at_layer=n_blocks, past_kv_cache=cache, attention_mask=mask)
-    return cache
+    out = []
+    for b in range(n_blocks):
+        keys, values = cache[b].past_keys, cache[b].past_values  # [1, n, kv_heads, d_head]
+        if model.cfg.positional_embedding_type == "rotary":
+            keys = model.blocks[b].attn.apply_rotary(keys, 0, None)  # what the forward does to the cached keys
+        out.append((keys[0], values[0]))
+    return out
 
 
-def left_padded(cached: Tensor, prefix_lengths: Tensor, length: int) -> Tensor:
-    """``[n, ...]`` cached context rows -> ``[rows, length + 1, ...]``: row r holds rows ``0..i_r-1`` in the slots
-    just before the last one, which is left for the query's own key/value (see :class:`SlotEntry`).
-
-    The first ``length - i_r`` slots are zero-filled pads (masked out by the attention mask): one gather from the
-    cache with a zero row prepended.
-    """
-    padded = torch.cat([cached.new_zeros(1, *cached.shape[1:]), cached])
-    slots = torch.arange(length + 1, device=cached.device)
-    source = (slots[None, :] - (length - prefix_lengths[:, None]) + 1).clamp_min(0)  # 0 = the zero row
-    source[:, -1] = 0
-    return padded[source]
-
-
-def slot_entry(keys: Tensor, values: Tensor):
-    """A frozen TransformerLens cache entry over ``[rows, L + 1, ...]`` buffers whose last slot takes the query.
-
-    TransformerLens's ``append`` concatenates (a copy of the whole padded cache); this one writes the query's key
-    and value into the reserved last slot and returns the buffers, which is the same tensor ``cat`` would build.
-    """
-    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-
-    class SlotEntry(TransformerLensKeyValueCacheEntry):
-        def append(self, new_keys: Tensor, new_values: Tensor) -> tuple[Tensor, Tensor]:
-            keys[:, -1:] = new_keys
-            values[:, -1:] = new_values
-            return keys, values
-
-    return SlotEntry(keys[:, :-1], values[:, :-1], frozen=True)
+# -- small pieces of the query rows' attention --------------------------------------------------------------------
 
 
 def prefix_mask(prefix_lengths: Tensor, length: int) -> Tensor:
-    """Attention mask ``[rows, length + 1]``: zeros for the pads, ones for the i context slots and the query."""
+    """Left-padded mask ``[rows, length + 1]``: row r has ``i_r + 1`` trailing ones, so TransformerLens's cumsum puts
+    the last slot (the query) at position ``i_r`` (``apply_rotary`` and ``pos_embed`` with offset ``length``)."""
     slots = torch.arange(length + 1, device=prefix_lengths.device)
     return (slots[None, :] >= length - prefix_lengths[:, None]).long()
+
+
+def context_visible(attn: nn.Module, prefix_lengths: Tensor, length: int) -> Tensor:
+    """``[rows, length]`` bool: which context slots ``j`` row r (query at position ``i_r``) attends to.
+
+    ``j < i_r`` (the prefix), and TransformerLens's own causal mask at ``(i_r, j)`` (local windows).
+    """
+    keys = torch.arange(length, device=prefix_lengths.device)
+    visible = keys[None, :] < prefix_lengths[:, None]
+    if not hasattr(attn, "_make_causal_mask"):  # older TransformerLens: a registered [n_ctx, n_ctx] mask buffer
+        return visible & attn.mask[prefix_lengths, :length].bool()
+    rows, start = prefix_lengths.shape[0], int(prefix_lengths[0])
+    causal = attn._make_causal_mask(query_ctx_length=rows, key_ctx_length=length, past_kv_pos_offset=start,
+                                    device=prefix_lengths.device)[0, 0]  # queries at positions i_r = start + r
+    return visible & causal
+
+
+def alibi_bias(attn: nn.Module, prefix_lengths: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """ALiBi terms ``[heads, rows, length]`` (context) and ``[heads, rows]`` (self): TransformerLens's bias table at
+    ``(i_r, j)`` and ``(i_r, i_r)``."""
+    from transformer_lens.components import AbstractAttention
+
+    table = AbstractAttention.create_alibi_bias(attn.cfg.n_heads, length + 1, prefix_lengths.device)
+    return table[:, prefix_lengths, :length], table[:, prefix_lengths, prefix_lengths]
+
+
+def olmo_qk_norm(x: Tensor, norm: nn.Module) -> Tensor:
+    """OLMo's q/k-norm over the whole projected vector, as ``AbstractAttention.forward`` applies it."""
+    return rearrange(norm(rearrange(x, "b p h d -> b p (h d)")), "b p (h d) -> b p h d", h=x.shape[2])
+
+
+def output_projection(attn: nn.Module) -> Callable[[Tensor], Tensor]:
+    """``z [rows, 1, heads, d_head]`` -> ``[rows, 1, d_model]`` as TransformerLens projects it (``F.linear``, or the
+    ``hook_result`` path where ``use_attn_result``); ``W_O`` is rearranged once, for every chunk."""
+    if not attn.cfg.use_attn_result:
+        w = rearrange(attn.W_O, "h d m -> m (h d)").contiguous()
+        return lambda z: F.linear(rearrange(z.to(w.dtype), "r p h d -> r p (h d)"), w, attn.b_O)
+    w = rearrange(attn.W_O, "h d m -> 1 1 h d m")
+
+    def project(z: Tensor) -> Tensor:
+        result = attn.hook_result((rearrange(z.to(w.dtype), "r p h d -> r p h d 1") * w).sum(-2))
+        return reduce(result, "r p h m -> r p m", "sum") + attn.b_O
+
+    return project
+
+
+def query_attention(attn: nn.Module, keys: Tensor, values: Tensor, prefix_lengths: Tensor,
+                    project: Callable[[Tensor], Tensor]) -> Callable[..., Tensor]:
+    """A replacement ``attn.forward`` for the query rows of prefixes ``prefix_lengths`` (``i_r``, increasing).
+
+    ``keys``/``values``: the context's ``[L, kv_heads, d_head]`` (L = ``i_max``; keys rotated), shared by all rows;
+    ``project``: :func:`output_projection` of ``attn``. Takes TransformerLens's attention arguments (the cache entry
+    and mask a block passes are not used).
+    """
+    from transformer_lens.components import AbstractAttention
+
+    cfg = attn.cfg
+    length, heads, kv_heads = keys.shape[0], cfg.n_heads, keys.shape[1]
+    groups = heads // kv_heads
+    mask = prefix_mask(prefix_lengths, length)
+    visible = context_visible(attn, prefix_lengths, length)
+    alibi = alibi_bias(attn, prefix_lengths, length) if cfg.positional_embedding_type == "alibi" else None
+    sinks = getattr(cfg, "use_attention_sinks", False)
+
+    def forward(query_input: Tensor, key_input: Tensor, value_input: Tensor, **unused) -> Tensor:
+        q, k, v = attn.calculate_qkv_matrices(query_input, key_input, value_input)  # [rows, 1, heads|kv, d_head]
+        if cfg.original_architecture in OLMO_QK_NORM:
+            q, k = olmo_qk_norm(q, attn.q_norm), olmo_qk_norm(k, attn.k_norm)
+        if cfg.clip_qkv is not None:
+            q, k, v = (t.clamp(min=-cfg.clip_qkv, max=cfg.clip_qkv) for t in (q, k, v))
+        if cfg.positional_embedding_type == "rotary":
+            q = attn.hook_rot_q(attn.apply_rotary(q, length, mask))  # position i_r
+            k = attn.hook_rot_k(attn.apply_rotary(k, length, mask))
+        # all rows against the shared keys: kv heads are TL's "heads", (group, row) its query positions
+        grouped = rearrange(q, "r 1 (kv g) d -> 1 (g r) kv d", g=groups)
+        ctx = AbstractAttention.calculate_attention_scores(attn, grouped, keys[None])  # [1, kv, (g r), L]
+        ctx = rearrange(ctx, "1 kv (g r) n -> (kv g) r n", g=groups)
+        own = AbstractAttention.calculate_attention_scores(
+            attn, q, torch.repeat_interleave(k, groups, dim=2))  # [rows, heads, 1, 1]
+        own = rearrange(own, "r h 1 1 -> h r")
+        if alibi is not None:
+            ctx, own = ctx + alibi[0], own + alibi[1]
+        ctx = torch.where(visible, ctx, attn.IGNORE)
+        scores = attn.hook_attn_scores(rearrange(torch.cat([ctx, own[..., None]], -1), "h r n -> r h 1 n"))
+        if sinks:  # the learned sink joins the softmax as an extra column and is dropped after it
+            sink = rearrange(attn.sinks, "h -> 1 h 1 1").expand(*scores.shape[:-1], 1).to(scores.dtype)
+            combined = torch.cat([scores, sink], -1)
+            pattern = F.softmax(combined - combined.max(-1, keepdim=True).values, dim=-1)[..., :-1]
+        else:
+            pattern = F.softmax(scores, dim=-1)
+        pattern = attn.hook_pattern(pattern).to(dtype=v.dtype)  # [rows, heads, 1, L + 1]
+        z_ctx = rearrange(pattern[..., :-1], "r (kv g) 1 n -> kv (g r) n", g=groups) @ rearrange(
+            values, "n kv d -> kv n d")
+        z_ctx = rearrange(z_ctx, "kv (g r) d -> r 1 (kv g) d", g=groups)
+        z = attn.hook_z(z_ctx + rearrange(pattern[..., -1], "r h 1 -> r 1 h 1")
+                        * torch.repeat_interleave(v, groups, dim=2))
+        return project(z)
+
+    return forward
+
+
+@contextmanager
+def replaced_forward(module: nn.Module, forward: Callable[..., Tensor]) -> Iterator[None]:
+    """``module(...)`` runs ``forward`` (its hooks still fire) until the block exits; restored on any exit."""
+    before = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if before is None:
+            del module.forward
+        else:
+            module.forward = before
 
 
 def query_block0_input(adapter: HookedTransformerAdapter, inputs: Tensor, mask: Tensor
@@ -116,34 +252,38 @@ def query_block0_input(adapter: HookedTransformerAdapter, inputs: Tensor, mask: 
     return (embed + pos, None) if kind == "standard" else (embed, pos)
 
 
+# -- all prefixes ---------------------------------------------------------------------------------------------------
+
+
 def capture_prefixes(adapter: HookedTransformerAdapter, inputs: Tensor, blocks: list[int], chunk_size: int = 64,
                      progress: bool | None = None) -> list[BlockCapture]:
     """Per block in ``blocks``, a :class:`BlockCapture` whose N "positions" are the N prefixes ``[c_1..c_i, x]``.
 
     ``inputs`` is one prompt ``[1, N+1]`` (token ids) or ``[1, N+1, d_model]`` (continuous, fed at block 0). Query
-    rows are processed ``chunk_size`` at a time; a chunk's padded cache is ``[rows, i_max, kv_heads, d_head]``.
+    rows are processed ``chunk_size`` at a time; a chunk's scores are ``[heads, rows, i_max + 1]``.
     """
-    check_prefix_support(adapter)
+    check_prefix_support(adapter, inputs.shape[1])
     if inputs.shape[0] != 1:
         raise ValueError(f"prefix dynamics takes one prompt (batch 1), got batch {inputs.shape[0]}")
     n = inputs.shape[1] - 1
     if n < 1:
         raise ValueError("the prompt needs at least one context token before the query")
     model, last = adapter.model, max(blocks) + 1
-    cache = context_cache(adapter, inputs, last)
+    context = context_keys_values(adapter, inputs, last)
+    projections = [output_projection(model.blocks[b].attn) for b in range(last)]
     parts: dict[int, list[dict[str, Tensor]]] = {b: [] for b in blocks}
     store: dict[str, Tensor] = {}
     with adapter._capturing(blocks, store):  # one set of hooks for every chunk and block
         for start in tqdm(range(0, n, chunk_size), desc="prefixes", disable=not progress, leave=False):
             lengths = torch.arange(start + 1, min(start + chunk_size, n) + 1, device=adapter.device)
             length = int(lengths[-1])
-            mask = prefix_mask(lengths, length)
-            resid, shortformer = query_block0_input(adapter, inputs, mask)
+            resid, shortformer = query_block0_input(adapter, inputs, prefix_mask(lengths, length))
             for b in range(last):
-                entry = slot_entry(left_padded(cache[b].past_keys[0], lengths, length),
-                                   left_padded(cache[b].past_values[0], lengths, length))
-                resid = model.blocks[b](resid, shortformer_pos_embed=shortformer, past_kv_cache_entry=entry,
-                                        attention_mask=mask)
+                keys, values = context[b]
+                attn = model.blocks[b].attn
+                forward = query_attention(attn, keys[:length], values[:length], lengths, projections[b])
+                with replaced_forward(attn, forward):
+                    resid = model.blocks[b](resid, shortformer_pos_embed=shortformer)
                 if b in parts:
                     mine = {k: v for k, v in store.items() if k.startswith(f"blocks.{b}.")}
                     parts[b].append(_densify_experts(adapter, b, mine))

@@ -75,6 +75,31 @@ def test_onepass_equals_naive_architectures(name):
     check_onepass(model, tokens(model, 9, seed=1), chunk_size=3)
 
 
+ATTENTION_VARIANTS = {
+    "attn-result": dict(use_attn_result=True),
+    "split-qkv-gqa": dict(use_split_qkv_input=True, n_key_value_heads=2, positional_embedding_type="rotary",
+                          rotary_dim=8),
+    "qk-norm": dict(normalization_type="RMS", use_qk_norm=True, n_key_value_heads=2,
+                    positional_embedding_type="rotary", rotary_dim=8),
+    "clip-qkv": dict(clip_qkv=0.5, positional_embedding_type="rotary", rotary_dim=8),
+    "sinks": dict(use_attention_sinks=True, positional_embedding_type="rotary", rotary_dim=8),
+    "layer-scale-softcap": dict(scale_attn_by_inverse_layer_idx=True, attn_scores_soft_cap=3.0),
+    "alibi-local": dict(positional_embedding_type="alibi", use_local_attn=True,
+                        attn_types=["local", "global", "local"], window_size=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION_VARIANTS))
+def test_onepass_equals_naive_attention_variants(name):
+    """The query rows' own attention: hook_result, split q/k/v inputs, q/k-norms, clipping, sinks, scales, windows."""
+    model = build(**ATTENTION_VARIANTS[name])
+    if name == "sinks":
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.sinks.normal_(generator=torch.Generator().manual_seed(3))
+    check_onepass(model, tokens(model, 9, seed=1), chunk_size=3)
+
+
 def test_onepass_continuous_inputs():
     """The in-context regression model reads continuous tokens at block 0 (no embedding, no positions)."""
     model = regression_transformer(n_layers=2)
@@ -169,6 +194,11 @@ def test_prefix_dynamics_errors_and_untouched_on_failure():
             prefix_decomposition(model, tokens(model, 6))
     finally:
         model.reset_hooks()
+    assert not any("forward" in vars(block.attn) for block in model.blocks)  # the query rows' attention undone
+    qwen = build(positional_embedding_type="rotary", rotary_dim=8, use_logn_attn=True, train_seq_length=6)
+    with pytest.raises(UnsupportedArchitectureError, match="training length"):
+        prefix_decomposition(qwen, tokens(qwen, 8))
+    prefix_decomposition(qwen, tokens(qwen, 6))  # within the training length nothing is scaled
 
 
 # -- Appendix B ------------------------------------------------------------------------------------------------------
