@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import ExitStack
+from functools import partial
 
 import torch
 from einops import rearrange
@@ -101,6 +102,11 @@ class HookedTransformerAdapter(HookPointCapture):
                     f"the norm after the MLP ({self.output_norm}, {type(norm).__name__}) has no learnable scale or "
                     "bias, so no parameter can absorb the residual difference; load the model without folding it"
                 )
+            if self.kind == "MoE" and not hasattr(norm, "b"):
+                raise UnsupportedArchitectureError(
+                    f"a mixture of experts followed by a norm ({self.output_norm}) needs a per-expert output "
+                    "flattening before the norm's scale patch, which is not implemented; open an issue with the model"
+                )
 
     def embed_alone(self, inputs: Tensor) -> Tensor:
         """Block 0's input when the model sees only the last token (at position 0): ``[batch, 1, d_model]``."""
@@ -122,7 +128,7 @@ class HookedTransformerAdapter(HookPointCapture):
         if not self.parallel:
             names.append(f"{p}.hook_resid_mid")
         if self.output_norm:
-            names.append(f"{p}.{self.output_norm}.hook_normalized")
+            names += [f"{p}.{self.output_norm}.hook_normalized", f"{p}.mlp.hook_post"]
         if self.kind == "MoE":
             names += [f"{p}.mlp.hook_expert_weights", f"{p}.mlp.hook_expert_indices"]
             names += [f"{p}.mlp.experts.{e}.hook_post" for e in range(self.model.cfg.num_experts)]
@@ -140,11 +146,20 @@ class HookedTransformerAdapter(HookPointCapture):
 
             return pre_hook
 
+        def save_output(name: str) -> Callable:
+            def hook(module, args, output):
+                store[name] = output.detach()
+
+            return hook
+
         stack = ExitStack()
         stack.enter_context(self.model.hooks(fwd_hooks=[(n, save) for b in blocks for n in self._hook_names(b)]))
-        # ln2's hook_normalized is taken before ln2's weight and bias, so the MLP input is read off the MLP itself.
-        stack.enter_context(module_hooks(
-            [(self.model.blocks[b].mlp, "pre", save_input(f"blocks.{b}.mlp.input")) for b in blocks]))
+        # ln2's hook_normalized is taken before ln2's weight and bias, so the MLP input is read off the MLP itself;
+        # the MLP output before a post-MLP norm has no hook point either.
+        torch_hooks = [(self.model.blocks[b].mlp, "pre", save_input(f"blocks.{b}.mlp.input")) for b in blocks]
+        if self.output_norm:
+            torch_hooks += [(self.model.blocks[b].mlp, "fwd", save_output(f"blocks.{b}.mlp.output")) for b in blocks]
+        stack.enter_context(module_hooks(torch_hooks))
         return stack
 
     # -- what the input checks need ----------------------------------------------------------------------------
@@ -214,7 +229,9 @@ class HookedTransformerAdapter(HookPointCapture):
             if hasattr(norm, "b"):  # LayerNorm after the MLP: its bias takes the difference directly
                 return OutputCorrection("bias", f"{p}.{self.output_norm}.b")
             return OutputCorrection("scale", f"{p}.{self.output_norm}.w",
-                                    normalized=ctx[f"{p}.{self.output_norm}.hook_normalized"])
+                                    normalized=ctx[f"{p}.{self.output_norm}.hook_normalized"],
+                                    output_weight=f"{p}.mlp.W_out", hidden=ctx[f"{p}.mlp.hook_post"],
+                                    mlp_output=ctx[f"{p}.mlp.output"], post_norm=partial(_run_norm, norm))
         if self.kind != "MoE":
             return OutputCorrection("bias", f"{p}.mlp.b_out")
         mlp = self.model.blocks[b].mlp
@@ -274,7 +291,10 @@ class HookedTransformerAdapter(HookPointCapture):
             hook_points.append((f"{p}.mlp.hook_expert_indices", lambda act, hook: live.__setitem__("idx", act)))
 
         for u in update.updates:
-            if isinstance(u, RankOneUpdate):
+            if isinstance(u, RankOneUpdate) and u.name == f"{p}.mlp.W_out":  # flattening before a post-MLP norm
+                hook_points.append((f"{p}.mlp.hook_post", lambda act, hook: live.__setitem__("p", act)))
+                torch_hooks.append((mlp, "fwd", _add_rank_one_at_output(live, rows(u.row), rows(u.column))))
+            elif isinstance(u, RankOneUpdate):
                 site = self._site(u.name)
                 if isinstance(site, str):
                     hook_points.append((site, _add_rank_one_at_hook(live, rows(u.row), rows(u.column))))
@@ -304,11 +324,28 @@ class HookedTransformerAdapter(HookPointCapture):
         return module, expert
 
 
+def _run_norm(norm: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """A TransformerLens norm's ``(hook_normalized, output)`` on ``x``, computed by the module itself."""
+    seen: dict[str, Tensor] = {}
+    with module_hooks([(norm.hook_normalized, "fwd", lambda module, args, out: seen.__setitem__("z", out))]):
+        out = norm(x)
+    return seen["z"], out
+
+
 def _add_rank_one_at_hook(live: dict, row: Tensor, column: Tensor) -> Callable:
     """Hook adding ``(m . row) column`` to a map's output, ``m`` being the MLP input of this same run."""
 
     def hook(act: Tensor, hook) -> Tensor:  # act [rows, 1, d_out] fans out to [rows, fan, d_out]
         return act + (live["m"] * row).sum(-1, keepdim=True) * column
+
+    return hook
+
+
+def _add_rank_one_at_output(live: dict, row: Tensor, column: Tensor) -> Callable:
+    """Forward hook on the MLP: ``W_out + outer(row, column)`` adds ``(p . row) column``, ``p`` its hidden."""
+
+    def hook(module, args, out: Tensor) -> Tensor:
+        return out + (live["p"] * row).sum(-1, keepdim=True) * column
 
     return hook
 

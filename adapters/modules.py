@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from einops import rearrange
@@ -146,8 +147,9 @@ class ModuleAdapter:
             if p.residual_norm is not None:
                 hooks.append((p.residual_norm, "pre", _save_input(store, f"{b}.r")))
             if p.post_norm is not None:
-                hooks.append((p.post_norm[1], "pre", _save_normalized(store, f"{b}.z", p.post_norm[1])))
-            elif p.out_bias is None:
+                hooks += [(p.post_norm[1], "pre", _save_normalized(store, f"{b}.z", p.post_norm[1])),
+                          (p.post_norm[1], "pre", _save_input(store, f"{b}.h"))]
+            if p.post_norm is not None or p.out_bias is None:
                 hooks.append((p.out, "pre", _save_input(store, f"{b}.hidden")))
         return hooks
 
@@ -186,7 +188,9 @@ class ModuleAdapter:
     def _correction(self, b: int, ctx: dict[str, Tensor]) -> OutputCorrection:
         p = self.parts[b]
         if p.post_norm is not None:
-            return OutputCorrection("scale", p.post_norm[0], normalized=ctx[f"{b}.z"])
+            return OutputCorrection("scale", p.post_norm[0], normalized=ctx[f"{b}.z"], output_weight=p.out_weight,
+                                    output_transposed=isinstance(unwrap(p.out), nn.Linear), hidden=ctx[f"{b}.hidden"],
+                                    mlp_output=ctx[f"{b}.h"], post_norm=partial(_run_post_norm, p.post_norm[1]))
         if p.out_bias is not None:
             return OutputCorrection("bias", p.out_bias)
         # No bias (Llama, Gemma, Qwen): the output projection itself takes r_i - r_x as a rank-one update through
@@ -258,6 +262,11 @@ def normalized(norm: nn.Module, x: Tensor) -> Tensor:
     """What a Gemma-style RMSNorm multiplies by ``1 + weight``: its own ``_norm`` (computed in float32, as the
     module does), so a scale patch ``delta`` changes the norm's output by exactly ``delta * normalized``."""
     return unwrap(norm)._norm(x.float()).to(x.dtype)
+
+
+def _run_post_norm(norm: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The post-MLP norm's ``(normalized, output)`` on ``x``, as the module computes them."""
+    return normalized(norm, x), unwrap(norm)(x)
 
 
 def _save_normalized(store: dict, key: str, norm: nn.Module) -> Callable:

@@ -61,6 +61,32 @@ def scale_correction(residual: Tensor, query_residual: Tensor, normalized_mlp_ou
     return (residual - query_residual) / normalized_mlp_output
 
 
+def flattened_output(mlp_output: Tensor) -> Tensor:
+    """``k_i sign(h_i)``, ``k_i = max(rms(h_i), 1)``: the MLP output a post-MLP norm's scale patch divides by.
+
+    Dividing the residual difference by the normalized MLP output itself (:func:`scale_correction`) is exact but
+    ill-conditioned where an entry of ``z_i`` is near zero: on Gemma-3-270M it reaches ~1e6, and chained patched
+    blocks amplify rounding ~10x per block. A rank-one update of the MLP's output matrix first maps the hidden onto
+    this vector (same signs, every entry the same size), whose normalized form is ``+-1``, so the scale patch
+    (:func:`post_norm_scale`) stays as large as the block's own output. ``k >= 1`` keeps the norm's eps (~1e-6)
+    negligible beside ``k^2`` when the MLP output is tiny; ``sign(0)`` counts as ``+1``.
+    """
+    size = mlp_output.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1.0)
+    return torch.where(mlp_output < 0, -size, size)
+
+
+def post_norm_scale(output: Tensor, query_residual: Tensor, norm_output: Tensor, normalized: Tensor) -> Tensor:
+    """The patch ``delta_w_i = (y_i - r_x - w * z') / z'`` of a post-MLP norm's scale ``w``.
+
+    Goldwaser et al. 2025 patch the norm after the MLP; here the norm reads the flattened MLP output
+    (:func:`flattened_output`), normalized to ``z'`` (``norm_output = w * z'``). The query-alone block then adds
+    ``(w + delta_w) * z' = y_i - r_x`` to its residual ``r_x``: exactly the with-context block output ``y_i``.
+    """
+    if not torch.all(normalized != 0):
+        raise ValueError("the normalized flattened MLP output has an exact zero (is the norm's eps huge?)")
+    return (output - query_residual - norm_output) / normalized
+
+
 def rank_one_delta(row: Tensor, column: Tensor) -> Tensor:
     """Densify one update: ``outer(row, column)``, shaped ``[d_in, d_out]`` like the weight it updates."""
     return einsum(row, column, "... d_in, ... d_out -> ... d_in d_out")

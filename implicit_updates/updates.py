@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from implicit_updates import core
-from implicit_updates.capture import BlockCapture
+from implicit_updates.capture import BlockCapture, OutputCorrection
 
 
 @dataclass
@@ -75,7 +75,8 @@ def decompose_block(capture: BlockCapture) -> BlockUpdate:
     """Per-position rank-one first-layer updates and output corrections of one block.
 
     Dherin et al. 2025 Eq. 8 and Thm A.2, in Innocenti & Achour's all-position, all-block form; every map reading
-    the MLP input shares the row ``m_x/||m_x||^2`` and output norms get a scale patch (Goldwaser et al. 2025).
+    the MLP input shares the row ``m_x/||m_x||^2``; a norm after the MLP gets a scale patch (Goldwaser et al. 2025),
+    kept well-conditioned by :func:`post_norm_updates`.
     """
     row = core.implicit_row(capture.query_mlp_input)
     updates: list[RankOneUpdate | AdditiveUpdate] = [
@@ -88,11 +89,28 @@ def decompose_block(capture: BlockCapture) -> BlockUpdate:
     if fix.kind == "bias":
         updates.append(AdditiveUpdate(fix.name, delta_b))
     elif fix.kind == "scale":
-        scale = core.scale_correction(capture.residual, capture.query_residual, fix.normalized)
-        updates.append(AdditiveUpdate(fix.name, scale))
+        updates += post_norm_updates(capture.output, capture.query_residual, fix)
     elif fix.kind == "expert_out":
         updates += expert_output_updates(delta_b, fix.names, fix.expert_hidden, fix.routing_weights)
     return BlockUpdate(capture.block, row, delta_b, updates, capture.query_input, capture.output, fix.kind)
+
+
+def post_norm_updates(output: Tensor, query_residual: Tensor, fix: OutputCorrection
+                      ) -> list[RankOneUpdate | AdditiveUpdate]:
+    """A norm after the MLP: flatten the MLP output by a rank-one output-matrix update, then patch the norm's scale.
+
+    Both are exact: the patched query-alone MLP outputs ``h'_i`` (its hidden is the with-context ``p_i``), the norm
+    turns it into ``z' = +-1`` (up to eps) and ``(w + delta_w) z'`` is the with-context ``y_i - r_x``. Patching the
+    scale alone (``(r_i - r_x)/z_i``, Goldwaser et al. 2025) divides by near-zero ``z_i`` entries instead.
+    """
+    squared = fix.hidden.pow(2).sum(-1, keepdim=True)
+    if not torch.all(squared > 0):
+        raise ValueError(f"{fix.output_weight}: the MLP's hidden activation is exactly zero at some position, so no "
+                         "rank-one update of its output matrix can change the MLP output there")
+    flat = core.flattened_output(fix.mlp_output)
+    normalized, norm_output = fix.post_norm(flat)
+    return [RankOneUpdate(fix.output_weight, fix.hidden / squared, flat - fix.mlp_output, fix.output_transposed),
+            AdditiveUpdate(fix.name, core.post_norm_scale(output, query_residual, norm_output, normalized))]
 
 
 def expert_output_updates(delta_b: Tensor, names: tuple[str, ...], hidden: tuple[Tensor, ...],

@@ -56,6 +56,35 @@ def test_scale_correction_moves_query_onto_position(d, seed):
     torch.testing.assert_close(r_x + (w + dw) * z, r + w * z, rtol=1e-10, atol=1e-10)
 
 
+def rms_normalize(x, eps=1e-6):
+    return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
+@settings(max_examples=50, deadline=None)
+@given(d=dims, seed=seeds, tiny=st.sampled_from([1.0, 1e-9]))
+def test_flattened_post_norm_patch_is_exact_and_bounded(d, seed, tiny):
+    """The flattened MLP output keeps the signs, with every entry the same size (the RMS, or 1); the scale patch then
+    makes r_x + (w + dw) z' the block output, and stays as small as the block's output where z has tiny entries."""
+    h, w, y, r_x = (randn(2, d, seed=seed + k) for k in range(4))
+    h[:, 0] *= tiny
+    flat = core.flattened_output(h)
+    assert torch.all((flat < 0) == (h < 0))
+    size = h.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1.0)
+    torch.testing.assert_close(flat.abs(), size.expand_as(h), rtol=1e-14, atol=0)
+    z_flat = rms_normalize(flat)
+    dw = core.post_norm_scale(y, r_x, w * z_flat, z_flat)
+    torch.testing.assert_close(r_x + (w + dw) * z_flat, y, rtol=1e-12, atol=1e-12)
+    assert dw.abs().max() <= 1.01 * ((y - r_x).abs().max() + w.abs().max())
+    if tiny < 1 and d > 1:  # Goldwaser's scale-only patch divides by z itself: ~1e9 here
+        assert core.scale_correction(y - w * rms_normalize(h), r_x, rms_normalize(h)).abs().max() > 1e6
+
+
+def test_flattened_output_of_zero_is_plus_one():
+    """A zero MLP output still flattens (sign 0 -> +1, size 1), so the scale patch exists there too."""
+    torch.testing.assert_close(core.flattened_output(torch.zeros(1, 2, 4, dtype=torch.float64)),
+                               torch.ones(1, 2, 4, dtype=torch.float64))
+
+
 def test_zero_norm_query_is_an_error():
     with pytest.raises(core.ZeroQueryNormError, match="zero norm"):
         core.implicit_row(torch.zeros(1, 1, 4, dtype=torch.float64))

@@ -151,7 +151,8 @@ def test_absorbed_model_matches_full_logits(kind):
 
 
 def test_patch_keys_and_corrections():
-    """Patches use the model's own parameter names; bias-free MLPs take the correction in the output projection."""
+    """Patches use the model's own parameter names; bias-free MLPs take the correction in the output projection,
+    Gemma's post-MLP norm takes it in its scale after a rank-one down_proj update flattens the MLP output."""
     expected = {
         "gpt2": {"transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.bias"},
         "llama": {f"model.layers.1.mlp.{p}_proj.weight" for p in ("gate", "up", "down")},
@@ -159,7 +160,7 @@ def test_patch_keys_and_corrections():
                            "model.layers.1.mlp.down_proj.bias"},
         "neox-parallel": {"gpt_neox.layers.1.mlp.dense_h_to_4h.weight", "gpt_neox.layers.1.mlp.dense_4h_to_h.bias"},
         "gemma2": {"model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight",
-                   "model.layers.1.post_feedforward_layernorm.weight"},
+                   "model.layers.1.mlp.down_proj.weight", "model.layers.1.post_feedforward_layernorm.weight"},
     }
     for kind, names in expected.items():
         model = tiny_hf(kind)

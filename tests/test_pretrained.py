@@ -19,13 +19,15 @@ from conftest import assert_untouched, rel_err
 import implicit_updates as iu
 from implicit_updates import pretrained
 from implicit_updates.cli import main
+from implicit_updates.dynamics import prefix_decomposition
 from implicit_updates.loading import load_tokenizer
 from implicit_updates.models import load_model
 
 PROMPT = "France: Paris\nJapan: Tokyo\nItaly:"  # 10-11 tokens: the answer (" Rome") needs the context
 # Which parameters each model's patch touches (HookedTransformer names, block 0): the gated MLP's two first-layer
-# maps share the row; the correction goes where the block can add r_i - r_x (Gemma: the post-MLP norm's scale).
-PATCHED = {"gemma-3-270m": {"mlp.W_gate", "mlp.W_in", "ln2_post.w"},
+# maps share the row; the correction goes where the block can add r_i - r_x (Gemma: the post-MLP norm's scale, after
+# a rank-one W_out update that flattens the MLP output so the scale patch stays well-conditioned).
+PATCHED = {"gemma-3-270m": {"mlp.W_gate", "mlp.W_in", "mlp.W_out", "ln2_post.w"},
            "smollm2-135m": {"mlp.W_gate", "mlp.W_in", "mlp.b_out"}}
 
 
@@ -79,17 +81,30 @@ def test_literal_weight_edit_reproduces_the_block(loaded):
             assert rel_err(out, result.target_output(block, position)) <= 1e-10, (name, block, position)
 
 
-def test_absorbed_model_matches_the_full_model(loaded, request):
+def test_absorbed_model_matches_the_full_model(loaded):
+    """18 / 30 chained patched blocks: every block's patch must be well-conditioned, not only exact at its input
+    (Gemma's scale-only patch (r_i - r_x)/z_i, entries up to ~1e6, was exact per block yet 30-110 logits off)."""
     name, model, ids = loaded
-    if name == "gemma-3-270m":
-        # Measured, and the README says why: every block's patch is exact at its own input, but the post-MLP norm
-        # scale patch (r_i - r_x)/z_i has entries up to ~1e6 where z_i is tiny, so the 18 chained patched blocks
-        # amplify float64 rounding ~1e15-fold and the absorbed logits are off. strict: a fix turns this red.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="Gemma 3 scale patch is ill-conditioned"))
     with assert_untouched(model):
         report = iu.compare_absorbed(model, ids)
     assert report.max_abs_logit_diff <= 1e-9 and report.top1_agree
     assert report.kl_full_vs_control > 1.0  # the answer comes from the context: alone, ':' cannot say it
+
+
+def test_onepass_dynamics_equals_naive(loaded):
+    """The one-pass prefix dynamics on real weights (Gemma 3: local/global rotary bases, QK-norm, MQA, post-norms)."""
+    name, model, ids = loaded
+    blocks = [0, model.cfg.n_layers // 2, model.cfg.n_layers - 1]
+    with assert_untouched(model):
+        one = prefix_decomposition(model, ids, blocks=blocks)
+    naive = prefix_decomposition(model, ids, blocks=blocks, method="naive")
+    for a, b in zip(one.blocks, naive.blocks, strict=True):
+        for x, y in zip(a.updates, b.updates, strict=True):
+            for field in ("row", "column", "delta"):
+                if hasattr(x, field):
+                    assert rel_err(getattr(x, field), getattr(y, field)) <= 1e-10, (name, a.block, x.name, field)
+        assert rel_err(a.target_output, b.target_output) <= 1e-10
+    assert one.verify().max_rel_err <= 1e-10
 
 
 def test_cli_verify_by_name(tmp_path):
