@@ -6,7 +6,8 @@ Known block layouts, by ``config.model_type``:
 - Llama / Mistral / Qwen 2 / Qwen 3 / Gemma: gated MLP (``gate_proj`` and ``up_proj`` share the row); no MLP bias,
   so ``down_proj.weight`` takes the correction as a rank-one update (a bias when ``mlp_bias=True``).
 - GPT-NeoX: parallel attention + MLP (both read the layer input) or sequential (``use_parallel_residual=False``).
-- Gemma 2 / Gemma 3: norms before and after attention and MLP; the post-MLP norm's scale takes the correction.
+- Gemma 2 / Gemma 3: norms before and after attention and MLP; ``down_proj`` flattens the MLP output (a rank-one
+  update) and the post-MLP norm's scale takes the correction (``updates.post_norm_updates``).
 
 Anything else raises :class:`UnsupportedArchitectureError` naming the layout.
 """
