@@ -70,7 +70,7 @@ def test_onepass_equals_naive_every_preset(preset):
 @pytest.mark.parametrize("name", ["shortformer", "alibi", "layernorm-folded", "solu", "no-norm",
                                   "pre-post-norm-gemma", "moe-mixtral"])
 def test_onepass_equals_naive_architectures(name):
-    """Shortformer keys, ALiBi and local windows (window 4 < 8 prefixes) on the left-padded cache; MoE chunks."""
+    """Shortformer keys, ALiBi and local windows (window 4 < 8 prefixes) in the query rows' attention; MoE chunks."""
     model = build(**ARCHITECTURES[name])
     check_onepass(model, tokens(model, 9, seed=1), chunk_size=3)
 
