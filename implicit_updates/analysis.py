@@ -88,10 +88,11 @@ def summed_norms(result, block: int, positions: slice | Tensor | None = None, ba
     """Frobenius and spectral norms of the summed update, its numerical rank and its entropy effective rank."""
     sv = summed_singular_values(result, block, positions, batch)
     columns, rows = first_layer_factors(result.block(block), batch)
+    scale = rows.norm() * columns.norm()  # the factors' rounding scale (core.numerical_rank)
     return {
         "frobenius": float(sv.pow(2).sum().sqrt()),
         "spectral": float(sv.max()) if sv.numel() else 0.0,
-        "rank": core.numerical_rank(sv, max(rows.shape[-1], columns.shape[-1])),
+        "rank": core.numerical_rank(sv, max(rows.shape[-1], columns.shape[-1]), scale),
         "effective_rank": effective_rank(sv),
     }
 

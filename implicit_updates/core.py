@@ -108,11 +108,17 @@ def summed_update_singular_values(rows: Tensor, columns: Tensor) -> Tensor:
     return torch.linalg.svdvals(r_rows @ r_cols.T)
 
 
-def numerical_rank(singular_values: Tensor, size: int) -> int:
-    """Rank with the usual tolerance ``max(sigma) * size * eps`` (as ``numpy.linalg.matrix_rank``)."""
+def numerical_rank(singular_values: Tensor, size: int, scale: float | Tensor | None = None) -> int:
+    """Rank with the usual tolerance ``max(sigma) * size * eps`` (as ``numpy.linalg.matrix_rank``).
+
+    Singular values computed from factors (:func:`summed_update_singular_values`) carry rounding of the order of
+    ``eps ||rows||_F ||columns||_F``, which exceeds ``eps max(sigma)`` when the updates cancel; pass that product as
+    ``scale`` and the tolerance is ``max(max(sigma), scale) * size * eps``.
+    """
     if singular_values.numel() == 0 or singular_values.max() == 0:
         return 0
-    tol = singular_values.max() * size * torch.finfo(singular_values.dtype).eps
+    reference = singular_values.max() if scale is None else torch.clamp_min(singular_values.max(), float(scale))
+    tol = reference * size * torch.finfo(singular_values.dtype).eps
     return int((singular_values > tol).sum())
 
 

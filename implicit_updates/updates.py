@@ -67,8 +67,9 @@ class BlockUpdate:
 
     def summed_rank(self, batch: int = 0) -> int:
         sv = self.summed_singular_values(batch)
-        columns = sum(u.column.shape[-1] for u in self.first_layer)
-        return core.numerical_rank(sv, max(self.row.shape[-1], columns))
+        columns = torch.cat([u.column[batch] for u in self.first_layer], dim=-1)
+        scale = self.row[batch].norm() * columns.norm()  # the factors' rounding scale (core.numerical_rank)
+        return core.numerical_rank(sv, max(self.row.shape[-1], columns.shape[-1]), scale)
 
 
 def decompose_block(capture: BlockCapture) -> BlockUpdate:

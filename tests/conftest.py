@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from contextlib import contextmanager
 
 import pytest
 import torch
+from hypothesis import settings
 
 from implicit_updates.loading import hooked_classes
 
 warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*")
+
+# CI (``.ci/run``) draws the same hypothesis examples every run, so a landing never hangs on a new random draw;
+# plain ``pytest`` keeps exploring fresh examples (a failure there becomes a regression test, as in test_core).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.hookimpl(hookwrapper=True)
