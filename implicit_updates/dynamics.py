@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from implicit_updates import core
 from implicit_updates.analysis import difference_frobenius_norm, first_layer_factors
 from implicit_updates.decompose import (
     Decomposition,
@@ -329,8 +330,8 @@ def suffix_removal(model: nn.Module, prompt, block: int, dtype: torch.dtype | st
     maps = {m.name: m.weight.detach().T.clone() for m in capture_maps}
     correction = adapter._correction(block, full["store"])
     steps = residuals[:-1] - residuals[1:]
-    if correction.kind == "scale":
-        steps = steps / correction.normalized[0, -1]
+    if correction.kind == "scale":  # one block at a time, so Goldwaser's scale-only patch (no W_out flattening)
+        steps = core.scale_correction(residuals[:-1], residuals[1:], correction.normalized[0, -1])
     elif correction.kind != "bias":
         raise UnsupportedArchitectureError(f"output correction {correction.kind!r} is not supported here")
     return SuffixRemoval(block, a, residuals, 1 / a[1:].pow(2).sum(-1), maps,
