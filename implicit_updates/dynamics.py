@@ -95,6 +95,26 @@ def prefix_decomposition(model: nn.Module, prompt, blocks: int | Sequence[int] |
     return PrefixDecomposition(adapter, updates, _dtype(adapter), inputs)
 
 
+def max_relative_difference(a: Decomposition, b: Decomposition) -> float:
+    """Largest relative difference ``||x - y|| / ||y||`` between two decompositions of the same blocks (e.g. the
+    one-pass and the naive prefix dynamics): over every factor and correction, and each block's row, ``delta_b``,
+    query inputs and targets. Raises ``ValueError`` when the blocks, parameter names or shapes differ."""
+    pairs = []
+    for x, y in zip(a.blocks, b.blocks, strict=True):
+        if x.block != y.block or [u.name for u in x.updates] != [u.name for u in y.updates]:
+            raise ValueError(f"block {x.block} ({[u.name for u in x.updates]}) and block {y.block} "
+                             f"({[u.name for u in y.updates]}) are not the same updates")
+        pairs += [(getattr(u, f), getattr(v, f)) for u, v in zip(x.updates, y.updates, strict=True)
+                  for f in ("row", "column", "delta") if hasattr(u, f)]
+        pairs += [(getattr(x, f), getattr(y, f)) for f in ("row", "delta_b", "query_input", "target_output")]
+    worst = 0.0
+    for p, q in pairs:
+        if p.shape != q.shape:
+            raise ValueError(f"shapes differ: {tuple(p.shape)} vs {tuple(q.shape)}")
+        worst = max(worst, float((p - q).norm() / q.norm().clamp_min(torch.finfo(q.dtype).tiny)))
+    return worst
+
+
 def _naive_updates(work: nn.Module, inputs: Tensor, block_ids: list[int]) -> list[BlockUpdate]:
     """The reference: ``decompose(model, [c_1..c_i, x])`` for i = 1..N, last position of each, stacked."""
     per_prefix = [decompose(work, torch.cat([inputs[:, :i], inputs[:, -1:]], dim=1), query="last", blocks=block_ids)

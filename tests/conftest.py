@@ -143,4 +143,17 @@ def context_outputs(model, tokens, dtype) -> dict[int, torch.Tensor]:
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+    """``||a - b|| / ||b||`` (0 when both are zero)."""
+    return float((a - b).norm() / b.norm().clamp_min(torch.finfo(b.dtype).tiny))
+
+
+def check_onepass(model, prompt, blocks=None, chunk_size: int = 64) -> None:
+    """The one-pass prefix dynamics equals the naive one (one decompose per prefix) in float64, and verifies."""
+    from implicit_updates.dynamics import max_relative_difference, prefix_decomposition
+
+    with assert_untouched(model):
+        one = prefix_decomposition(model, prompt, blocks=blocks, dtype=torch.float64, chunk_size=chunk_size)
+        naive = prefix_decomposition(model, prompt, blocks=blocks, dtype=torch.float64, method="naive")
+    assert one.n_positions == prompt.shape[1] - 1
+    assert max_relative_difference(one, naive) <= 1e-10
+    assert one.verify().max_rel_err <= 1e-10

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, assert_untouched, build
+from conftest import ARCHITECTURES, assert_untouched, build, check_onepass, rel_err
 
 import implicit_updates as iu
 from implicit_updates.dynamics import (
@@ -28,34 +28,6 @@ F64 = torch.float64
 
 def tokens(model, n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, model.cfg.d_vocab, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
-def max_rel_diff(one, naive) -> float:
-    """Largest relative difference over every factor, correction, query input and target of every block."""
-    worst = 0.0
-    for a, b in zip(one.blocks, naive.blocks, strict=True):
-        assert a.block == b.block and [u.name for u in a.updates] == [u.name for u in b.updates]
-        for x, y in zip(a.updates, b.updates, strict=True):
-            for name in ("row", "column", "delta"):
-                if hasattr(x, name):
-                    assert getattr(x, name).shape == getattr(y, name).shape
-                    worst = max(worst, rel(getattr(x, name), getattr(y, name)))
-        for name in ("row", "delta_b", "query_input", "target_output"):
-            worst = max(worst, rel(getattr(a, name), getattr(b, name)))
-    return worst
-
-
-def check_onepass(model, prompt, blocks=None, chunk_size: int = 64) -> None:
-    with assert_untouched(model):
-        one = prefix_decomposition(model, prompt, blocks=blocks, dtype=F64, chunk_size=chunk_size)
-        naive = prefix_decomposition(model, prompt, blocks=blocks, dtype=F64, method="naive")
-    assert one.n_positions == prompt.shape[1] - 1
-    assert max_rel_diff(one, naive) <= 1e-10
-    assert one.verify().max_rel_err <= 1e-10
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -115,9 +87,9 @@ def test_naive_prefix_is_decompose_of_that_prefix():
     for i in (1, 4, 6):
         ref = iu.decompose(model, torch.cat([toks[:, :i], toks[:, -1:]], 1), dtype=F64).block(2)
         got = result.block(2)
-        assert rel(got.first_layer[0].column[0, i - 1], ref.first_layer[0].column[0, -1]) <= 1e-10
-        assert rel(got.row[0, i - 1], ref.row[0, 0]) <= 1e-10
-        assert rel(got.delta_b[0, i - 1], ref.delta_b[0, -1]) <= 1e-10
+        assert rel_err(got.first_layer[0].column[0, i - 1], ref.first_layer[0].column[0, -1]) <= 1e-10
+        assert rel_err(got.row[0, i - 1], ref.row[0, 0]) <= 1e-10
+        assert rel_err(got.delta_b[0, i - 1], ref.delta_b[0, -1]) <= 1e-10
 
 
 def _mlp_inputs(model, prompts: list[torch.Tensor], block: int) -> torch.Tensor:
@@ -147,11 +119,11 @@ def test_prop31_gradient_step_with_shared_row():
     h = 1 / m_x.pow(2).sum()
     for k in range(6):
         grad = torch.outer((m[k] - m[k + 1]) @ w, m_x)  # Prop. 3.1: grad L_i = W (m_i - m_{i+1}) m_x^T
-        assert rel(dyn.gradient(k), grad) <= 1e-10
+        assert rel_err(dyn.gradient(k), grad) <= 1e-10
         step = dyn.update(k + 1) - dyn.update(k)
-        assert rel(step, -h * grad) <= 1e-10
+        assert rel_err(step, -h * grad) <= 1e-10
         assert abs(float(dyn.step_norms[k]) - float(step.norm())) <= 1e-10 * float(step.norm())
-    assert rel(dyn.implicit_lr, h.expand(7)) <= 1e-12
+    assert rel_err(dyn.implicit_lr, h.expand(7)) <= 1e-12
 
 
 def test_step_with_row_change_absolute_positions():
@@ -164,11 +136,11 @@ def test_step_with_row_change_absolute_positions():
         for k in range(6):
             step = dyn.update(k + 1) - dyn.update(k)
             row_change = torch.outer(dyn.columns[k], dyn.rows[k + 1] - dyn.rows[k])
-            assert rel(-dyn.implicit_lr[k + 1] * dyn.gradient(k) + row_change, step) <= 1e-10
+            assert rel_err(-dyn.implicit_lr[k + 1] * dyn.gradient(k) + row_change, step) <= 1e-10
             assert abs(float(dyn.step_norms[k]) - float(step.norm())) <= 1e-10 * float(step.norm())
             assert abs(float(dyn.row_change_norms[k]) - float(row_change.norm())) <= 1e-10 * float(step.norm())
         dense = torch.stack([dyn.update(k).norm() for k in range(7)])
-        assert rel(dyn.update_norms, dense) <= 1e-12
+        assert rel_err(dyn.update_norms, dense) <= 1e-12
     payload = prefix_dynamics(model, tokens(model, 5), dtype=F64).to_dict()
     assert payload["n_prefixes"] == 4 and len(payload["blocks"][0]["step_norms"]) == 3
 
@@ -215,23 +187,23 @@ def test_suffix_removal_factorisation(name, block):
     assert n == 6
     final = sr.weights(n)
     for name_, w0 in sr.maps.items():
-        assert rel(w0 @ sr.product(n), final[name_]) <= 1e-10  # the factorised form
+        assert rel_err(w0 @ sr.product(n), final[name_]) <= 1e-10  # the factorised form
         target = w0 @ sr.a[0]
         for i in range(n + 1):
-            assert rel(sr.weights(i)[name_] @ sr.a[i], target) <= 1e-10  # telescoping
+            assert rel_err(sr.weights(i)[name_] @ sr.a[i], target) <= 1e-10  # telescoping
     # the output correction telescopes to Thm A.2's delta_b of decompose at the query
     ref = iu.decompose(model, toks, blocks=block, dtype=F64).block(block)
-    assert rel(sr.residuals[0] - sr.residuals[n], ref.delta_b[0, -1]) <= 1e-10
+    assert rel_err(sr.residuals[0] - sr.residuals[n], ref.delta_b[0, -1]) <= 1e-10
     # (W_n - W_0) a_n = the direct Eq. 8 update's action on A(x): both move the query onto W_0 A(C, x)
     direct = {u.name: u for u in ref.first_layer}
     for name_, w0 in sr.maps.items():
         u: RankOneUpdate = direct[name_]
-        assert rel((final[name_] - w0) @ sr.a[n], u.column[0, -1] * float(u.row[0, 0] @ sr.a[n])) <= 1e-10
+        assert rel_err((final[name_] - w0) @ sr.a[n], u.column[0, -1] * float(u.row[0, 0] @ sr.a[n])) <= 1e-10
     for i in range(n + 1):  # literal weight edits on a deep copy, block run on the shortened input sequence
-        assert rel(edited_block_output(sr, model, i), sr.target_output) <= 1e-10
+        assert rel_err(edited_block_output(sr, model, i), sr.target_output) <= 1e-10
     with torch.no_grad():
         unedited = copy.deepcopy(model).to(F64).blocks[block](sr.inputs[:, n:])[0, -1]
-    assert rel(unedited, sr.target_output) > 1e-3  # removing the context mattered
+    assert rel_err(unedited, sr.target_output) > 1e-3  # removing the context mattered
 
 
 def test_suffix_removal_errors():

@@ -14,12 +14,11 @@ import json
 
 import pytest
 import torch
-from conftest import assert_untouched, rel_err
+from conftest import assert_untouched, check_onepass, rel_err
 
 import implicit_updates as iu
 from implicit_updates import pretrained
 from implicit_updates.cli import main
-from implicit_updates.dynamics import prefix_decomposition
 from implicit_updates.loading import load_tokenizer
 from implicit_updates.models import load_model
 
@@ -94,17 +93,7 @@ def test_absorbed_model_matches_the_full_model(loaded):
 def test_onepass_dynamics_equals_naive(loaded):
     """The one-pass prefix dynamics on real weights (Gemma 3: local/global rotary bases, QK-norm, MQA, post-norms)."""
     name, model, ids = loaded
-    blocks = [0, model.cfg.n_layers // 2, model.cfg.n_layers - 1]
-    with assert_untouched(model):
-        one = prefix_decomposition(model, ids, blocks=blocks)
-    naive = prefix_decomposition(model, ids, blocks=blocks, method="naive")
-    for a, b in zip(one.blocks, naive.blocks, strict=True):
-        for x, y in zip(a.updates, b.updates, strict=True):
-            for field in ("row", "column", "delta"):
-                if hasattr(x, field):
-                    assert rel_err(getattr(x, field), getattr(y, field)) <= 1e-10, (name, a.block, x.name, field)
-        assert rel_err(a.target_output, b.target_output) <= 1e-10
-    assert one.verify().max_rel_err <= 1e-10
+    check_onepass(model, ids, blocks=[0, model.cfg.n_layers // 2, model.cfg.n_layers - 1])
 
 
 def test_cli_verify_by_name(tmp_path):
