@@ -17,13 +17,13 @@ seeded random tokens (N context tokens and the query):
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import warnings
 
 import torch
 
-from implicit_updates.dynamics import prefix_decomposition
+from implicit_updates.cli import write_json
+from implicit_updates.dynamics import max_relative_difference, prefix_decomposition
 from implicit_updates.models import random_model
 
 SIZES = (64, 128, 256, 512)
@@ -37,20 +37,6 @@ def best_of(fn, repeats: int = 2) -> tuple[float, object]:
         out = fn()
         best = min(best, time.perf_counter() - start)
     return best, out
-
-
-def max_rel_diff(one, naive) -> float:
-    def rel(a, b):
-        return float((a - b).norm() / b.norm().clamp_min(torch.finfo(b.dtype).tiny))
-
-    worst = 0.0
-    for a, b in zip(one.blocks, naive.blocks, strict=True):
-        for x, y in zip(a.updates, b.updates, strict=True):
-            worst = max([worst] + [rel(getattr(x, f), getattr(y, f)) for f in ("row", "column", "delta")
-                                   if hasattr(x, f)])
-        worst = max([worst] + [rel(getattr(a, f), getattr(b, f))
-                               for f in ("delta_b", "query_input", "target_output")])
-    return worst
 
 
 def run(sizes, naive_budget_s: float, chunk_size: int, seed: int = 0) -> list[dict]:
@@ -72,7 +58,7 @@ def run(sizes, naive_budget_s: float, chunk_size: int, seed: int = 0) -> list[di
             naive_s = time.perf_counter() - start
             spent += naive_s
             last = (n, naive_s)
-            diff = max_rel_diff(one, naive)
+            diff = max_relative_difference(one, naive)
         row = {"n": n, "forward_s": forward_s, "onepass_s": onepass_s, "naive_s": naive_s,
                "ratio_onepass_forward": onepass_s / forward_s,
                "ratio_naive_onepass": None if naive_s is None else naive_s / onepass_s,
@@ -104,11 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'n':>5}  {'forward_s':>9}  {'onepass_s':>9}  {'naive_s':>9}  {'onepass/forward':>16}  "
           f"{'naive/onepass':>14}  {'max rel diff':>12}")
     rows = run(sorted(args.n or SIZES), args.naive_budget_s, args.chunk_size, args.seed)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": "random:gpt2-small", "dtype": "float32", "threads": torch.get_num_threads(),
-                       "chunk_size": args.chunk_size, "rows": rows}, f, indent=2)
-        print(f"wrote {args.json}")
+    write_json(args.json, {"model": "random:gpt2-small", "dtype": "float32", "threads": torch.get_num_threads(),
+                           "chunk_size": args.chunk_size, "rows": rows})
     return 0
 
 

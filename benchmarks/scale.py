@@ -30,7 +30,6 @@ import contextlib
 import copy
 import gc
 import io
-import json
 import multiprocessing as mp
 import resource
 import time
@@ -42,6 +41,7 @@ from torch.func import functional_call
 
 import implicit_updates as iu
 from implicit_updates import core
+from implicit_updates.cli import write_json
 from implicit_updates.models import random_model
 
 PRESET = "gpt2-small"
@@ -261,10 +261,8 @@ def main() -> None:
 
     print(f"anchor stops fitting in {args.anchor_budget_gb:g} GB at N={stops_at}" if stops_at
           else f"anchor fits in {args.anchor_budget_gb:g} GB at every N measured")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "anchor_stops_fitting_at": stops_at, "device": device_name(args.device),
-                       "torch": torch.__version__}, f, indent=2)
+    write_json(args.json, {"rows": rows, "anchor_stops_fitting_at": stops_at, "device": device_name(args.device),
+                           "torch": torch.__version__})
 
 
 if __name__ == "__main__":

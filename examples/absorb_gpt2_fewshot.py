@@ -9,13 +9,13 @@ reached.
 """
 
 import argparse
-import json
 import sys
 import warnings
 
 import torch
 
 import implicit_updates as iu
+from implicit_updates.cli import write_json
 
 PROMPTS = [
     "hot -> cold\nbig -> small\nfast -> slow\nup -> down\nhappy ->",
@@ -46,6 +46,4 @@ for prompt in PROMPTS:
           f"  max |logit diff| {report.max_abs_logit_diff:.2e}, "
           f"KL(full||absorbed) {report.kl_full_vs_absorbed:.2e}, KL(full||control) {report.kl_full_vs_control:.2e}")
     rows.append({"prompt": prompt, **report.to_dict()})
-if args.json:
-    with open(args.json, "w") as f:
-        json.dump({"model": args.model, "rows": rows}, f, indent=2)
+write_json(args.json, {"model": args.model, "rows": rows})

@@ -8,12 +8,12 @@ from this script.
 """
 
 import argparse
-import json
 import time
 
 import torch
 
 import implicit_updates as iu
+from implicit_updates.cli import write_json
 from implicit_updates.models import PRESETS, random_model
 
 parser = argparse.ArgumentParser()
@@ -34,6 +34,4 @@ for preset in PRESETS:
     rows.append({"preset": preset, **report.to_dict(), "seconds": seconds})
     print(f"{preset:<11} {report.max_abs_logit_diff:16.2e} {str(report.top1_agree):>11} "
           f"{report.kl_full_vs_absorbed:18.2e} {report.kl_full_vs_control:17.3f} {seconds:5.1f}")
-if args.json:
-    with open(args.json, "w") as f:
-        json.dump({"seq_len": args.seq_len, "dtype": args.dtype, "rows": rows}, f, indent=2)
+write_json(args.json, {"seq_len": args.seq_len, "dtype": args.dtype, "rows": rows})

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from pathlib import Path
 
 import torch
 
 import implicit_updates as iu
 from implicit_updates.adapters import adapter_for
+from implicit_updates.cli import write_json
 from implicit_updates.loading import load_local, load_tokenizer
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared/models/stories260K"
@@ -75,9 +75,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{r['p_absorbed']:10.4f} "
               f"{r['p_control']:9.4f} {r['kl_full_absorbed']:13.2e} {r['kl_full_control']:14.3f} "
               f"{r['max_abs_logit_diff']:11.2e}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"backend": args.backend, "dtype": "float64", "rows": rows}, indent=2))
-        print(f"wrote {args.json}")
+    write_json(args.json, {"backend": args.backend, "dtype": "float64", "rows": rows})
     return rows
 
 

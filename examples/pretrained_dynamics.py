@@ -7,13 +7,12 @@ context grows token by token (Dherin et al. 2025, Sec. 3), for Gemma-3-270M and 
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 
 from implicit_updates import plots
+from implicit_updates.cli import write_json
 from implicit_updates.dynamics import prefix_dynamics
 from implicit_updates.loading import load_tokenizer
 from implicit_updates.pretrained import MODELS, load_pretrained, prepare
@@ -49,9 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.plot:
         plots.save(fig_axes[0, 0], args.plot, dpi=80)
         print(f"wrote {args.plot}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
-        print(f"wrote {args.json}")
+    write_json(args.json, out)
     return out
 
 

@@ -10,14 +10,13 @@ on that same token. ``p_*`` is the probability of the answer's first token, whic
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 
 import implicit_updates as iu
 from implicit_updates.adapters import adapter_for
+from implicit_updates.cli import write_json
 from implicit_updates.loading import load_tokenizer
 from implicit_updates.models import _default_backend
 from implicit_updates.pretrained import MODELS, load_pretrained, prepare
@@ -87,9 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{r['kind']:<12} {r['answer']:>7} {r['query_token']!r:>8} {r['token']!r:>8} {r['p_full']:8.4f} "
                   f"{r['p_absorbed']:10.4f} {r['p_control']:9.4f} {r['kl_full_absorbed']:13.2e} "
                   f"{r['kl_full_control']:14.3f} {r['max_abs_logit_diff']:11.2e}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
-        print(f"wrote {args.json}")
+    write_json(args.json, out)
     return out
 
 

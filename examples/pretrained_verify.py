@@ -13,14 +13,13 @@ so it shows how rounding errors grow through the model).
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 
 import implicit_updates as iu
 from implicit_updates.absorb import absorbed_model, decompose_for_absorb
+from implicit_updates.cli import write_json
 from implicit_updates.loading import load_tokenizer
 from implicit_updates.models import _default_backend
 from implicit_updates.pretrained import MODELS, load_pretrained, prepare
@@ -86,9 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{b['block']:>5} {b['max_rel_err_last']:12.2e} {b['msd_last']:10.2e} {b['max_rel_err_self']:12.2e} "
                   f"{b['msd_self']:10.2e} {b['rank']:>4} {b['seconds']:7.2f} {chain:>13}")
         print(f"max relative error {r['max_rel_err']:.2e} (query=last and self); total {r['seconds_total']:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
-        print(f"wrote {args.json}")
+    write_json(args.json, out)
     return out
 
 

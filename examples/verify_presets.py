@@ -6,12 +6,12 @@ Prints one line per preset (blocks, positions, max relative error, ranks, second
 """
 
 import argparse
-import json
 import time
 
 import torch
 
 import implicit_updates as iu
+from implicit_updates.cli import write_json
 from implicit_updates.models import PRESETS, random_model
 
 parser = argparse.ArgumentParser()
@@ -32,6 +32,4 @@ for preset in PRESETS:
     rows.append({"preset": preset, **report.to_dict(), "seconds": seconds})
     print(f"{preset:<11} {len(report.blocks):>6} {args.seq_len:>9} {report.max_rel_err:11.2e} "
           f"{report.max_abs_err:10.2e} {','.join(map(str, ranks)):>6} {seconds:6.1f}")
-if args.json:
-    with open(args.json, "w") as f:
-        json.dump({"seq_len": args.seq_len, "rows": rows}, f, indent=2)
+write_json(args.json, {"seq_len": args.seq_len, "rows": rows})
