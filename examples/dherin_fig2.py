@@ -13,16 +13,13 @@ import torch  # noqa: E402
 from tqdm.auto import trange  # noqa: E402
 
 from implicit_updates import icl, seeds  # noqa: E402
-from implicit_updates.toy import ToyTransformer  # noqa: E402
 
 N_PROMPTS = 100
 
 
 def main() -> None:
     args = seeds.example_args(__file__, __doc__)
-    model = ToyTransformer(seed=args.seed, **seeds.DHERIN)
-    seeds.train_tracked(model, seed=args.seed, **seeds.DHERIN_TRAIN)
-    model.double()
+    model = seeds.trained_dherin_block(args.seed)
     n = seeds.DHERIN_TRAIN["n_context"]
     tasks = icl.sample_tasks(N_PROMPTS, n, 2, torch.Generator().manual_seed(args.seed + 30_000), torch.float64)
     deltas = torch.stack([seeds.prefix_update(model, tasks, i)[0] for i in trange(1, n + 1, desc="context")])

@@ -116,6 +116,13 @@ def train_tracked(model: ToyTransformer, steps: int, batch: int, n_context: int,
     return log
 
 
+def trained_dherin_block(seed: int = 0) -> ToyTransformer:
+    """Dherin et al.'s block without MLP skip, trained as in their Fig. 1 (``DHERIN_TRAIN``), in float64."""
+    model = ToyTransformer(seed=seed, **DHERIN)
+    train_tracked(model, seed=seed, **DHERIN_TRAIN)
+    return model.double()
+
+
 def frobenius_alignment(rows: Tensor, columns: Tensor) -> Tensor:
     """Normalised Frobenius inner products ``<dW_i, dW_j>_F / (||dW_i|| ||dW_j||)`` of ``dW_i = outer(row_i, col_i)``.
 
