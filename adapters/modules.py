@@ -147,8 +147,7 @@ class ModuleAdapter:
             if p.residual_norm is not None:
                 hooks.append((p.residual_norm, "pre", _save_input(store, f"{b}.r")))
             if p.post_norm is not None:
-                hooks += [(p.post_norm[1], "pre", _save_normalized(store, f"{b}.z", p.post_norm[1])),
-                          (p.post_norm[1], "pre", _save_input(store, f"{b}.h"))]
+                hooks.append((p.post_norm[1], "pre", _save_input(store, f"{b}.h")))  # the MLP output
             if p.post_norm is not None or p.out_bias is None:
                 hooks.append((p.out, "pre", _save_input(store, f"{b}.hidden")))
         return hooks
@@ -188,9 +187,10 @@ class ModuleAdapter:
     def _correction(self, b: int, ctx: dict[str, Tensor]) -> OutputCorrection:
         p = self.parts[b]
         if p.post_norm is not None:
-            return OutputCorrection("scale", p.post_norm[0], normalized=ctx[f"{b}.z"], output_weight=p.out_weight,
+            norm, h = p.post_norm[1], ctx[f"{b}.h"]
+            return OutputCorrection("scale", p.post_norm[0], normalized=normalized(norm, h), output_weight=p.out_weight,
                                     output_transposed=isinstance(unwrap(p.out), nn.Linear), hidden=ctx[f"{b}.hidden"],
-                                    mlp_output=ctx[f"{b}.h"], post_norm=partial(_run_post_norm, p.post_norm[1]))
+                                    mlp_output=h, post_norm=partial(_run_post_norm, norm))
         if p.out_bias is not None:
             return OutputCorrection("bias", p.out_bias)
         # No bias (Llama, Gemma, Qwen): the output projection itself takes r_i - r_x as a rank-one update through
@@ -267,13 +267,6 @@ def normalized(norm: nn.Module, x: Tensor) -> Tensor:
 def _run_post_norm(norm: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """The post-MLP norm's ``(normalized, output)`` on ``x``, as the module computes them."""
     return normalized(norm, x), unwrap(norm)(x)
-
-
-def _save_normalized(store: dict, key: str, norm: nn.Module) -> Callable:
-    def hook(module, args):
-        store[key] = normalized(norm, args[0]).detach()
-
-    return hook
 
 
 def _add_rank_one(row: Tensor, column: Tensor) -> Callable:
