@@ -163,22 +163,21 @@ def output_projection(attn: nn.Module) -> Callable[[Tensor], Tensor]:
     return project
 
 
-def query_attention(attn: nn.Module, keys: Tensor, values: Tensor, prefix_lengths: Tensor,
-                    project: Callable[[Tensor], Tensor]) -> Callable[..., Tensor]:
+def query_attention(attn: nn.Module, keys: Tensor, values: Tensor, prefix_lengths: Tensor, mask: Tensor,
+                    alibi: tuple[Tensor, Tensor] | None, project: Callable[[Tensor], Tensor]) -> Callable[..., Tensor]:
     """A replacement ``attn.forward`` for the query rows of prefixes ``prefix_lengths`` (``i_r``, increasing).
 
     ``keys``/``values``: the context's ``[L, kv_heads, d_head]`` (L = ``i_max``; keys rotated), shared by all rows;
-    ``project``: :func:`output_projection` of ``attn``. Takes TransformerLens's attention arguments (the cache entry
-    and mask a block passes are not used).
+    ``mask``: the chunk's :func:`prefix_mask`; ``alibi``: its :func:`alibi_bias` (None without ALiBi); ``project``:
+    :func:`output_projection` of ``attn``. Takes TransformerLens's attention arguments (the cache entry and mask a
+    block passes are not used).
     """
     from transformer_lens.components import AbstractAttention
 
     cfg = attn.cfg
     length, heads, kv_heads = keys.shape[0], cfg.n_heads, keys.shape[1]
     groups = heads // kv_heads
-    mask = prefix_mask(prefix_lengths, length)
     visible = context_visible(attn, prefix_lengths, length)
-    alibi = alibi_bias(attn, prefix_lengths, length) if cfg.positional_embedding_type == "alibi" else None
     sinks = getattr(cfg, "use_attention_sinks", False)
 
     def forward(query_input: Tensor, key_input: Tensor, value_input: Tensor, **unused) -> Tensor:
@@ -271,17 +270,20 @@ def capture_prefixes(adapter: HookedTransformerAdapter, inputs: Tensor, blocks: 
     model, last = adapter.model, max(blocks) + 1
     context = context_keys_values(adapter, inputs, last)
     projections = [output_projection(model.blocks[b].attn) for b in range(last)]
+    alibi_positions = model.cfg.positional_embedding_type == "alibi"
     parts: dict[int, list[dict[str, Tensor]]] = {b: [] for b in blocks}
     store: dict[str, Tensor] = {}
     with adapter._capturing(blocks, store):  # one set of hooks for every chunk and block
         for start in tqdm(range(0, n, chunk_size), desc="prefixes", disable=not progress, leave=False):
             lengths = torch.arange(start + 1, min(start + chunk_size, n) + 1, device=adapter.device)
             length = int(lengths[-1])
-            resid, shortformer = query_block0_input(adapter, inputs, prefix_mask(lengths, length))
+            mask = prefix_mask(lengths, length)  # the same for every block of the chunk, as is the ALiBi table
+            alibi = alibi_bias(model.blocks[0].attn, lengths, length) if alibi_positions else None
+            resid, shortformer = query_block0_input(adapter, inputs, mask)
             for b in range(last):
                 keys, values = context[b]
                 attn = model.blocks[b].attn
-                forward = query_attention(attn, keys[:length], values[:length], lengths, projections[b])
+                forward = query_attention(attn, keys[:length], values[:length], lengths, mask, alibi, projections[b])
                 with replaced_forward(attn, forward):
                     resid = model.blocks[b](resid, shortformer_pos_embed=shortformer)
                 if b in parts:
