@@ -45,7 +45,12 @@ from einops import rearrange, reduce
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from implicit_updates.adapters.hooked_transformer import HookedTransformerAdapter, _expert_rows
+from implicit_updates.adapters.hooked_transformer import (
+    HookedTransformerAdapter,
+    _expert_rows,
+    alibi_table,
+    exact_alibi,
+)
 from implicit_updates.capture import BlockCapture
 from implicit_updates.errors import UnsupportedArchitectureError
 
@@ -70,6 +75,11 @@ def check_prefix_support(adapter, n_tokens: int | None = None) -> None:
         raise UnsupportedArchitectureError(
             f"positional_embedding_type={cfg.positional_embedding_type!r} is not supported by the one-pass prefix "
             "dynamics; use method='naive'")
+    if getattr(cfg, "ungroup_grouped_query_attention", False) and cfg.n_key_value_heads:
+        raise UnsupportedArchitectureError(
+            "ungroup_grouped_query_attention=True: TransformerLens's key-value cache, which the one pass reads the "
+            "context through, does not support ungrouped keys (its own generation fails the same way); use "
+            "method='naive'")
     if getattr(cfg, "load_in_4bit", False):
         raise UnsupportedArchitectureError(
             "4-bit attention weights are not supported by the one-pass prefix dynamics; load the model unquantized "
@@ -96,10 +106,11 @@ def context_keys_values(adapter: HookedTransformerAdapter, inputs: Tensor, n_blo
     context = inputs[:, :-1]
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, adapter.device, batch_size=1)
     mask = torch.ones(context.shape[:2], dtype=torch.long, device=adapter.device)
-    if inputs.is_floating_point():
-        model(context, start_at_layer=0, stop_at_layer=n_blocks, past_kv_cache=cache, attention_mask=mask)
-    else:
-        model(context, stop_at_layer=n_blocks, past_kv_cache=cache, attention_mask=mask)
+    with exact_alibi(model):
+        if inputs.is_floating_point():
+            model(context, start_at_layer=0, stop_at_layer=n_blocks, past_kv_cache=cache, attention_mask=mask)
+        else:
+            model(context, stop_at_layer=n_blocks, past_kv_cache=cache, attention_mask=mask)
     out = []
     for b in range(n_blocks):
         keys, values = cache[b].past_keys, cache[b].past_values  # [1, n, kv_heads, d_head]
@@ -136,10 +147,8 @@ def context_visible(attn: nn.Module, prefix_lengths: Tensor, length: int) -> Ten
 
 def alibi_bias(attn: nn.Module, prefix_lengths: Tensor, length: int) -> tuple[Tensor, Tensor]:
     """ALiBi terms ``[heads, rows, length]`` (context) and ``[heads, rows]`` (self): TransformerLens's bias table at
-    ``(i_r, j)`` and ``(i_r, i_r)``."""
-    from transformer_lens.components import AbstractAttention
-
-    table = AbstractAttention.create_alibi_bias(attn.cfg.n_heads, length + 1, prefix_lengths.device)
+    ``(i_r, j)`` and ``(i_r, i_r)``, computed in the attention's dtype (:func:`exact_alibi`)."""
+    table = alibi_table(attn.cfg.n_heads, length + 1, attn.W_Q.dtype, prefix_lengths.device)
     return table[:, prefix_lengths, :length], table[:, prefix_lengths, prefix_lengths]
 
 

@@ -6,8 +6,8 @@ each block on its query-only input, and runs a block with factored updates added
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from functools import partial
 
 import torch
@@ -68,10 +68,18 @@ class HookPointCapture:
         """Run block ``block`` on each query residual as its own one-token sequence; return its quantities."""
         store: dict[str, Tensor] = {}
         with self._capturing([block], store):
-            self.model.blocks[block](rearrange(query_input, "b q d -> (b q) 1 d"))
+            self._run_alone(block, rearrange(query_input, "b q d -> (b q) 1 d"))
         batch = query_input.shape[0]
         return {k: rearrange(v, "(b q) 1 ... -> b q ...", b=batch) for k, v in store.items()
                 if v.dim() >= 3}
+
+    def _run_alone(self, block: int, rows: Tensor) -> Tensor:
+        """Block ``block`` on ``rows`` ``[n, 1, d_model]``, each a one-token sequence at position 0."""
+        return self.model.blocks[block](rows)
+
+    def run_block_output(self, block: int, query_input: Tensor) -> Tensor:
+        """Block ``block``'s output on each query residual alone, run by the model's own code: ``[batch, q, d]``."""
+        return self.run_block_alone(block, query_input)[f"blocks.{block}.hook_resid_post"]
 
 
 class HookedTransformerAdapter(HookPointCapture):
@@ -94,19 +102,17 @@ class HookedTransformerAdapter(HookPointCapture):
                 f"cannot decompose MLP type {self.kind}: supported are MLP, GatedMLP and MoE (quantized and "
                 "gpt-oss MoE layers are not); dequantize the model or open an issue with the architecture"
             )
-        self.output_norm = "ln2_post" if cfg.use_normalization_before_and_after else "ln2" if self.post_norm else None
-        if self.output_norm:
-            norm = getattr(model.blocks[0], self.output_norm)
-            if not hasattr(norm, "w"):
-                raise UnsupportedArchitectureError(
-                    f"the norm after the MLP ({self.output_norm}, {type(norm).__name__}) has no learnable scale or "
-                    "bias, so no parameter can absorb the residual difference; load the model without folding it"
-                )
-            if self.kind == "MoE" and not hasattr(norm, "b"):
-                raise UnsupportedArchitectureError(
-                    f"a mixture of experts followed by a norm ({self.output_norm}) needs a per-expert output "
-                    "flattening before the norm's scale patch, which is not implemented; open an issue with the model"
-                )
+        self.output_norm = _output_norm(cfg, model.blocks[0])
+        refuse_unexact_output_norm(cfg, model.blocks[0], self.output_norm)
+
+    def _run_alone(self, block: int, rows: Tensor) -> Tensor:
+        """Block ``block`` on one-token sequences ``rows`` ``[n, 1, d_model]``, as the model runs a one-token prompt:
+        shortformer attention also reads position 0's embedding (it matters once attention sinks make a single
+        key's score count)."""
+        if self.model.cfg.positional_embedding_type != "shortformer":
+            return self.model.blocks[block](rows)
+        position_0 = self.model.pos_embed(torch.zeros(rows.shape[:2], dtype=torch.long, device=rows.device))
+        return self.model.blocks[block](rows, shortformer_pos_embed=position_0.to(rows.dtype))
 
     def embed_alone(self, inputs: Tensor) -> Tensor:
         """Block 0's input when the model sees only the last token (at position 0): ``[batch, 1, d_model]``."""
@@ -116,9 +122,10 @@ class HookedTransformerAdapter(HookPointCapture):
 
     def logits(self, inputs: Tensor) -> Tensor:
         """The model's logits ``[batch, pos, d_vocab]``."""
-        if inputs.is_floating_point():
-            return self.model(inputs, start_at_layer=0)
-        return self.model(inputs)
+        with exact_alibi(self.model):
+            if inputs.is_floating_point():
+                return self.model(inputs, start_at_layer=0)
+            return self.model(inputs)
 
     # -- capture ---------------------------------------------------------------------------------------------------
 
@@ -128,7 +135,9 @@ class HookedTransformerAdapter(HookPointCapture):
         if not self.parallel:
             names.append(f"{p}.hook_resid_mid")
         if self.output_norm:
-            names += [f"{p}.{self.output_norm}.hook_normalized", f"{p}.mlp.hook_post"]
+            names.append(f"{p}.{self.output_norm}.hook_normalized")
+            if self.kind != "MoE":  # a mixture's hidden activations are its experts' hook_post
+                names.append(f"{p}.mlp.hook_post")
         if self.kind == "MoE":
             names += [f"{p}.mlp.hook_expert_weights", f"{p}.mlp.hook_expert_indices"]
             names += [f"{p}.mlp.experts.{e}.hook_post" for e in range(self.model.cfg.num_experts)]
@@ -153,6 +162,7 @@ class HookedTransformerAdapter(HookPointCapture):
             return hook
 
         stack = ExitStack()
+        stack.enter_context(exact_alibi(self.model))
         stack.enter_context(self.model.hooks(fwd_hooks=[(n, save) for b in blocks for n in self._hook_names(b)]))
         # ln2's hook_normalized is taken before ln2's weight and bias, so the MLP input is read off the MLP itself;
         # the MLP output before a post-MLP norm has no hook point either.
@@ -170,9 +180,9 @@ class HookedTransformerAdapter(HookPointCapture):
 
     @property
     def n_ctx(self) -> int | None:
-        """Longest prompt the positions support (None: no limit, e.g. rotary)."""
-        absolute = self.model.cfg.positional_embedding_type in ("standard", "shortformer")
-        return self.model.cfg.n_ctx if absolute else None
+        """Longest prompt the positions support: absolute position tables and TransformerLens's rotary sin/cos tables
+        stop at ``n_ctx``; ALiBi's table is built for any length (None: no limit)."""
+        return None if self.model.cfg.positional_embedding_type == "alibi" else self.model.cfg.n_ctx
 
     def tokenize(self, text: str) -> Tensor:
         if getattr(self.model, "tokenizer", None) is None:
@@ -224,30 +234,37 @@ class HookedTransformerAdapter(HookPointCapture):
 
     def _correction(self, b: int, ctx: dict[str, Tensor]) -> OutputCorrection:
         p = f"blocks.{b}"
+        experts = self._experts(b, ctx) if self.kind == "MoE" else {}
         if self.output_norm:
             norm = getattr(self.model.blocks[b], self.output_norm)
             if hasattr(norm, "b"):  # LayerNorm after the MLP: its bias takes the difference directly
                 return OutputCorrection("bias", f"{p}.{self.output_norm}.b")
+            hidden = None if experts else ctx[f"{p}.mlp.hook_post"]
             return OutputCorrection("scale", f"{p}.{self.output_norm}.w",
                                     normalized=ctx[f"{p}.{self.output_norm}.hook_normalized"],
-                                    output_weight=f"{p}.mlp.W_out", hidden=ctx[f"{p}.mlp.hook_post"],
-                                    mlp_output=ctx[f"{p}.mlp.output"], post_norm=partial(_run_norm, norm))
+                                    output_weight=f"{p}.mlp.W_out", output_bias=f"{p}.mlp.b_out", hidden=hidden,
+                                    mlp_output=ctx[f"{p}.mlp.output"], post_norm=partial(_run_norm, norm), **experts)
         if self.kind != "MoE":
             return OutputCorrection("bias", f"{p}.mlp.b_out")
-        mlp = self.model.blocks[b].mlp
+        return OutputCorrection("expert_out", **experts)
+
+    def _experts(self, b: int, ctx: dict[str, Tensor]) -> dict:
+        """A mixture's expert output matrices, each expert's hidden activation per token (zero where not routed)
+        and the routing weights: the ``names``/``expert_hidden``/``routing_weights`` of an ``OutputCorrection``."""
+        p, mlp = f"blocks.{b}", self.model.blocks[b].mlp
         batch, pos = ctx[f"{p}.hook_resid_pre"].shape[:2]
-        weights = self._routing_weights(mlp, ctx[f"{p}.mlp.hook_expert_weights"],
-                                        ctx[f"{p}.mlp.hook_expert_indices"], ctx[f"{p}.hook_resid_pre"].dtype)
+        indices = ctx[f"{p}.mlp.hook_expert_indices"]
+        weights = self._routing_weights(mlp, ctx[f"{p}.mlp.hook_expert_weights"], indices,
+                                        ctx[f"{p}.hook_resid_pre"].dtype)
         hidden = []
         for e in range(mlp.num_experts):
-            rows = _expert_rows(ctx[f"{p}.mlp.hook_expert_indices"], e, mlp.num_experts)
+            rows = _expert_rows(indices, e, mlp.num_experts)
             h = ctx[f"{p}.hook_resid_pre"].new_zeros(batch * pos, mlp.d_mlp)
             if rows.numel():
                 h[rows] = ctx[f"{p}.mlp.experts.{e}.hook_post"]
             hidden.append(h.view(batch, pos, -1))
-        return OutputCorrection(
-            "expert_out", names=tuple(f"{p}.mlp.experts.{e}.W_out.weight" for e in range(mlp.num_experts)),
-            expert_hidden=tuple(hidden), routing_weights=weights.view(batch, pos, -1))
+        return dict(names=tuple(f"{p}.mlp.experts.{e}.W_out.weight" for e in range(mlp.num_experts)),
+                    expert_hidden=tuple(hidden), routing_weights=weights.view(batch, pos, -1))
 
     @staticmethod
     def _routing_weights(mlp, probs: Tensor, indices: Tensor, dtype: torch.dtype) -> Tensor:
@@ -302,13 +319,15 @@ class HookedTransformerAdapter(HookPointCapture):
                     module, expert = site
                     row, column = (rearrange(rows(t), "r 1 d -> r d") for t in (u.row, u.column))
                     torch_hooks.append((module, "fwd", _add_rank_one_at_linear(live, row, column, expert, mlp)))
+            elif u.name == f"{p}.mlp.b_out" and update.correction == "scale":  # flattening where the hidden is 0
+                torch_hooks.append((mlp, "fwd", _add_at_output(rows(u.delta))))
             else:
                 hook_points.append((f"{p}.hook_mlp_out", _add_output_correction(live, rows(u.delta),
                                                                                  update.correction == "scale")))
 
         x = update.query_input if fan_out else rows(update.query_input)
-        with self.model.hooks(fwd_hooks=hook_points), module_hooks(torch_hooks):
-            out = self.model.blocks[b](x)
+        with self.model.hooks(fwd_hooks=hook_points), module_hooks(torch_hooks), exact_alibi(self.model):
+            out = self._run_alone(b, x)
         return out if fan_out else rearrange(out, "(b n) 1 d -> b n d", b=batch)
 
     def _site(self, name: str):
@@ -322,6 +341,79 @@ class HookedTransformerAdapter(HookPointCapture):
         parts = module_path.split(".")
         expert = int(parts[parts.index("experts") + 1]) if "experts" in parts else None
         return module, expert
+
+
+def alibi_table(n_heads: int, length: int, dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
+    """TransformerLens's ALiBi bias ``m_h (j - i)`` (``AbstractAttention.create_alibi_bias``) computed in ``dtype``
+    (TransformerLens computes it in float32): ``[heads, length, length]``."""
+    from transformer_lens.components import AbstractAttention
+
+    start = 2 ** (-8 / n_heads)
+    multipliers = start * start ** torch.arange(n_heads, device=device, dtype=dtype)
+    return multipliers[:, None, None] * AbstractAttention.create_alibi_slope(length, device).to(dtype)
+
+
+@contextmanager
+def exact_alibi(model: nn.Module) -> Iterator[None]:
+    """Every forward inside reads a fresh ALiBi table of exactly its key length, in the attention's dtype.
+
+    TransformerLens caches its float32 table on the module and reuses a larger one from an earlier, longer forward,
+    slicing its *last* rows: the bias then shifts by a per-row constant, which changes the output once attention
+    sinks or a float32 rounding make it count, so a model's logits for one prompt depend on what it ran before. Here
+    each forward sees what a model with fresh tables computes, in the compute dtype; the modules' own tables are put
+    back on exit.
+    """
+    if model.cfg.positional_embedding_type != "alibi":
+        yield
+        return
+    attentions = [block.attn for block in model.blocks]
+    saved = [attn.alibi for attn in attentions]
+    tables: dict[tuple, Tensor] = {}
+
+    def fresh(module, args, kwargs):
+        query = kwargs["query_input"] if "query_input" in kwargs else args[0]
+        entry = kwargs.get("past_kv_cache_entry")
+        length = query.shape[1] + (entry.past_keys.shape[1] if entry is not None else 0)
+        key = (length, module.W_Q.dtype, module.W_Q.device)
+        if key not in tables:
+            tables[key] = alibi_table(module.cfg.n_heads, length, module.W_Q.dtype, module.W_Q.device)
+        module.alibi = tables[key]
+
+    try:
+        with module_hooks([(attn, "pre_kw", fresh) for attn in attentions]):
+            yield
+    finally:
+        for attn, table in zip(attentions, saved, strict=True):
+            attn.alibi = table
+
+
+def refuse_unexact_output_norm(cfg, block: nn.Module, output_norm: str | None) -> None:
+    """Raise where a norm after the MLP admits no exact correction here (each refusal says why)."""
+    if output_norm == "ln2" and cfg.parallel_attn_mlp:
+        raise UnsupportedArchitectureError(
+            "this post-norm block with parallel attention + MLP reads ln2 both before and after the MLP (its input "
+            "and its output norm): patching ln2 to absorb the context would also move the MLP's input, so no "
+            "rank-one first-layer update stays exact; no released model has this structure")
+    if output_norm and cfg.use_normalization_before_and_after and cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            "this post-norm block also has use_normalization_before_and_after: two norms after the MLP (ln2_post, "
+            "then ln2), and flattening the MLP output through the first one is not implemented; no released model "
+            "has this structure")
+    if output_norm and not hasattr(getattr(block, output_norm), "w"):
+        raise UnsupportedArchitectureError(
+            f"the norm after the MLP ({output_norm}, {type(getattr(block, output_norm)).__name__}) has no learnable "
+            "scale or bias: its output always has unit size, so no parameter can add the residual difference the "
+            "context makes; if the model's norms were folded, load it with fold_ln=False")
+
+
+def _output_norm(cfg, block: nn.Module) -> str | None:
+    """The norm after the MLP: ``ln2_post`` (Gemma 2/3), ``ln2`` in post-norm blocks (OLMo 2), or None; an
+    ``Identity`` there (no normalization) is no norm, and the MLP's own output bias takes the correction."""
+    name = "ln2_post" if cfg.use_normalization_before_and_after else "ln2" if (
+        cfg.original_architecture in POST_NORM_ARCHITECTURES) else None
+    if name is None or isinstance(getattr(block, name), nn.Identity):
+        return None
+    return name
 
 
 def _run_norm(norm: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -346,6 +438,15 @@ def _add_rank_one_at_output(live: dict, row: Tensor, column: Tensor) -> Callable
 
     def hook(module, args, out: Tensor) -> Tensor:
         return out + (live["p"] * row).sum(-1, keepdim=True) * column
+
+    return hook
+
+
+def _add_at_output(delta: Tensor) -> Callable:
+    """Forward hook on the MLP: its output bias plus ``delta``."""
+
+    def hook(module, args, out: Tensor) -> Tensor:
+        return out + delta
 
     return hook
 

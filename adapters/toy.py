@@ -111,5 +111,5 @@ class ToyAdapter(HookPointCapture):
                 hooks.append((f"{p}.hook_mlp_out", _add_output_correction(live, rows(u.delta), scale=False)))
         x = update.query_input if fan_out else rows(update.query_input)
         with self.model.hooks(fwd_hooks=hooks):
-            out = self.model.blocks[update.block](x)
+            out = self._run_alone(update.block, x)
         return out if fan_out else rearrange(out, "(b n) 1 d -> b n d", b=batch)

@@ -30,12 +30,16 @@ class OutputCorrection:
     - ``scale``: a norm after the MLP (Goldwaser et al.). The MLP's output matrix ``output_weight`` gets the
       rank-one update ``(h'_i - h_i) p_i^T/||p_i||^2`` mapping its hidden ``p_i`` (``hidden``) from the MLP output
       ``h_i`` (``mlp_output``, the norm's input) to the flattened ``h'_i`` (``core.flattened_output``), and the
-      norm's scale ``name`` takes ``core.post_norm_scale``; ``post_norm(x)`` returns the norm's
+      norm's scale ``name`` takes ``core.post_norm_scale``; where ``p_i`` is exactly zero the MLP's output bias
+      ``output_bias`` (if any) takes the flattening instead; ``post_norm(x)`` returns the norm's
       ``(normalized, output)`` on ``x`` as the model computes them. ``normalized`` is the with-context ``z_i``.
     - ``expert_out``: a mixture of experts without output bias; each routed expert's output matrix (``names``)
       gets the rank-one update ``(r_i - r_x)/S_i`` x ``p_e/||p_e||^2`` with ``p_e`` its hidden activation
       (``expert_hidden``) and ``S_i`` the sum of routing weights (``routing_weights``).
     - ``none``: the block has no MLP skip connection, so the first-layer updates alone are exact (Dherin Eq. 8).
+
+    ``residual_scale``: s where the block adds ``s *`` the MLP's (post-normed) output to its residual (Granite's
+    ``residual_multiplier``); the correction then makes the MLP output move by ``(r_i - r_x) / s``.
     """
 
     kind: Literal["bias", "scale", "expert_out", "none"]
@@ -45,10 +49,12 @@ class OutputCorrection:
     expert_hidden: tuple[Tensor, ...] = ()
     routing_weights: Tensor | None = None
     output_weight: str | None = None
+    output_bias: str | None = None
     output_transposed: bool = False
     hidden: Tensor | None = None
     mlp_output: Tensor | None = None
     post_norm: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
+    residual_scale: float = 1.0
 
 
 @dataclass

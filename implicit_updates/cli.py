@@ -1,14 +1,87 @@
-"""``implicit-updates``: verify decompositions of live models, and the offline demo."""
+"""``implicit-updates``: verify decompositions of live models, and the offline demo.
+
+A user error (a bad option, model name, path, device or prompt: what our own input checks raise) prints one line,
+``implicit-updates CMD: error: <what is wrong and what to do>``, on stderr and exits 2, as argparse does for its own
+errors; ``--debug`` shows the traceback instead. Anything else (an exception raised inside torch or another
+library, or not by one of our ``raise`` statements) is a bug, ours or theirs, and keeps its traceback (exit 1): a bug
+report needs it. Ctrl-C prints one line and exits 130.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import functools
+import importlib.util
 import json
+import re
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
+
+import implicit_updates
+import implicit_updates.adapters
+
+# The exception types our input checks raise (UnsupportedArchitectureError and PretrainedUnavailable included).
+USER_ERRORS = (ValueError, IndexError, TypeError, OSError, ImportError)
+OUR_DIRS = tuple(Path(m.__file__).resolve().parent for m in (implicit_updates, implicit_updates.adapters))
+
+
+class UsageError(Exception):
+    """A command line the CLI refuses before computing anything; the message says what to do."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like ours (the usage block is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def one_line(message: str) -> str:
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def raised_by_us(err: BaseException) -> bool:
+    """True when a ``raise`` statement in this package (``implicit_updates``, ``adapters``) raised ``err``: one of
+    our input checks. Errors raised inside torch or another library, or by a slip of ours (``x[9]``), are not."""
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    path = Path(tb.tb_frame.f_code.co_filename).resolve()
+    return any(path.is_relative_to(d) for d in OUR_DIRS) and tb.tb_lineno in _raise_lines(str(path))
+
+
+@functools.cache
+def _raise_lines(path: str) -> frozenset[int]:
+    """Every line a ``raise`` statement of the file spans."""
+    tree = ast.parse(Path(path).read_text())
+    return frozenset(line for node in ast.walk(tree) if isinstance(node, ast.Raise)
+                     for line in range(node.lineno, (node.end_lineno or node.lineno) + 1))
+
+
+def check_writable(path: str | None, option: str) -> None:
+    """Fail before minutes of work, not after: ``path`` must be a file we can write in an existing folder."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"{option} {path} is a directory: give a file name")
+    if not target.parent.is_dir():
+        raise UsageError(f"{option} {path}: the folder {target.parent} does not exist; create it or choose another")
+    existed = target.exists()
+    try:
+        with open(target, "a"):
+            pass
+    except OSError as err:
+        raise UsageError(f"cannot write {option} {path}: {err.strerror or err}") from err
+    if not existed:
+        target.unlink()  # a failed run leaves no empty file behind
 
 
 def parse_prompt(model, prompt: str | None, seq_len: int, seed: int) -> str | torch.Tensor:
@@ -19,11 +92,14 @@ def parse_prompt(model, prompt: str | None, seq_len: int, seed: int) -> str | to
     if prompt is None:
         gen = torch.Generator().manual_seed(seed)
         return torch.randint(0, adapter_for(model).d_vocab, (1, seq_len), generator=gen).to(device)
+    if not prompt.strip():
+        raise UsageError("--prompt is empty: give text or comma-separated token ids (two or more for a context)")
     parts = [p.strip() for p in prompt.split(",")]
-    if getattr(model, "tokenizer", None) is None or all(p.isdigit() for p in parts):
-        if not all(p.isdigit() for p in parts):
-            raise SystemExit("this model has no tokenizer: give --prompt as comma-separated token ids or use --seq-len")
+    if all(re.fullmatch(r"[+-]?\d+", p) for p in parts):  # range-checked by decompose against the vocabulary
         return torch.tensor([[int(p) for p in parts]], device=device)
+    if getattr(model, "tokenizer", None) is None:
+        raise UsageError(f"this model has no tokenizer and {prompt!r} is not a list of token ids: give --prompt as "
+                         f"comma-separated integers in [0, {adapter_for(model).d_vocab}), or use --seq-len")
     return prompt
 
 
@@ -34,11 +110,23 @@ def write_json(path: str | None, payload: dict) -> None:
         print(f"wrote {path}")
 
 
+def load(args: argparse.Namespace):
+    """Check the output paths and the device, then load the model: bad options fail before any loading."""
+    from implicit_updates.models import check_device, load_model
+
+    check_writable(args.json, "--json")
+    check_writable(getattr(args, "plot", None), "--plot")
+    try:
+        check_device(args.device)
+    except ValueError as err:
+        raise UsageError(f"--device {args.device}: {err}") from err
+    return load_model(args.model, device=args.device, seed=args.seed, backend=args.backend)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from implicit_updates import decompose
-    from implicit_updates.models import load_model
 
-    model = load_model(args.model, device=args.device, seed=args.seed, backend=args.backend)
+    model = load(args)
     prompt = parse_prompt(model, args.prompt, args.seq_len, args.seed)
     start = time.perf_counter()
     result = decompose(model, prompt, query=args.query, dtype=args.dtype, progress=True)
@@ -53,10 +141,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_absorb(args: argparse.Namespace) -> int:
     from implicit_updates.absorb import compare_absorbed
-    from implicit_updates.models import load_model
+    from implicit_updates.adapters import adapter_for
 
-    model = load_model(args.model, device=args.device, seed=args.seed, backend=args.backend)
+    model = load(args)
     prompt = parse_prompt(model, args.prompt, args.seq_len, args.seed)
+    if args.top_k > adapter_for(model).d_vocab:
+        raise UsageError(f"--top-k {args.top_k} is more than the vocabulary ({adapter_for(model).d_vocab} tokens)")
     report = compare_absorbed(model, prompt, dtype=args.dtype, k=args.top_k)
     decode = getattr(getattr(model, "tokenizer", None), "decode", None)
     name = (lambda i: repr(decode([i]))) if decode else str
@@ -74,6 +164,7 @@ def cmd_absorb(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    check_writable(args.json, "--json")  # before the import: the demo's modules take seconds to load
     from implicit_updates.demo import run_demo
 
     payload = run_demo(steps=args.steps, seed=args.seed)
@@ -83,9 +174,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_dynamics(args: argparse.Namespace) -> int:
     from implicit_updates.dynamics import prefix_dynamics
-    from implicit_updates.models import load_model
 
-    model = load_model(args.model, device=args.device, seed=args.seed, backend=args.backend)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install matplotlib (or the package's [plot] extra)")
+    model = load(args)
     prompt = parse_prompt(model, args.prompt, args.seq_len, args.seed)
     start = time.perf_counter()
     dyn = prefix_dynamics(model, prompt, blocks=args.block, dtype=args.dtype, method=args.method, progress=True)
@@ -104,6 +196,23 @@ def cmd_dynamics(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON (checked before any work)")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error instead of one line")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every model subcommand shares: which model, which prompt, precision, device, JSON output."""
     parser.add_argument("--model", required=True,
@@ -113,15 +222,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="for a local directory: HookedTransformer (TL 3.x; default there), TransformerBridge "
                              "(default on TL 4.x) or the plain Hugging Face model")
     parser.add_argument("--prompt", help="text, or comma-separated token ids; default: --seq-len random tokens")
-    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--seq-len", type=positive_int, default=32)
     parser.add_argument("--dtype", choices=["float32", "float64"], default=None)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", metavar="PATH")
+    add_common_arguments(parser)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="implicit-updates", description=__doc__)
+def build_parser() -> Parser:
+    parser = Parser(prog="implicit-updates", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     verify = sub.add_parser("verify", help="decompose a model's context into rank-one updates and verify them")
@@ -131,13 +242,12 @@ def main(argv: list[str] | None = None) -> int:
 
     absorb = sub.add_parser("absorb", help="write the context into the weights; compare next-token predictions")
     add_model_arguments(absorb)
-    absorb.add_argument("--top-k", type=int, default=5)
+    absorb.add_argument("--top-k", type=positive_int, default=5)
     absorb.set_defaults(func=cmd_absorb)
 
     demo = sub.add_parser("demo", help="offline: train an in-context regression transformer and decompose it")
-    demo.add_argument("--steps", type=int, default=100)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--json", metavar="PATH")
+    demo.add_argument("--steps", type=positive_int, default=100)
+    add_common_arguments(demo)
     demo.set_defaults(func=cmd_demo)
 
     dyn = sub.add_parser("dynamics", help="the implicit update of every prefix [c_1..c_i, x]: step norms, rates")
@@ -146,10 +256,24 @@ def main(argv: list[str] | None = None) -> int:
     dyn.add_argument("--method", choices=["onepass", "naive"], default="onepass")
     dyn.add_argument("--plot", metavar="PATH", help="step-norm decay curves (needs matplotlib)")
     dyn.set_defaults(func=cmd_dynamics)
+    for name, subparser in sub.choices.items():
+        subparser.set_defaults(parser=subparser, command=name)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if getattr(args, "debug", False):
+            raise
+        args.parser.exit(130, f"{args.parser.prog}: interrupted\n")
+    except (UsageError, *USER_ERRORS) as err:
+        if getattr(args, "debug", False) or not (isinstance(err, UsageError) or raised_by_us(err)):
+            raise
+        args.parser.exit(2, f"{args.parser.prog}: error: {one_line(str(err))}\n")
 
 
 if __name__ == "__main__":

@@ -122,18 +122,22 @@ def numerical_rank(singular_values: Tensor, size: int, scale: float | Tensor | N
     return int((singular_values > tol).sum())
 
 
+def relative_errors(patched_output: Tensor, target_output: Tensor) -> Tensor:
+    """``||y'_i - y_i|| / ||y_i||`` per position (Euclidean over d_model; 0 where both are zero), in float64."""
+    diff = (patched_output - target_output).to(torch.float64)
+    return diff.norm(dim=-1) / target_output.to(torch.float64).norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
+
+
 def reproduction_errors(patched_output: Tensor, target_output: Tensor) -> dict[str, float]:
     """MSD, max absolute and max relative error between patched query-only outputs and with-context outputs.
 
-    The relative error is per position: ``||y'_i - y_i|| / ||y_i||`` (Euclidean over d_model), max over positions.
+    The relative error is per position (:func:`relative_errors`), maxed over positions.
     """
     diff = (patched_output - target_output).to(torch.float64)
-    target = target_output.to(torch.float64)
-    rel = diff.norm(dim=-1) / target.norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
     return {
         "msd": float(diff.pow(2).mean()),
         "max_abs_err": float(diff.abs().max()),
-        "max_rel_err": float(rel.max()),
+        "max_rel_err": float(relative_errors(patched_output, target_output).max()),
     }
 
 

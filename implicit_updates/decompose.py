@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from implicit_updates import core
 from implicit_updates.capture import BlockCapture
 from implicit_updates.errors import NonFiniteActivationError
+from implicit_updates.hooks import swapped_parameters
 from implicit_updates.inputs import as_model_inputs
 from implicit_updates.updates import BlockUpdate, decompose_block
 from implicit_updates.verify import BlockReport, VerifyReport
@@ -55,7 +56,7 @@ def resolve_dtype(model: nn.Module, dtype: torch.dtype | str | None) -> torch.dt
 
 def working_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """The model itself when it already computes in ``dtype``, else an upcast deep copy (the user's stays as is)."""
-    if next(model.parameters()).dtype == dtype:
+    if all(p.dtype == dtype for p in model.parameters()):  # a model of mixed dtypes computes in neither
         return model
     with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints "Changing model dtype"
         work = copy.deepcopy(model).to(dtype)
@@ -168,21 +169,44 @@ class Decomposition:
         position, batch = self._index(position, batch)
         return self.block(block).target_output[batch, position]
 
-    def verify(self, progress: bool | None = None, chunk_size: int = 512) -> VerifyReport:
-        """Run every block on its query alone with each position's updates applied in factored form.
+    def verify(self, progress: bool | None = None, chunk_size: int = 512, literal_positions: int = 3) -> VerifyReport:
+        """Run every block on its query alone with each position's updates applied, and compare with context.
 
-        Reports per block the MSD, max absolute and relative errors against the with-context outputs (all
-        positions), and the rank of the summed first-layer update (Innocenti & Achour: 1 for ``query="last"``).
+        Two checks per block. Factored, at every position: the updates are added where the patched maps act
+        (``(m . row) column``; no dense matrix). Literal, at ``literal_positions`` positions (the last, the factored
+        check's worst, the largest output correction): the dense ``param + delta`` of :meth:`patch` swapped into the
+        model and run through the model's own forward, so a parameter the block reads in more than one place (e.g. a
+        norm used before and after the MLP) is patched everywhere it is read, as a real weight edit is. Reports per
+        block the MSD, max absolute and relative errors (the worse of both checks), and the rank of the summed
+        first-layer update (Innocenti & Achour: 1 for ``query="last"``).
         """
         reports = []
         with untouched(self.adapter.model):
             for u in tqdm(self.blocks, desc="verify", disable=not progress, leave=False):
                 outs = [self.adapter.run_patched_block(u, slice(s, s + chunk_size))
                         for s in range(0, self.n_positions, chunk_size)]
-                errors = core.reproduction_errors(torch.cat(outs, dim=1), u.target_output)
+                patched = torch.cat(outs, dim=1)
+                errors = core.reproduction_errors(patched, u.target_output)
+                rel = core.relative_errors(patched, u.target_output)  # [batch, pos]
+                literal = {at: self._literal_error(u.block, *at) for at in _literal_sites(u, rel, literal_positions)}
+                worst = max([(float(rel.max()), _unravel(rel))] + [(e, at) for at, e in literal.items()])
                 rank = max(u.summed_rank(b) for b in range(u.row.shape[0]))
-                reports.append(BlockReport(u.block, rank=rank, **errors))
+                reports.append(BlockReport(
+                    u.block, msd=errors["msd"], max_abs_err=errors["max_abs_err"], max_rel_err=worst[0], rank=rank,
+                    factored_max_rel_err=errors["max_rel_err"], literal_max_rel_err=max(literal.values()),
+                    literal_positions=tuple(sorted({i for _, i in literal})), worst_batch=worst[1][0],
+                    worst_position=worst[1][1]))
         return VerifyReport(tuple(reports), self.n_positions, self.query, str(self.dtype).removeprefix("torch."))
+
+    def _literal_error(self, block: int, batch: int, position: int) -> float:
+        """Relative error of block ``block`` run by the model's own forward on the query alone, with the dense
+        ``param + delta`` of :meth:`patch` in place of its parameters (restored afterwards)."""
+        model = self.adapter.model
+        edited = {name: model.get_parameter(name).detach() + delta
+                  for name, delta in self.patch(block, position, batch).items()}
+        with swapped_parameters(model, edited):
+            out = self.adapter.run_block_output(block, self.query_input(block, position, batch))[0, 0]
+        return float(core.relative_errors(out, self.target_output(block, position, batch)))
 
     def to_numpy(self) -> dict[str, np.ndarray]:
         """The factors as numpy arrays, keyed ``"{block}/{parameter}/row|column|delta"`` (for ``np.savez``)."""
@@ -195,6 +219,21 @@ class Decomposition:
                     if hasattr(p, field):
                         out[f"{u.block}/{p.name}/{field}"] = getattr(p, field).cpu().numpy()
         return out
+
+
+def _literal_sites(update: BlockUpdate, rel: Tensor, count: int) -> list[tuple[int, int]]:
+    """(batch, position) pairs for the literal check: the last position, the factored check's worst, the largest
+    output correction, then evenly spread positions, ``count`` in all (at least one)."""
+    batch, n = rel.shape
+    sites = [(0, n - 1), _unravel(rel), _unravel(update.delta_b.norm(dim=-1))]
+    sites += [(b, i) for i in torch.linspace(0, n - 1, max(count, 1)).long().tolist() for b in range(batch)]
+    return list(dict.fromkeys(sites))[:max(count, 1)]
+
+
+def _unravel(values: Tensor) -> tuple[int, int]:
+    """(batch, position) of the largest entry of a ``[batch, pos]`` tensor."""
+    flat = int(values.argmax())
+    return flat // values.shape[1], flat % values.shape[1]
 
 
 def _block_indices(blocks: int | Sequence[int] | None, n_blocks: int) -> list[int]:

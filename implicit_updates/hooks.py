@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from torch import nn
+from torch import Tensor, nn
 
 
 @contextmanager
@@ -23,3 +23,25 @@ def module_hooks(hooks: list[tuple[nn.Module, str, Callable]]) -> Iterator[None]
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def swapped_parameters(model: nn.Module, values: dict[str, Tensor]) -> Iterator[None]:
+    """``model``'s parameters ``values`` (keys of ``named_parameters()``) replaced by the given tensors inside the
+    block: the model's own forward then reads them wherever it reads the parameter, exactly as after a literal
+    weight edit. The original ``Parameter`` objects are put back on any exit, so the model ends bit-identical."""
+    saved: list[tuple[nn.Module, str, nn.Parameter]] = []
+    try:
+        for name, value in values.items():
+            module_path, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_path)
+            original = module._parameters[attr]
+            if value.shape != original.shape:
+                raise ValueError(f"{name}: replacement of shape {tuple(value.shape)} for a parameter of shape "
+                                 f"{tuple(original.shape)}")
+            saved.append((module, attr, original))
+            module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        yield
+    finally:
+        for module, attr, original in reversed(saved):
+            module._parameters[attr] = original

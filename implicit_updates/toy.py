@@ -13,7 +13,15 @@ The theory touches only ``mlp.layers.0.weight`` (the first map, which reads the 
 ``mlp.layers.{depth}.bias`` (the last bias). Hook points carry HookedTransformer's names (``blocks.{l}.hook_resid_pre``,
 ``hook_attn_out``, ``hook_resid_mid``, ``hook_mlp_in``, ``mlp.hook_pre``, ``hook_mlp_out``, ``hook_resid_post``).
 Parameter names follow Equinox (``attn.query_proj.weight``, ``mlp.layers.0.weight``, ...), so a model trained by the
-reference JAX code loads with :meth:`ToyTransformer.load_arrays`.
+reference JAX code (github.com/francesco-innocenti/generalising-icl, ``model.py``) loads with
+:meth:`ToyTransformer.load_arrays`.
+
+One documented difference from that reference: its ``analytical.py`` divides by ``||m_x||^2 + 1e-8``; we divide by
+``||m_x||^2`` exactly (a zero ``m_x`` raises ``ZeroQueryNormError`` instead of being smoothed). With the 1e-8,
+``(W + dW_i) m_x = W m_i - W (m_i - m_x) 1e-8 / (||m_x||^2 + 1e-8)``: the update falls short by
+``1e-8 / (||m_x||^2 + 1e-8)`` of itself. Measured on one default block in float64 (``tests/test_toy.py``): the block
+output is off by 2.5e-10 with it (ours 5e-16) at ``||m_x||^2 = 6.8``, and by 6.4e-6 with inputs scaled by 1e-4
+(``||m_x||^2 = 6.8e-8``, the update 13% short; ours 3e-16).
 """
 
 from __future__ import annotations
@@ -144,14 +152,31 @@ class ToyTransformer(HookedRootModule):
         """Every parameter as a numpy array, keyed like ``named_parameters()`` (``nn.Linear`` layout: [out, in])."""
         return {name: p.detach().cpu().numpy().copy() for name, p in self.named_parameters()}
 
-    def load_arrays(self, arrays: dict[str, np.ndarray]) -> ToyTransformer:
+    def load_arrays(self, arrays: dict[str, np.ndarray | bool | int]) -> ToyTransformer:
         """Copy ``arrays`` into the parameters, in place; every parameter must be given, with its exact shape.
 
-        Keys are ``named_parameters()`` names, or Equinox tree paths such as ``.blocks[0].attn.query_proj.weight``
-        (Equinox ``Linear.weight`` is ``[out, in]`` like ``nn.Linear``; ``norm_attn``/``norm_mlp`` are ``ln1``/``ln2``).
+        Keys are ``named_parameters()`` names or Equinox tree paths (``jax.tree_util.keystr``) of the reference
+        code's model: ``.blocks[0].attn.query_proj.weight``, ``.blocks[0].mlp.layers[2].bias`` (Equinox
+        ``Linear.weight`` is ``[out, in]`` like ``nn.Linear``), its norms ``.ln_1``/``.ln_2`` (current) or
+        ``.norm_attn``/``.norm_mlp`` (older) as our ``ln1``/``ln2``. The reference builds both norms even without
+        LayerNorm; a model without them (``layer_norm=False``) accepts them if they are the identity (weight 1,
+        bias 0; a trained norm is not, so it must have been used) and ignores them. The tree's switches
+        (``use_layer_norm``, ``use_skips``, ``causal_attn``, ``n_blocks``) must agree with this model's config; its
+        other leaves without a ``shape`` (dropout settings, activation functions) are ignored. Checked against the
+        reference's own forward and updates in tests/test_toy.py.
         """
         params = dict(self.named_parameters())
-        given = {equinox_key(k): v for k, v in arrays.items()}
+        given: dict[str, np.ndarray] = {}
+        for key, value in arrays.items():
+            name = equinox_key(key)
+            if name in given:
+                raise KeyError(f"{key!r} names the parameter {name} a second time")
+            given[name] = value
+        self._check_flags({k: v for k, v in given.items() if k.rsplit(".", 1)[-1] in FLAGS})
+        # the tree's other leaves that hold no array (dropout settings, activation functions) are not parameters
+        given = {k: v for k, v in given.items() if k.rsplit(".", 1)[-1] not in FLAGS and hasattr(v, "shape")}
+        if not self.cfg.layer_norm:
+            given = {k: v for k, v in given.items() if not self._unused_norm(k, v)}
         missing, unexpected = params.keys() - given.keys(), given.keys() - params.keys()
         if missing or unexpected:
             raise KeyError(f"arrays do not match the parameters: missing {sorted(missing)}, "
@@ -164,8 +189,39 @@ class ToyTransformer(HookedRootModule):
                 p.copy_(value)
         return self
 
+    def _unused_norm(self, name: str, value) -> bool:
+        """``blocks.L.ln1/ln2.weight/bias`` that a model without LayerNorm can drop: the identity, right shape."""
+        match = re.fullmatch(r"blocks\.(\d+)\.ln[12]\.(weight|bias)", name)
+        if match is None or int(match[1]) >= self.cfg.n_layers:
+            return False
+        value = np.asarray(value)
+        if value.shape != (self.cfg.d_model,):
+            raise ValueError(f"{name}: array shape {value.shape} != ({self.cfg.d_model},), a norm of this model")
+        if not np.all(value == (1.0 if match[2] == "weight" else 0.0)):
+            raise ValueError(f"{name} is not the identity (weight 1, bias 0): these arrays come from a model with "
+                             "LayerNorm; build ToyTransformer(layer_norm=True)")
+        return True
+
+    def _check_flags(self, flags: dict[str, object]) -> None:
+        """The reference model's switches (tree leaves that are not arrays) against this model's config."""
+        cfg = self.cfg
+        ours = {"use_layer_norm": {"layer_norm": cfg.layer_norm}, "causal_attn": {"causal": cfg.causal},
+                "use_skips": {"attn_skip": cfg.attn_skip, "mlp_skip": cfg.mlp_skip},
+                "n_blocks": {"n_layers": cfg.n_layers}}
+        for key, value in flags.items():
+            for field, mine in ours[key.rsplit(".", 1)[-1]].items():
+                if np.asarray(value).item() != mine:
+                    raise ValueError(f"the arrays say {key}={np.asarray(value).item()!r} but this model has "
+                                     f"{field}={mine!r}: build ToyTransformer({field}={np.asarray(value).item()!r})")
+
+
+# The reference model's non-array leaves, checked against the config by ``load_arrays``.
+FLAGS = ("use_layer_norm", "causal_attn", "use_skips", "n_blocks")
+NORM_NAMES = {"ln_1": "ln1", "ln_2": "ln2", "norm_attn": "ln1", "norm_mlp": "ln2"}
+
 
 def equinox_key(key: str) -> str:
-    """``.blocks[0].norm_attn.weight`` -> ``blocks.0.ln1.weight``; our own names pass through unchanged."""
+    """``.blocks[0].ln_1.weight`` (or the older ``.norm_attn.weight``) -> ``blocks.0.ln1.weight``; our own names
+    pass through unchanged."""
     key = re.sub(r"\[(\d+)\]", r".\1", key).lstrip(".")
-    return key.replace(".norm_attn.", ".ln1.").replace(".norm_mlp.", ".ln2.")
+    return re.sub(r"(?<=\.)(ln_1|ln_2|norm_attn|norm_mlp)(?=\.)", lambda m: NORM_NAMES[m[1]], key)

@@ -88,30 +88,55 @@ def decompose_block(capture: BlockCapture) -> BlockUpdate:
     delta_b = core.bias_correction(capture.residual, capture.query_residual)
     fix = capture.correction
     if fix.kind == "bias":
-        updates.append(AdditiveUpdate(fix.name, delta_b))
+        updates.append(AdditiveUpdate(fix.name, scaled_residual_delta(delta_b, fix.residual_scale)))
     elif fix.kind == "scale":
-        updates += post_norm_updates(capture.output, capture.query_residual, fix)
+        updates += post_norm_updates(scaled_residual_target(capture), capture.query_residual, fix)
     elif fix.kind == "expert_out":
-        updates += expert_output_updates(delta_b, fix.names, fix.expert_hidden, fix.routing_weights)
+        updates += expert_output_updates(scaled_residual_delta(delta_b, fix.residual_scale), fix.names,
+                                         fix.expert_hidden, fix.routing_weights)
     return BlockUpdate(capture.block, row, delta_b, updates, capture.query_input, capture.output, fix.kind)
+
+
+def scaled_residual_delta(delta_b: Tensor, scale: float) -> Tensor:
+    """What the MLP's own output must move by when the block adds ``scale *`` it to the residual (Granite's
+    ``y = r + s * mlp(m)``): ``(r_i - r_x) / s``, so that ``s`` times it is ``r_i - r_x``."""
+    return delta_b if scale == 1 else delta_b / scale
+
+
+def scaled_residual_target(capture: BlockCapture) -> Tensor:
+    """The output a post-MLP norm patch must produce for an unscaled join: ``r_x + (y_i - r_x) / s``, so that
+    ``r_x + s * (norm output) = y_i`` (the block output itself when s = 1)."""
+    s = capture.correction.residual_scale
+    return capture.output if s == 1 else capture.query_residual + (capture.output - capture.query_residual) / s
 
 
 def post_norm_updates(output: Tensor, query_residual: Tensor, fix: OutputCorrection
                       ) -> list[RankOneUpdate | AdditiveUpdate]:
     """A norm after the MLP: flatten the MLP output by a rank-one output-matrix update, then patch the norm's scale.
 
+    Where the hidden activation is exactly zero the output bias (``fix.output_bias``) moves the output instead.
+
     Both are exact: the patched query-alone MLP outputs ``h'_i`` (its hidden is the with-context ``p_i``), the norm
     turns it into ``z' = +-1`` (up to eps) and ``(w + delta_w) z'`` is the with-context ``y_i - r_x``. Patching the
     scale alone (``(r_i - r_x)/z_i``, Goldwaser et al. 2025) divides by near-zero ``z_i`` entries instead.
     """
-    squared = fix.hidden.pow(2).sum(-1, keepdim=True)
-    if not torch.all(squared > 0):
-        raise ValueError(f"{fix.output_weight}: the MLP's hidden activation is exactly zero at some position, so no "
-                         "rank-one update of its output matrix can change the MLP output there")
     flat = core.flattened_output(fix.mlp_output)
     normalized, norm_output = fix.post_norm(flat)
-    return [RankOneUpdate(fix.output_weight, fix.hidden / squared, flat - fix.mlp_output, fix.output_transposed),
-            AdditiveUpdate(fix.name, core.post_norm_scale(output, query_residual, norm_output, normalized))]
+    scale = AdditiveUpdate(fix.name, core.post_norm_scale(output, query_residual, norm_output, normalized))
+    if fix.names:  # a mixture of experts: the routed experts' output matrices carry the flattening together
+        return [*expert_output_updates(flat - fix.mlp_output, fix.names, fix.expert_hidden, fix.routing_weights),
+                scale]
+    move = flat - fix.mlp_output
+    squared = fix.hidden.pow(2).sum(-1, keepdim=True)
+    dead = squared == 0  # a hidden of exact zeros (ReLU): no output-matrix update reaches the output there
+    if dead.any() and fix.output_bias is None:
+        raise ValueError(f"{fix.output_weight}: the MLP's hidden activation is exactly zero at some position and the "
+                         "MLP has no output bias, so no update of its output layer can change the MLP output there")
+    row = torch.where(dead, torch.zeros_like(fix.hidden), fix.hidden / squared.where(~dead, torch.ones_like(squared)))
+    updates = [RankOneUpdate(fix.output_weight, row, move.where(~dead, torch.zeros_like(move)), fix.output_transposed)]
+    if dead.any():  # there the output bias moves the MLP output instead
+        updates.append(AdditiveUpdate(fix.output_bias, move.where(dead, torch.zeros_like(move))))
+    return [*updates, scale]
 
 
 def expert_output_updates(delta_b: Tensor, names: tuple[str, ...], hidden: tuple[Tensor, ...],
@@ -119,17 +144,19 @@ def expert_output_updates(delta_b: Tensor, names: tuple[str, ...], hidden: tuple
     """Rank-one output-matrix updates that add ``delta_b`` to a mixture of experts with no output bias.
 
     Expert e contributes ``w_e W_out_e p_e``; with ``W_out_e += (delta_b/S) p_e^T/||p_e||^2`` for every routed
-    expert (``S = sum_e w_e``) the mixture moves by exactly ``delta_b``. Unrouted experts get zero.
+    expert whose hidden ``p_e`` is nonzero (``S`` the sum of their routing weights) the mixture moves by exactly
+    ``delta_b``. Unrouted experts, and routed ones with a zero hidden (ReLU), get zero.
     """
-    routed = routing_weights > 0  # [batch, pos, n_experts]
-    total = routing_weights.sum(-1, keepdim=True)
+    squared = torch.stack([p.pow(2).sum(-1) for p in hidden], dim=-1)  # [batch, pos, n_experts]
+    carriers = (routing_weights > 0) & (squared > 0)  # routed experts whose hidden can carry an update
+    if not torch.all(carriers.any(-1)):
+        raise ValueError(f"expert outputs {names[0]}...: every routed expert's hidden activation is exactly zero at "
+                         "some position, so no update of their output matrices can move the mixture there")
+    total = (routing_weights * carriers).sum(-1, keepdim=True)
     out = []
     for e, (name, p) in enumerate(zip(names, hidden, strict=True)):
-        squared = p.pow(2).sum(-1, keepdim=True)
-        on = routed[..., e : e + 1]
-        if torch.any(on & (squared == 0)):
-            raise ValueError(f"expert output {name}: a routed expert's hidden activation is exactly zero")
-        row = torch.where(on, p / squared.where(on, torch.ones_like(squared)), torch.zeros_like(p))
+        on = carriers[..., e : e + 1]
+        row = torch.where(on, p / squared[..., e : e + 1].where(on, torch.ones_like(total)), torch.zeros_like(p))
         column = torch.where(on, delta_b / total, torch.zeros_like(delta_b))
         out.append(RankOneUpdate(name, row, column, transposed=True))
     return out

