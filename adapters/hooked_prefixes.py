@@ -145,10 +145,10 @@ def context_visible(attn: nn.Module, prefix_lengths: Tensor, length: int) -> Ten
     return visible & causal
 
 
-def alibi_bias(attn: nn.Module, prefix_lengths: Tensor, length: int) -> tuple[Tensor, Tensor]:
+def alibi_bias(attn: nn.Module, prefix_lengths: Tensor, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """ALiBi terms ``[heads, rows, length]`` (context) and ``[heads, rows]`` (self): TransformerLens's bias table at
-    ``(i_r, j)`` and ``(i_r, i_r)``, computed in the attention's dtype (:func:`exact_alibi`)."""
-    table = alibi_table(attn.cfg.n_heads, length + 1, attn.W_Q.dtype, prefix_lengths.device)
+    ``(i_r, j)`` and ``(i_r, i_r)``, computed in ``dtype`` (:func:`exact_alibi`)."""
+    table = alibi_table(attn.cfg.n_heads, length + 1, dtype, prefix_lengths.device)
     return table[:, prefix_lengths, :length], table[:, prefix_lengths, prefix_lengths]
 
 
@@ -157,17 +157,18 @@ def olmo_qk_norm(x: Tensor, norm: nn.Module) -> Tensor:
     return rearrange(norm(rearrange(x, "b p h d -> b p (h d)")), "b p (h d) -> b p h d", h=x.shape[2])
 
 
-def output_projection(attn: nn.Module) -> Callable[[Tensor], Tensor]:
+def output_projection(attn: nn.Module, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
     """``z [rows, 1, heads, d_head]`` -> ``[rows, 1, d_model]`` as TransformerLens projects it (``F.linear``, or the
-    ``hook_result`` path where ``use_attn_result``); ``W_O`` is rearranged once, for every chunk."""
+    ``hook_result`` path where ``use_attn_result``), in ``dtype``; ``W_O`` is rearranged once, for every chunk."""
+    bias = attn.b_O.to(dtype)
     if not attn.cfg.use_attn_result:
-        w = rearrange(attn.W_O, "h d m -> m (h d)").contiguous()
-        return lambda z: F.linear(rearrange(z.to(w.dtype), "r p h d -> r p (h d)"), w, attn.b_O)
-    w = rearrange(attn.W_O, "h d m -> 1 1 h d m")
+        w = rearrange(attn.W_O.to(dtype), "h d m -> m (h d)").contiguous()
+        return lambda z: F.linear(rearrange(z.to(w.dtype), "r p h d -> r p (h d)"), w, bias)
+    w = rearrange(attn.W_O.to(dtype), "h d m -> 1 1 h d m")
 
     def project(z: Tensor) -> Tensor:
         result = attn.hook_result((rearrange(z.to(w.dtype), "r p h d -> r p h d 1") * w).sum(-2))
-        return reduce(result, "r p h m -> r p m", "sum") + attn.b_O
+        return reduce(result, "r p h m -> r p m", "sum") + bias
 
     return project
 
@@ -278,7 +279,8 @@ def capture_prefixes(adapter: HookedTransformerAdapter, inputs: Tensor, blocks: 
         raise ValueError("the prompt needs at least one context token before the query")
     model, last = adapter.model, max(blocks) + 1
     context = context_keys_values(adapter, inputs, last)
-    projections = [output_projection(model.blocks[b].attn) for b in range(last)]
+    dtype = context[0][0].dtype  # the compute dtype (the model's parameters may be upcast only while they run)
+    projections = [output_projection(model.blocks[b].attn, dtype) for b in range(last)]
     alibi_positions = model.cfg.positional_embedding_type == "alibi"
     parts: dict[int, list[dict[str, Tensor]]] = {b: [] for b in blocks}
     store: dict[str, Tensor] = {}
@@ -287,7 +289,7 @@ def capture_prefixes(adapter: HookedTransformerAdapter, inputs: Tensor, blocks: 
             lengths = torch.arange(start + 1, min(start + chunk_size, n) + 1, device=adapter.device)
             length = int(lengths[-1])
             mask = prefix_mask(lengths, length)  # the same for every block of the chunk, as is the ALiBi table
-            alibi = alibi_bias(model.blocks[0].attn, lengths, length) if alibi_positions else None
+            alibi = alibi_bias(model.blocks[0].attn, lengths, length, dtype) if alibi_positions else None
             resid, shortformer = query_block0_input(adapter, inputs, mask)
             for b in range(last):
                 keys, values = context[b]

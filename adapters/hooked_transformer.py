@@ -355,7 +355,7 @@ def alibi_table(n_heads: int, length: int, dtype: torch.dtype, device: torch.dev
 
 @contextmanager
 def exact_alibi(model: nn.Module) -> Iterator[None]:
-    """Every forward inside reads a fresh ALiBi table of exactly its key length, in the attention's dtype.
+    """Every forward inside reads a fresh ALiBi table of exactly its key length, in the residual's dtype.
 
     TransformerLens caches its float32 table on the module and reuses a larger one from an earlier, longer forward,
     slicing its *last* rows: the bias then shifts by a per-row constant, which changes the output once attention
@@ -374,9 +374,9 @@ def exact_alibi(model: nn.Module) -> Iterator[None]:
         query = kwargs["query_input"] if "query_input" in kwargs else args[0]
         entry = kwargs.get("past_kv_cache_entry")
         length = query.shape[1] + (entry.past_keys.shape[1] if entry is not None else 0)
-        key = (length, module.W_Q.dtype, module.W_Q.device)
+        key = (length, query.dtype, query.device)  # the residual's dtype: parameters may be upcast only later
         if key not in tables:
-            tables[key] = alibi_table(module.cfg.n_heads, length, module.W_Q.dtype, module.W_Q.device)
+            tables[key] = alibi_table(module.cfg.n_heads, length, query.dtype, query.device)
         module.alibi = tables[key]
 
     try:

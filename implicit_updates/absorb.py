@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from implicit_updates.decompose import Decomposition, decompose, untouched
+from implicit_updates.decompose import Decomposition, decompose, untouched, working_model
+from implicit_updates.precision import computed_in
 
 
 def absorb(model: nn.Module, prompt, dtype: torch.dtype | str | None = None,
@@ -33,8 +34,11 @@ def decompose_for_absorb(model: nn.Module, prompt, dtype=None, progress: bool | 
 
 
 def absorbed_model(result: Decomposition) -> nn.Module:
-    """Deep copy of the decomposed model with every block's update for the last position added to its weights."""
-    patched = copy.deepcopy(result.adapter.model)
+    """Deep copy of the decomposed model, in the decomposition's dtype, with every block's update for the last
+    position added to its weights (the literal proof: real weights, the model's own forward)."""
+    patched = working_model(result.adapter.model, result.dtype)
+    if patched is result.adapter.model:
+        patched = copy.deepcopy(patched)
     type(result.adapter)(patched)  # adapters clean what a copy inherits (a bridge's hooks bound to the original)
     with torch.no_grad():
         for update in result.blocks:
@@ -64,7 +68,7 @@ def compare_absorbed(model: nn.Module, prompt, dtype=None, k: int = 5) -> Absorb
     patched = absorbed_model(result)
     adapter, inputs = result.adapter, result.inputs
     alone = inputs[:, -1:]
-    with untouched(adapter.model):
+    with untouched(adapter.model), computed_in(adapter.model, result.dtype):
         full = adapter.logits(inputs)[0, -1]
         control = adapter.logits(alone)[0, -1]
     with untouched(patched):

@@ -33,9 +33,10 @@ def implicit_row(query_mlp_input: Tensor) -> Tensor:
 def implicit_column(mlp_input: Tensor, query_mlp_input: Tensor, weight: Tensor) -> Tensor:
     """The column ``W (m_i - m_x)`` of the rank-one update of one first-layer map, for every position i.
 
-    Dherin et al. 2025, Eq. 8; Innocenti & Achour 2025 (all positions). ``weight`` is ``[d_in, d_out]``.
+    Dherin et al. 2025, Eq. 8; Innocenti & Achour 2025 (all positions). ``weight`` is ``[d_in, d_out]``, read in
+    the activations' dtype (a float32 model computed in float64 is upcast one map at a time).
     """
-    return einsum(mlp_input - query_mlp_input, weight, "... d_in, d_in d_out -> ... d_out")
+    return einsum(mlp_input - query_mlp_input, weight.to(mlp_input.dtype), "... d_in, d_in d_out -> ... d_out")
 
 
 def bias_correction(residual: Tensor, query_residual: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ from implicit_updates.capture import BlockCapture
 from implicit_updates.errors import NonFiniteActivationError
 from implicit_updates.hooks import swapped_parameters
 from implicit_updates.inputs import as_model_inputs
+from implicit_updates.precision import computed_in
 from implicit_updates.updates import BlockUpdate, decompose_block
 from implicit_updates.verify import BlockReport, VerifyReport
 
@@ -48,8 +49,8 @@ def resolve_dtype(model: nn.Module, dtype: torch.dtype | str | None) -> torch.dt
     wanted = dtype or model_dtype
     if wanted in HALF:
         warnings.warn(
-            f"{wanted} cannot resolve the rank-one updates (errors would be ~1e-3); computing in float32 on an "
-            "upcast copy of the model. Pass dtype=torch.float64 for the tightest check.", stacklevel=3)
+            f"{wanted} cannot resolve the rank-one updates (errors would be ~1e-3); computing in float32 (each "
+            "module upcast while it runs). Pass dtype=torch.float64 for the tightest check.", stacklevel=3)
         wanted = torch.float32
     return wanted
 
@@ -66,13 +67,23 @@ def working_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 @contextmanager
-def prepared(model: nn.Module, prompt, blocks, dtype) -> Iterator[tuple[object, list[int], Tensor]]:
-    """Guard the user's model; yield the adapter of the working model (an upcast copy where ``dtype`` asks for one),
-    the checked block indices and the checked inputs."""
+def prepared(model: nn.Module, prompt, blocks, dtype, upcast: str = "stream"
+             ) -> Iterator[tuple[object, list[int], Tensor]]:
+    """Guard the user's model; yield its adapter (computing in ``dtype``), the checked block indices and inputs.
+
+    ``upcast="stream"`` computes on the user's model itself, each module upcast only while it runs
+    (:func:`implicit_updates.precision.computed_in`: no copy of the model); ``"copy"`` on an upcast deep copy (the
+    whole-copy path, kept as a reference; both give the same numbers). ``adapter.compute_dtype`` is the dtype.
+    """
+    if upcast not in ("stream", "copy"):
+        raise ValueError(f"upcast must be 'stream' or 'copy', not {upcast!r}")
     compute_dtype = resolve_dtype(model, dtype)
     with untouched(model):
-        adapter = adapter_for(working_model(model, compute_dtype))
-        yield adapter, _block_indices(blocks, adapter.n_blocks), as_model_inputs(adapter, prompt, compute_dtype)
+        work = working_model(model, compute_dtype) if upcast == "copy" else model
+        with computed_in(work, compute_dtype):
+            adapter = adapter_for(work)
+            adapter.compute_dtype = compute_dtype
+            yield adapter, _block_indices(blocks, adapter.n_blocks), as_model_inputs(adapter, prompt, compute_dtype)
 
 
 def decompose_captures(captures: list[BlockCapture]) -> list[BlockUpdate]:
@@ -83,8 +94,8 @@ def decompose_captures(captures: list[BlockCapture]) -> list[BlockUpdate]:
 
 
 def _dtype(adapter) -> torch.dtype:
-    """The compute dtype: the working model's (an upcast copy's where one was made)."""
-    return next(adapter.model.parameters()).dtype
+    """The dtype the adapter's model computes in (upcast module by module, or an upcast copy's)."""
+    return adapter.compute_dtype
 
 
 def adapter_for(model: nn.Module):
@@ -100,6 +111,7 @@ def decompose(
     blocks: int | Sequence[int] | None = None,
     dtype: torch.dtype | str | None = None,
     progress: bool | None = None,
+    upcast: str = "stream",
     _absorb: bool = False,
 ) -> Decomposition:
     """Decompose the effect of the context on every block into exact rank-one MLP updates and output corrections.
@@ -107,12 +119,13 @@ def decompose(
     ``prompt``: text (needs the model's tokenizer), token ids ``[pos]``/``[batch, pos]``, or continuous residual
     inputs ``[batch, pos, d_model]`` fed at block 0. ``query="last"``: the last token is the query and every position
     i gets ``dW_i = W (m_i - m_x) m_x^T/||m_x||^2`` (Innocenti & Achour's all-position form); ``query="self"``: each
-    position is its own query with the tokens before it as context. ``dtype`` computes on an upcast copy.
+    position is its own query with the tokens before it as context. ``dtype`` computes in that dtype, each module
+    upcast only while it runs (``upcast="stream"``, no copy of the model) or on an upcast deep copy (``"copy"``).
     The user's model is left bit-identical, without hooks, in its train/eval mode, on its device.
     """
     if query not in ("last", "self"):
         raise ValueError(f"query must be 'last' or 'self', not {query!r}")
-    with prepared(model, prompt, blocks, dtype) as (adapter, block_ids, inputs):
+    with prepared(model, prompt, blocks, dtype, upcast) as (adapter, block_ids, inputs):
         if inputs.shape[1] == 1:
             warnings.warn("one-token prompt: there is no context, so every update is exactly zero", stacklevel=2)
         with untouched(adapter.model):
@@ -181,7 +194,7 @@ class Decomposition:
         first-layer update (Innocenti & Achour: 1 for ``query="last"``).
         """
         reports = []
-        with untouched(self.adapter.model):
+        with untouched(self.adapter.model), computed_in(self.adapter.model, self.dtype):
             for u in tqdm(self.blocks, desc="verify", disable=not progress, leave=False):
                 outs = [self.adapter.run_patched_block(u, slice(s, s + chunk_size))
                         for s in range(0, self.n_positions, chunk_size)]

@@ -85,7 +85,7 @@ def prefix_decomposition(model: nn.Module, prompt, blocks: int | Sequence[int] |
         if inputs.shape[1] < 2:
             raise ValueError("the prompt needs at least one context token before the query (2 tokens or more)")
         if method == "naive":
-            updates = _naive_updates(adapter.model, inputs, block_ids)
+            updates = _naive_updates(adapter.model, inputs, block_ids, _dtype(adapter))
         else:
             from implicit_updates.adapters.hooked_prefixes import capture_prefixes
 
@@ -118,10 +118,11 @@ def max_relative_difference(a: Decomposition, b: Decomposition, atol: float = 0.
     return worst
 
 
-def _naive_updates(work: nn.Module, inputs: Tensor, block_ids: list[int]) -> list[BlockUpdate]:
+def _naive_updates(work: nn.Module, inputs: Tensor, block_ids: list[int], dtype: torch.dtype
+                   ) -> list[BlockUpdate]:
     """The reference: ``decompose(model, [c_1..c_i, x])`` for i = 1..N, last position of each, stacked."""
-    per_prefix = [decompose(work, torch.cat([inputs[:, :i], inputs[:, -1:]], dim=1), query="last", blocks=block_ids)
-                  for i in range(1, inputs.shape[1])]
+    per_prefix = [decompose(work, torch.cat([inputs[:, :i], inputs[:, -1:]], dim=1), query="last", blocks=block_ids,
+                            dtype=dtype) for i in range(1, inputs.shape[1])]
     return [stack_last_positions([d.block(b) for d in per_prefix]) for b in block_ids]
 
 
@@ -350,7 +351,7 @@ def suffix_removal(model: nn.Module, prompt, block: int, dtype: torch.dtype | st
     residuals = torch.stack([s["residual"] for s in suffixes])
     full = suffixes[0]
     capture_maps = adapter._first_layer_maps(block)
-    maps = {m.name: m.weight.detach().T.clone() for m in capture_maps}
+    maps = {m.name: m.weight.detach().T.to(a.dtype) for m in capture_maps}
     correction = adapter._correction(block, full["store"])
     steps = residuals[:-1] - residuals[1:]
     if correction.kind == "scale":  # one block at a time, so Goldwaser's scale-only patch (no W_out flattening)

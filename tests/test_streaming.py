@@ -1,0 +1,89 @@
+"""Layer-streamed precision: float64 results without a float64 copy of the model, equal to the whole-copy path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, assert_untouched, build
+
+import implicit_updates as iu
+from implicit_updates.dynamics import max_relative_difference, prefix_decomposition
+from implicit_updates.models import PRESETS, random_model
+from implicit_updates.precision import computed_in
+
+
+def tokens(vocab: int, n: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("preset", sorted(set(PRESETS) - {"gpt2-small"}))
+def test_streamed_equals_whole_copy_every_preset(preset):
+    model = random_model(preset)
+    prompt = tokens(model.cfg.d_vocab)
+    with assert_untouched(model):
+        streamed = iu.decompose(model, prompt, dtype=torch.float64)
+        report = streamed.verify()
+    copied = iu.decompose(model, prompt, dtype=torch.float64, upcast="copy")
+    assert streamed.dtype == torch.float64 and next(model.parameters()).dtype == torch.float32
+    assert max_relative_difference(streamed, copied) <= 1e-14
+    assert report.max_rel_err <= 1e-12 and report.max_rel_err == pytest.approx(copied.verify().max_rel_err, rel=0.5)
+
+
+@pytest.mark.parametrize("name", ["parallel-neox", "alibi", "shortformer", "solu", "pre-post-norm-gemma"])
+def test_streamed_one_pass_and_absorb(name):
+    model = build(**ARCHITECTURES[name])
+    prompt = tokens(model.cfg.d_vocab, 12, seed=1)
+    with assert_untouched(model):
+        one = prefix_decomposition(model, prompt, dtype=torch.float64, chunk_size=4)
+        report = iu.compare_absorbed(model, prompt, dtype=torch.float64)
+    copy_one = prefix_decomposition(model, prompt, dtype=torch.float64, chunk_size=4)
+    assert max_relative_difference(one, copy_one) <= 1e-14
+    assert report.max_abs_logit_diff <= 1e-9 < report.max_abs_logit_diff_control
+
+
+def test_at_most_one_module_is_upcast_at_a_time():
+    """The point of streaming: never a float64 copy of the model, only of the module running now."""
+    model = random_model("llama")
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    seen = []
+
+    def count(module, args):
+        seen.append(sum(p.numel() for p in model.parameters() if p.dtype == torch.float64))
+
+    handles = [m.register_forward_pre_hook(count) for m in model.modules()]
+    try:
+        result = iu.decompose(model, tokens(model.cfg.d_vocab), dtype=torch.float64)
+        during_decompose = max(seen)
+        result.verify()  # its literal check also swaps in one block's edited (float64) parameters
+    finally:
+        for h in handles:
+            h.remove()
+    total = sum(p.numel() for p in model.parameters())
+    block = sum(p.numel() for p in model.blocks[0].parameters())
+    assert 0 < during_decompose <= largest < total / 4
+    assert max(seen) <= block < total / 4
+
+
+def test_parameters_put_back_when_a_forward_raises():
+    model = random_model("llama")
+    before = {name: p for name, p in model.named_parameters()}
+
+    def boom(module, args):
+        raise RuntimeError("boom")
+
+    handle = model.blocks[1].mlp.register_forward_pre_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="boom"), computed_in(model, torch.float64):
+            model(tokens(model.cfg.d_vocab))
+    finally:
+        handle.remove()
+    assert all(p is before[name] and p.dtype == torch.float32 for name, p in model.named_parameters())
+    assert model.cfg.dtype == torch.float32
+
+
+def test_half_precision_model_computes_in_float32_without_a_copy():
+    model = random_model("llama").to(torch.bfloat16)
+    with pytest.warns(UserWarning, match="float32"), assert_untouched(model):
+        result = iu.decompose(model, tokens(model.cfg.d_vocab, 10))
+    assert result.dtype == torch.float32 and result.adapter.model is model
+    assert result.verify().max_rel_err <= 1e-4
