@@ -3,15 +3,19 @@
 Dherin et al. 2025 ("Learning without training"), Innocenti & Achour 2025, Goldwaser et al. 2025.
 """
 
-from implicit_updates.absorb import AbsorbReport, absorb, compare_absorbed
+from implicit_updates.absorb import AbsorbReport, absorb, absorbed, compare_absorbed
+from implicit_updates.attribution import Attribution, attribute
 from implicit_updates.core import ZeroQueryNormError
 from implicit_updates.decompose import Decomposition, decompose
 from implicit_updates.errors import NonFiniteActivationError, UnsupportedArchitectureError
 from implicit_updates.verify import BlockReport, VerifyReport
 
 __all__ = [
+    "Attribution",
+    "attribute",
     "AbsorbReport",
     "absorb",
+    "absorbed",
     "compare_absorbed",
     "BlockReport",
     "Decomposition",

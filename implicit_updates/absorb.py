@@ -8,12 +8,15 @@ and its correction absorbs the difference from the with-context input (positions
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 
 from implicit_updates.decompose import Decomposition, decompose, untouched, working_model
+from implicit_updates.hooks import module_hooks
 from implicit_updates.precision import computed_in
 
 
@@ -92,3 +95,43 @@ def _kl(logp: Tensor, logq: Tensor) -> float:
 def _top(logp: Tensor, k: int) -> list[tuple[int, float]]:
     values, ids = logp.topk(k)
     return [(int(i), float(v.exp())) for v, i in zip(values, ids, strict=True)]
+
+
+@contextmanager
+def absorbed(model: nn.Module, prompt, dtype: torch.dtype | str | None = None,
+             progress: bool | None = None) -> Iterator[Decomposition]:
+    """Inside the block, ``model`` itself carries the prompt's context in its weights: ``model(query_token)`` and
+    generation from the query give the full prompt's next-token logits. No copy of the model is made.
+
+    Every block's update for the last position (as :func:`absorb`) is kept factored; a module that owns a patched
+    parameter gets ``param + outer(row, column)`` (or ``+ delta``) only while it runs, through its own forward, so
+    exactly what a literal weight edit computes, and one module's dense update exists at a time. With ``dtype``
+    different from the model's, the model also computes in ``dtype`` (each module upcast while it runs). Every hook
+    is removed and every parameter put back on exit, exceptions included. Yields the decomposition.
+    """
+    result = decompose_for_absorb(model, prompt, dtype, progress)
+    owners: dict[nn.Module, list[tuple[str, object]]] = {}
+    for block in result.blocks:
+        for update in block.updates:
+            module_path, _, attr = update.name.rpartition(".")
+            owners.setdefault(model.get_submodule(module_path), []).append((attr, update))
+    saved: dict[nn.Module, list[tuple[str, nn.Parameter]]] = {}
+
+    def patch(module: nn.Module, args) -> None:
+        for attr, update in owners[module]:
+            original = module._parameters[attr]
+            delta = update.dense(0, -1)
+            saved.setdefault(module, []).append((attr, original))
+            module._parameters[attr] = nn.Parameter(original.detach().to(delta.dtype) + delta, requires_grad=False)
+
+    def unpatch(module: nn.Module, args, output) -> None:
+        for attr, original in reversed(saved.pop(module, [])):
+            module._parameters[attr] = original
+
+    hooks = [(m, "pre", patch) for m in owners] + [(m, "fwd", unpatch) for m in owners]
+    try:
+        with module_hooks(hooks), computed_in(model, result.dtype):  # patch before the upcast, unpatch before it
+            yield result
+    finally:
+        for module in list(saved):
+            unpatch(module, None, None)

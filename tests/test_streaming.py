@@ -87,3 +87,29 @@ def test_half_precision_model_computes_in_float32_without_a_copy():
         result = iu.decompose(model, tokens(model.cfg.d_vocab, 10))
     assert result.dtype == torch.float32 and result.adapter.model is model
     assert result.verify().max_rel_err <= 1e-4
+
+
+@pytest.mark.parametrize("preset", sorted(set(PRESETS) - {"gpt2-small"}))
+def test_absorbed_by_hooks_equals_the_patched_copy(preset):
+    """``absorbed(model, prompt)``: the user's own model, no copy, gives the full prompt's logits on the query."""
+    model = random_model(preset)
+    prompt = tokens(model.cfg.d_vocab, 14, seed=2)
+    with torch.no_grad(), computed_in(model, torch.float64):
+        full = model(prompt)[0, -1]
+    with torch.no_grad():
+        copy_logits = iu.absorb(model, prompt, dtype=torch.float64)(prompt[:, -1:])[0, -1]
+    with assert_untouched(model):
+        with torch.no_grad(), iu.absorbed(model, prompt, dtype=torch.float64):
+            inside = model(prompt[:, -1:])[0, -1]
+        after = model(prompt[:, -1:])[0, -1]  # the hooks are gone: the plain model again
+    assert inside.dtype == torch.float64 and float((inside - full).abs().max()) <= 1e-9
+    assert float((inside - copy_logits).abs().max()) <= 1e-12
+    assert float((after.double() - full).abs().max()) > 1e-2
+
+
+def test_absorbed_restores_on_error():
+    model = random_model("llama")
+    with assert_untouched(model), pytest.raises(RuntimeError, match="inside"):
+        with iu.absorbed(model, tokens(model.cfg.d_vocab, 8), dtype=torch.float64):
+            model(tokens(model.cfg.d_vocab, 1))
+            raise RuntimeError("inside")
