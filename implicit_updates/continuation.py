@@ -91,9 +91,10 @@ def absorb_continuation(model: nn.Module, prefix: Tensor, continuation: Tensor,
                         dtype: torch.dtype | str | None = None, rcond: float = 1e-10) -> ContinuationAbsorption:
     """Absorb ``prefix`` into a rank-K update per block, exact on the K tokens of ``continuation`` (token ids).
 
-    HookedTransformer models with a bias after the MLP (no post-MLP norm, no mixture of experts) for K > 1; others
-    raise ``UnsupportedArchitectureError`` naming the part. ``rcond``: relative singular-value floor below which the
-    K inputs count as numerically dependent (refused).
+    HookedTransformer models: dense, gated and mixture-of-experts MLPs (the routed experts' output matrices take the
+    output change together, through the pseudo-inverse of their weighted hidden activations), and RMSNorms after the
+    MLP (:func:`post_norm_target`); others raise ``UnsupportedArchitectureError`` naming the part. ``rcond``:
+    relative singular-value floor below which the K inputs count as numerically dependent (refused).
     """
     prefix, continuation = _ids(prefix), _ids(continuation)
     full = torch.cat([prefix, continuation], dim=1)
@@ -103,7 +104,7 @@ def absorb_continuation(model: nn.Module, prefix: Tensor, continuation: Tensor,
         model_ = adapter.model
         store: dict[str, Tensor] = {}
         hidden_hooks = [(f"blocks.{b}.mlp.hook_post", lambda act, hook: store.__setitem__(hook.name, act.detach()))
-                        for b in block_ids]
+                        for b in block_ids if adapter.kind != "MoE"]  # a mixture's hidden are its experts
         with adapter._capturing(block_ids, store), model_.hooks(fwd_hooks=hidden_hooks):
             full_logits = model_(inputs)[0, -k:]
         x = model_(inputs[:, -k:], stop_at_layer=0)  # block 0's input on S alone (positions 0..K-1)
@@ -115,16 +116,34 @@ def absorb_continuation(model: nn.Module, prefix: Tensor, continuation: Tensor,
                 _run_sequence(model_, b, x)
             m, m_alone = store[f"{p}.mlp.input"][0, -k:], alone[f"{p}.mlp.input"][0]
             r, r_alone = adapter._residual(store, b)[0, -k:], adapter._residual(alone, b)[0]
-            hidden = store[f"{p}.mlp.hook_post"][0, -k:]
             pinv_m, cond_m = _pinv(m_alone, rcond, f"block {b}: the continuation's MLP inputs run alone")
             updates: list = [LowRankUpdate(w.name, pinv_m, (m - m_alone) @ w.weight.to(m.dtype), w.transposed)
                              for w in adapter._first_layer_maps(b)]
-            if k == 1:
-                updates.append((f"{p}.mlp.b_out", (r - r_alone)[0]))
+            # with these, the MLP's hidden (and its output h) at S alone is the with-context one; what the output
+            # layer must still add to it:
+            change = r - r_alone
+            if adapter.output_norm:
+                norm = getattr(model_.blocks[b], adapter.output_norm)
+                h = store[f"{p}.mlp.output"][0, -k:]
+                target, scale_delta = post_norm_target(store[f"{p}.hook_resid_post"][0, -k:] - r_alone, h, norm)
+                change = target - h
+                updates.append((f"{p}.{adapter.output_norm}.w", scale_delta))
+            if adapter.kind == "MoE":
+                experts = adapter._experts(b, store)
+                pairs = zip(experts["routing_weights"].unbind(-1), experts["expert_hidden"], strict=True)
+                # [K, n_experts * d_mlp]: what the experts' output matrices read, weighted by the routing
+                weighted = torch.cat([w[0, -k:, None] * hid[0, -k:] for w, hid in pairs], dim=-1)
+                pinv_q, cond_p = _pinv(weighted, rcond, f"block {b}: the routed experts' weighted hidden activations")
+                d_mlp = experts["expert_hidden"][0].shape[-1]
+                updates += [LowRankUpdate(name, pinv_q[e * d_mlp:(e + 1) * d_mlp], change, transposed=True)
+                            for e, name in enumerate(experts["names"])]
+            elif k == 1 and not adapter.output_norm:
+                updates.append((f"{p}.mlp.b_out", change[0]))
                 cond_p = float("inf")
             else:
-                pinv_p, cond_p = _pinv(hidden, rcond, f"block {b}: the with-context hidden activations")
-                updates.append(LowRankUpdate(f"{p}.mlp.W_out", pinv_p, r - r_alone))
+                pinv_p, cond_p = _pinv(store[f"{p}.mlp.hook_post"][0, -k:], rcond,
+                                       f"block {b}: the with-context hidden activations")
+                updates.append(LowRankUpdate(f"{p}.mlp.W_out", pinv_p, change))
             blocks.append(BlockContinuation(b, tuple(updates), cond_m, cond_p, k))
             x = store[f"{p}.hook_resid_post"][:, -k:]  # the next block's input, which this block's patch reproduces
     return ContinuationAbsorption(model, adapter.compute_dtype, blocks, continuation.to(inputs.device),
@@ -143,15 +162,65 @@ def _check(adapter, k: int) -> None:
         raise UnsupportedArchitectureError(
             f"absorbing a continuation is implemented for TransformerLens HookedTransformer models (got "
             f"{type(adapter).__name__}); use iu.absorb for one token")
-    if adapter.kind == "MoE" or adapter.output_norm:
-        part = "a mixture of experts" if adapter.kind == "MoE" else f"a norm after the MLP ({adapter.output_norm})"
+    norm = getattr(adapter.model.blocks[0], adapter.output_norm) if adapter.output_norm else None
+    if norm is not None and (hasattr(norm, "b") or not getattr(norm, "eps", 0) > 0):
         raise UnsupportedArchitectureError(
-            f"absorbing a continuation through {part} is not implemented: its output correction is not a bias or "
-            "one output matrix")
+            f"absorbing a continuation through a {type(norm).__name__} after the MLP ({adapter.output_norm}) is "
+            "implemented for RMSNorm with eps > 0 only (a LayerNorm centres every output, and without eps the "
+            "norm's output has a fixed size)")
     if adapter.model.cfg.positional_embedding_type == "shortformer":
         raise UnsupportedArchitectureError("shortformer positions are not implemented for continuations")
     if k < 1:
         raise ValueError("the continuation is empty: give at least one token")
+
+
+def post_norm_target(wanted: Tensor, mlp_output: Tensor, norm: nn.Module) -> tuple[Tensor, Tensor]:
+    """MLP outputs ``h'_k`` and a scale patch ``delta_w`` with ``(w + delta_w) * z(h'_k) = wanted_k`` for every k,
+    for an RMSNorm ``z(h) = h / sqrt(mean(h^2) + eps)`` after the MLP whose scale ``w`` is shared by all positions.
+
+    With ``w' = 1/sqrt(u)`` and ``z_k = wanted_k sqrt(u)``, ``z(h'_k) = z_k`` for ``h'_k = lam_k z_k`` exactly when
+    ``mean(z_k^2) = 1 - eps/lam_k^2``: K linear equations ``mean(wanted_k^2 u) = 1 - eps/lam_k^2`` for ``u > 0``.
+    ``lam_k = max(rms(h_k), 1)`` keeps ``h'_k`` as large as the MLP's own output, so the output-matrix update that
+    produces it does not cancel down to a tiny vector (which would amplify rounding block after block, as the
+    single-token flattening in :func:`implicit_updates.updates.post_norm_updates` avoids too). ``u`` comes from
+    :func:`positive_solution`; where none is found no exact update of this form is offered (refused).
+    """
+    lam = mlp_output.pow(2).mean(-1).sqrt().clamp_min(1.0)  # [K]
+    a = wanted.pow(2) / wanted.shape[-1]  # [K, d]: mean(wanted_k^2 u) = a_k . u
+    b = 1 - norm.eps / lam.pow(2)
+    u = positive_solution(a, b)
+    if u is None:
+        raise ValueError("no positive scale for the norm after the MLP reaches every continuation position (the "
+                         "residual differences are too unlike in size per coordinate); use fewer tokens")
+    z = wanted * u.sqrt()
+    return lam[:, None] * z, u.rsqrt() - norm.w.detach().to(wanted.dtype)
+
+
+def positive_solution(a: Tensor, b: Tensor, steps: int = 100) -> Tensor | None:
+    """A solution ``u > 0`` of ``a u = b`` (``a`` ``[K, d]`` non-negative), or None.
+
+    The maximum-entropy one, ``u = u0 exp(a^T theta)`` around the uniform ``u0``: Newton's method on the convex dual
+    ``sum(u) - b . theta`` (gradient ``a u - b``, Hessian ``a diag(u) a^T``), with backtracking; accepted when the
+    relative residual is at rounding level.
+    """
+    u0 = torch.full_like(a[0], float(b.mean() / a.sum(-1).mean().clamp_min(torch.finfo(a.dtype).tiny)))
+    theta = torch.zeros_like(b)
+
+    def dual(t: Tensor) -> Tensor:
+        return (u0 * torch.exp(a.T @ t)).sum() - b @ t
+
+    for _ in range(steps):
+        u = u0 * torch.exp(a.T @ theta)
+        grad = a @ u - b
+        if grad.norm() <= 64 * torch.finfo(a.dtype).eps * b.norm():
+            return u
+        step = torch.linalg.solve(a @ (u[:, None] * a.T), grad)
+        size, before = 1.0, dual(theta)
+        while dual(theta - size * step) > before and size > 1e-12:
+            size /= 2
+        theta = theta - size * step
+    u = u0 * torch.exp(a.T @ theta)
+    return u if (a @ u - b).norm() <= 1e-12 * b.norm() else None
 
 
 def _run_sequence(model: nn.Module, block: int, x: Tensor) -> Tensor:

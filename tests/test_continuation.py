@@ -15,7 +15,7 @@ def ids(vocab: int, n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("preset", ["llama", "neox"])
+@pytest.mark.parametrize("preset", ["llama", "neox", "gemma2", "olmo2", "mixtral"])
 @pytest.mark.parametrize("k", [1, 2, 5])
 def test_patched_copy_reproduces_every_continuation_position(preset, k):
     model = random_model(preset)
@@ -30,7 +30,8 @@ def test_patched_copy_reproduces_every_continuation_position(preset, k):
     assert float((control - absorbed.full_logits).abs().max()) > 1e-2
 
 
-@pytest.mark.parametrize("name", ["layernorm", "alibi", "parallel-neox", "solu", "gated", "gqa-rotary"])
+@pytest.mark.parametrize("name", ["layernorm", "alibi", "parallel-neox", "solu", "gated", "gqa-rotary",
+                                  "pre-post-norm-gemma", "post-norm-olmo2", "moe-mixtral", "no-norm"])
 def test_other_blocks(name):
     model = build(**ARCHITECTURES[name])
     report = absorb_continuation(model, ids(61, 9, 2), ids(61, 4, 3), dtype=torch.float64).compare()
@@ -58,7 +59,19 @@ def test_refusals():
     with pytest.raises(ValueError, match="numerically dependent"):  # more rows than d_model cannot be independent
         absorb_continuation(model, ids(model.cfg.d_vocab, 4, 5), ids(model.cfg.d_vocab, model.cfg.d_model + 1, 6),
                             dtype=torch.float64)
-    for preset in ("gemma2", "mixtral"):
-        other = random_model(preset)
-        with pytest.raises(iu.UnsupportedArchitectureError, match="not implemented"):
-            absorb_continuation(other, ids(other.cfg.d_vocab, 5, 7), ids(other.cfg.d_vocab, 2, 8))
+    post_layernorm = build(original_architecture="Olmo2ForCausalLM")  # LayerNorm after the MLP
+    with pytest.raises(iu.UnsupportedArchitectureError, match="RMSNorm with eps > 0 only"):
+        absorb_continuation(post_layernorm, ids(61, 5, 7), ids(61, 2, 8))
+    with pytest.raises(iu.UnsupportedArchitectureError, match="shortformer"):
+        absorb_continuation(build(positional_embedding_type="shortformer"), ids(61, 5, 7), ids(61, 2, 8))
+
+
+def test_positive_solution_finds_one_or_says_none():
+    from implicit_updates.continuation import positive_solution
+
+    gen = torch.Generator().manual_seed(9)
+    a = torch.rand(4, 30, generator=gen, dtype=torch.float64)
+    truth = torch.rand(30, generator=gen, dtype=torch.float64) + 0.1
+    u = positive_solution(a, a @ truth)
+    assert u is not None and bool((u > 0).all()) and float((a @ u - a @ truth).norm()) <= 1e-12
+    assert positive_solution(a, -(a @ truth)) is None  # a non-negative a cannot reach negative values
