@@ -196,6 +196,79 @@ def cmd_dynamics(args: argparse.Namespace) -> int:
     return 0
 
 
+def token_labels(model, ids: torch.Tensor) -> list[str]:
+    """Each token id as its text where the model has a tokenizer (``repr``-quoted), else the id itself."""
+    decode = getattr(getattr(model, "tokenizer", None), "decode", None)
+    return [repr(decode([i])) if decode else str(i) for i in ids.tolist()]
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install matplotlib (or the package's [plot] extra)")
+    model = load(args)
+    prompt = parse_prompt(model, args.prompt, args.seq_len, args.seed)
+    start = time.perf_counter()
+    result = implicit_updates.attribute(model, prompt, dtype=args.dtype, progress=True)
+    inputs = result.decomposition.inputs
+    if inputs.is_floating_point():
+        raise UsageError("attribute needs token ids or text, not residual inputs")
+    n = inputs.shape[1]
+    if not -n <= args.position < n:
+        raise UsageError(f"--position {args.position} is out of range for a prompt of {n} tokens (use 0..{n - 1} "
+                         "or a negative index)")
+    tokens = token_labels(model, inputs[0])
+    scores = result.token_scores(args.position)
+    blocks = []
+    for b, row in zip(result.blocks, scores, strict=True):
+        blocks.append({"block": b.block, "max_completeness_err": b.max_completeness_error(),
+                       "scores": [float(v) for v in row]})
+    err = result.completeness_error()
+    seconds = time.perf_counter() - start
+    position = args.position % n
+    print(f"{args.model}: {n} tokens, update of position {position} ({tokens[position]}) split over source tokens")
+    top = 3
+    for entry in blocks:
+        best = sorted(range(n), key=lambda j: -abs(entry["scores"][j]))[:top]
+        cells = ", ".join(f"{tokens[j]}@{j} {entry['scores'][j]:+.3f}" for j in best)
+        print(f"block {entry['block']:>3}  completeness {entry['max_completeness_err']:.1e}  top: {cells}")
+    print(f"max completeness error {err:.3e} ({seconds:.2f} s)")
+    dtype = args.dtype or str(result.decomposition.dtype).removeprefix("torch.")
+    write_json(args.json, {"model": args.model, "dtype": dtype, "position": position, "tokens": tokens,
+                           "blocks": blocks, "max_completeness_err": err, "seconds": seconds})
+    if args.plot:
+        from implicit_updates import plots
+
+        ax = plots.attribution_heatmap(scores, tokens, [b.block for b in result.blocks],
+                                       title=f"{args.model}: share of position {position}'s update per source token")
+        plots.save(ax, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from implicit_updates.adapters import adapter_for
+    from implicit_updates.report import report
+
+    check_writable(args.html, "--html")
+    model = load(args)
+    prompt = parse_prompt(model, args.prompt, args.seq_len, args.seed)
+    if args.top_k > adapter_for(model).d_vocab:
+        raise UsageError(f"--top-k {args.top_k} is more than the vocabulary ({adapter_for(model).d_vocab} tokens)")
+    start = time.perf_counter()
+    result = report(model, prompt, dtype=args.dtype, top_k=args.top_k, attribution=not args.no_attribution,
+                    name=args.model, progress=True)
+    payload = result.to_dict()
+    print(f"{args.model}: {payload['n_tokens']} tokens, max relative error {payload['verify']['max_rel_err']:.3e}, "
+          f"absorbed max |logit diff| {payload['absorb']['max_abs_logit_diff']:.3e} "
+          f"({time.perf_counter() - start:.2f} s)")
+    for part, why in payload["notes"].items():
+        print(f"{part}: {why}")
+    result.save(args.html)
+    print(f"wrote {args.html}")
+    write_json(args.json, payload)
+    return 0
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -256,6 +329,19 @@ def build_parser() -> Parser:
     dyn.add_argument("--method", choices=["onepass", "naive"], default="onepass")
     dyn.add_argument("--plot", metavar="PATH", help="step-norm decay curves (needs matplotlib)")
     dyn.set_defaults(func=cmd_dynamics)
+
+    att = sub.add_parser("attribute", help="split each block's update exactly over source tokens and heads")
+    add_model_arguments(att)
+    att.add_argument("--position", type=int, default=-1, help="the position whose update is split (default: last)")
+    att.add_argument("--plot", metavar="PATH", help="heatmap of the shares, tokens x blocks (needs matplotlib)")
+    att.set_defaults(func=cmd_attribute)
+    rep = sub.add_parser("report", help="one self-contained HTML page about one prompt: verification, update "
+                         "heatmaps, prefix dynamics, the absorbed model, attribution")
+    add_model_arguments(rep)
+    rep.add_argument("--html", metavar="PATH", required=True, help="the page to write (checked before any work)")
+    rep.add_argument("--top-k", type=positive_int, default=5)
+    rep.add_argument("--no-attribution", action="store_true", help="skip the attribution (the slowest part)")
+    rep.set_defaults(func=cmd_report)
     for name, subparser in sub.choices.items():
         subparser.set_defaults(parser=subparser, command=name)
     return parser

@@ -73,6 +73,25 @@ def decay_curves(curves: Mapping[str, object], ax=None, x=None, log_y: bool = Tr
     return ax
 
 
+def attribution_heatmap(scores, tokens: Sequence[str], blocks: Sequence[int] | None = None, ax=None,
+                        title: str = ""):
+    """Heatmap of per-source-token shares of an update, ``scores`` ``[block, token]`` (rows: blocks), with a diverging
+    colormap centred on 0 (shares can be negative) and the tokens as column labels."""
+    plt = _pyplot()
+    scores = np.asarray(_numpy(scores), dtype=float)
+    ax = _axes(ax, (max(4.0, 0.32 * len(tokens) + 1.5), max(2.5, 0.3 * scores.shape[0] + 1.2)))
+    bound = float(np.abs(scores).max()) or 1.0
+    image = ax.imshow(scores, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto", interpolation="nearest")
+    plt.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="share of the update")
+    ax.set_xticks(range(len(tokens)), list(tokens), rotation=90, fontsize="small")
+    blocks = list(range(scores.shape[0])) if blocks is None else list(blocks)
+    ax.set_yticks(range(len(blocks)), [str(b) for b in blocks], fontsize="small")
+    ax.set_xlabel("source token")
+    ax.set_ylabel("block")
+    ax.set_title(title, fontsize="small")
+    return ax
+
+
 def save(ax, path: str, dpi: int = 110) -> None:
     """Tight layout and save the axes' figure to ``path``; closes it."""
     plt = _pyplot()

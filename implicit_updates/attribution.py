@@ -1,0 +1,380 @@
+"""Exact attribution of every implicit update to (head, context token) terms, as pure tensor functions.
+
+Block l at position i, query input x (the last token's block input for ``query="last"``, position i's own for
+``"self"``). The MLP's residual is ``r_i = h_i + T(A_i)`` (``h`` the block input, ``A`` the attention output, ``T`` a
+norm after attention: Gemma's ``ln1_post``, OLMo 2's post-norm ``ln1``; identity elsewhere) and ``r_x = x + T(A(x))``
+on the query alone. Attention is a convex combination of values, ``A_i = sum_h sum_{j<=i} alpha^h_ij P^h_j + b_O``
+with ``P^h_j = v^h_j W_O^h``, so (the biases cancel)
+
+    A_i - A(x) = sum_h sum_j alpha^h_ij (P^h_j - P^h_x) + sum_h (sum_j alpha^h_ij - alpha^h_x) P^h_x     (1)
+
+whose last sum (``sink``) is zero unless attention sinks take weight (pattern rows summing to < 1). Then
+
+    r_i - r_x = (h_i - x) + Jbar_T(i) (A_i - A(x)),   Jbar_F(i) = int_0^1 J_F(start_i + s (end_i - start_i)) ds   (2)
+
+splits into one term per (head, source token), ``sink``, and ``residual = h_i - x`` (a token's influence through
+earlier blocks sits in ``h``: this is a *direct* attribution at block l, like direct logit attribution). The MLP reads
+``m = N(r)`` (N the pre-MLP norm), attributed along the straight path ``r_x + s (r_i - r_x)`` (integrated gradients):
+
+    a_t = Jbar_N(i) c_t,    sum_t a_t = N(r_i) - N(r_x)   (completeness)                                      (3)
+
+and ``norm_rounding = (m_i - m_x) - (N(r_i) - N(r_x))`` names what the model's own norm rounds differently from the
+function differentiated here (0 up to float64 rounding on TransformerLens). The first-layer column of every map W
+is ``u_i = W (m_i - m_x) = sum_t W a_t``, so ``dW_i = sum_t (W a_t) v^T``: one rank-one update per term, one shared
+row ``v = m_x/||m_x||^2`` (Dherin et al. 2025 Eq. 8; Innocenti & Achour 2025). Parallel blocks read ``N(h)``: only
+``residual`` reaches the MLP, and the attention terms appear in the output correction alone. A mixture's router and
+experts read the same m, so they share the terms. The integrals are Gauss-Legendre quadratures (``nodes`` points,
+exact to float64 rounding for these smooth integrands); :meth:`BlockAttribution.completeness` reports the residual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from einops import einsum
+from torch import Tensor
+
+Fn = Callable[[Tensor], Tensor]
+EXTRAS = ("residual", "sink", "norm_rounding")
+
+
+@dataclass
+class AttentionCapture:
+    """What an adapter hands over for one block, with context (``[batch, pos, ...]``) and on the query alone
+    (``q`` = 1 for ``query="last"``, ``pos`` for ``"self"``).
+
+    ``pattern`` ``[batch, head, pos, pos]``; ``values`` ``P^h_j = v^h_j W_O^h`` ``[batch, head, pos, d_model]``;
+    ``query_values``/``query_weight`` the same on the query alone (``[batch, head, q, d_model]``, ``[batch, head, q]``:
+    the query's weight on itself, 1 without sinks). ``attention``/``query_attention`` the attention output before
+    ``output_map`` (T); ``mlp_residual``/``query_mlp_residual`` what the pre-MLP norm ``mlp_norm`` (N; None: the MLP
+    reads the residual itself) reads; ``mlp_input``/``query_mlp_input`` what the MLP receives. ``parallel``: the MLP
+    reads the block input, not the attention.
+    """
+
+    block: int
+    block_input: Tensor
+    query_input: Tensor
+    pattern: Tensor
+    values: Tensor
+    query_values: Tensor
+    query_weight: Tensor
+    attention: Tensor
+    query_attention: Tensor
+    mlp_residual: Tensor
+    query_mlp_residual: Tensor
+    mlp_input: Tensor
+    query_mlp_input: Tensor
+    output_map: Fn | None = None
+    mlp_norm: Fn | None = None
+    parallel: bool = False
+
+
+def gauss_legendre(nodes: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Gauss-Legendre nodes and weights on [0, 1] (exact for polynomials of degree < 2 nodes), in ``like``'s dtype."""
+    x, w = np.polynomial.legendre.leggauss(nodes)
+    return (torch.as_tensor((x + 1) / 2, dtype=like.dtype, device=like.device),
+            torch.as_tensor(w / 2, dtype=like.dtype, device=like.device))
+
+
+def path_jvp(fn: Fn | None, start: Tensor, end: Tensor, tangent: Tensor, nodes: int) -> Tensor:
+    """``Jbar tangent = int_0^1 J_fn(start + s (end - start)) tangent ds`` (Eq. 2), rows independent (``fn`` acts on
+    the last dim). ``start``/``end`` broadcast against ``tangent``. ``fn=None`` is the identity."""
+    if fn is None:
+        return tangent
+    start, end = (t.expand_as(tangent) for t in (start, end))
+    s, w = gauss_legendre(nodes, tangent)
+    total = torch.zeros_like(tangent)
+    for sk, wk in zip(s, w, strict=True):
+        total += wk * torch.func.jvp(fn, (start + sk * (end - start),), (tangent,))[1]
+    return total
+
+
+def path_vjp(fn: Fn | None, start: Tensor, end: Tensor, cotangent: Tensor, nodes: int) -> Tensor:
+    """``Jbar^T cotangent`` for the same path integral as :func:`path_jvp` (scores: ``<Jbar c, g> = <c, Jbar^T g>``)."""
+    if fn is None:
+        return cotangent
+    start, end = (t.expand_as(cotangent) for t in (start, end))
+    s, w = gauss_legendre(nodes, cotangent)
+    total = torch.zeros_like(cotangent)
+    with torch.enable_grad():
+        for sk, wk in zip(s, w, strict=True):
+            _, pullback = torch.func.vjp(fn, start + sk * (end - start))
+            total += wk * pullback(cotangent)[0]
+    return total
+
+
+def _rows(t: Tensor, n: int) -> Tensor:
+    """A query-alone tensor ``[batch, q, ...]`` (q = 1 or n) as ``[batch, n, ...]``."""
+    return t.expand(t.shape[0], n, *t.shape[2:]) if t.shape[1] == 1 else t
+
+
+def relative(error: Tensor, total: Tensor, reference: Tensor) -> Tensor:
+    """``||error|| / ||total||`` per position, the denominator floored at ``sqrt(eps) ||reference||``: a position the
+    context leaves unchanged up to rounding (``query="self"`` at position 0) is not divided by ~0, yet a wrong term
+    there still shows (an error of 1e-10 ||reference|| reads ~1e-2)."""
+    floor = torch.finfo(total.dtype).eps ** 0.5 * reference.norm(dim=-1)
+    return error.norm(dim=-1) / torch.maximum(total.norm(dim=-1), floor).clamp_min(torch.finfo(total.dtype).tiny)
+
+
+@dataclass
+class BlockAttribution:
+    """The terms of one block, factored: per (head, source) ``alpha^h_ij (P^h_j - P^h_x)`` and the named extras.
+
+    ``maps``: ``{name: W}`` (``[d_in, d_out]`` views) of the first-layer maps; ``columns``/``row``/``delta_b``: the
+    decomposition's ``u_i``, ``v`` and ``r_i - r_x`` (the totals the terms must sum to).
+    """
+
+    capture: AttentionCapture
+    maps: dict[str, Tensor]
+    columns: dict[str, Tensor]
+    row: Tensor
+    delta_b: Tensor
+    nodes: int = 64
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def block(self) -> int:
+        return self.capture.block
+
+    @property
+    def n_heads(self) -> int:
+        return self.capture.pattern.shape[1]
+
+    @property
+    def n_positions(self) -> int:
+        return self.capture.pattern.shape[2]
+
+    # -- the pieces of Eqs. 1-3, every position at once -----------------------------------------------------
+
+    def _query(self, name: str) -> Tensor:
+        return _rows(getattr(self.capture, name), self.n_positions)
+
+    def _query_values(self) -> Tensor:  # [batch, head, pos, d]
+        pv = self.capture.query_values
+        return pv.expand(*pv.shape[:2], self.n_positions, pv.shape[-1]) if pv.shape[2] == 1 else pv
+
+    def extras(self) -> dict[str, Tensor]:
+        """The named terms ``[batch, pos, d_model]``: ``residual = h_i - x`` and ``sink`` (before T), Eq. 1."""
+        c = self.capture
+        qw = c.query_weight if c.query_weight.shape[2] > 1 else c.query_weight.expand(-1, -1, self.n_positions)
+        mass = c.pattern.sum(-1) - qw  # [batch, head, pos]
+        return {"residual": c.block_input - self._query("query_input"),
+                "sink": einsum(mass, self._query_values(), "b h i, b h i d -> b i d")}
+
+    def attention_sum(self) -> Tensor:
+        """``sum_t`` of the (head, source) terms plus ``sink``: Eq. 1's ``A_i - A(x)`` rebuilt from the terms."""
+        c = self.capture
+        direct = einsum(c.pattern, c.values, "b h i j, b h j d -> b i d")
+        direct -= einsum(c.pattern.sum(-1), self._query_values(), "b h i, b h i d -> b i d")
+        return direct + self.extras()["sink"]
+
+    def _through_output_map(self, tangent: Tensor) -> Tensor:
+        c = self.capture
+        return path_jvp(c.output_map, self._query("query_attention"), c.attention, tangent, self.nodes)
+
+    def _through_norm(self, tangent: Tensor) -> Tensor:
+        c = self.capture
+        return path_jvp(c.mlp_norm, self._query("query_mlp_residual"), c.mlp_residual, tangent, self.nodes)
+
+    def norm_rounding(self) -> Tensor:
+        """``(m_i - m_x) - (N(r_i) - N(r_x))``: the model's norm against the function differentiated here."""
+        c = self.capture
+        n = (lambda r: r) if c.mlp_norm is None else c.mlp_norm
+        model_dm = c.mlp_input - self._query("query_mlp_input")
+        return model_dm - (n(c.mlp_residual) - n(self._query("query_mlp_residual")))
+
+    def completeness(self) -> dict[str, Tensor]:
+        """Relative residuals ``[batch, pos]`` of the terms' sums against the totals: ``correction`` (``sum_t c_t``
+        vs the decomposition's ``r_i - r_x``), ``mlp_input`` (``sum_t a_t`` vs ``m_i - m_x``) and ``columns``
+        (``sum_t W a_t`` vs the decomposition's ``u_i``, all maps stacked)."""
+        if "completeness" in self._cache:
+            return self._cache["completeness"]
+        c = self.capture
+        ext = self.extras()
+        correction = ext["residual"] + self._through_output_map(self.attention_sum())
+        reads = ext["residual"] if c.parallel else correction
+        inputs = self._through_norm(reads) + self.norm_rounding()
+        dm = c.mlp_input - self._query("query_mlp_input")
+        col_err = torch.cat([inputs @ w - self.columns[n] for n, w in self.maps.items()], -1)
+        col_tot = torch.cat([self.columns[n] for n in self.maps], -1)
+        col_ref = torch.cat([self._query("query_mlp_input") @ w for w in self.maps.values()], -1)
+        out = {"correction": relative(correction - self.delta_b, self.delta_b, self._query("query_mlp_residual")),
+               "mlp_input": relative(inputs - dm, dm, self._query("query_mlp_input")),
+               "columns": relative(col_err, col_tot, col_ref)}
+        self._cache["completeness"] = out
+        return out
+
+    def max_completeness_error(self) -> float:
+        return max(float(e.max()) for e in self.completeness().values())
+
+    # -- scores: <W a_t, u_i> / ||u_i||^2, summed over maps ----------------------------------------------------
+
+    def scores(self) -> tuple[Tensor, dict[str, Tensor]]:
+        """Each term's share of the update at every position: ``[batch, pos_i, head, pos_j]`` for the (head, source)
+        terms and ``{extra: [batch, pos_i]}``; per position they sum to 1 (``<sum_t W a_t, u_i> = ||u_i||^2``).
+        Computed as ``<c_t, Jbar_T^T Jbar_N^T g_i>`` with ``g_i = sum_W W u_i`` (no per-term Jacobian)."""
+        if "scores" in self._cache:
+            return self._cache["scores"]
+        c = self.capture
+        g = sum(self.columns[n] @ w.T for n, w in self.maps.items())  # [batch, pos, d_model]
+        squared = sum(self.columns[n].pow(2).sum(-1) for n in self.maps).clamp_min(torch.finfo(g.dtype).tiny)
+        q_r = path_vjp(c.mlp_norm, self._query("query_mlp_residual"), c.mlp_residual, g, self.nodes)
+        q_a = torch.zeros_like(q_r) if c.parallel else path_vjp(
+            c.output_map, self._query("query_attention"), c.attention, q_r, self.nodes)
+        diff = c.values[:, :, None] - self._query_values()[:, :, :, None]  # [b, h, i, j, d]: P_j - P_x(i)
+        per_term = c.pattern * einsum(diff, q_a, "b h i j d, b i d -> b h i j")
+        ext = self.extras()
+        extras = {"residual": einsum(ext["residual"], q_r, "b i d, b i d -> b i"),
+                  "sink": einsum(ext["sink"], q_a, "b i d, b i d -> b i"),
+                  "norm_rounding": einsum(self.norm_rounding(), g, "b i d, b i d -> b i")}
+        out = (per_term.permute(0, 2, 1, 3) / squared[..., None, None], {k: v / squared for k, v in extras.items()})
+        self._cache["scores"] = out
+        return out
+
+    def token_scores(self, position: int = -1, batch: int = 0) -> Tensor:
+        """Per source token's share of position ``position``'s update (summed over heads), ``[pos]``."""
+        return self.scores()[0][batch, position].sum(0)
+
+    def head_scores(self, position: int = -1, batch: int = 0) -> Tensor:
+        """Per head's share of position ``position``'s update (summed over source tokens), ``[head]``."""
+        return self.scores()[0][batch, position].sum(-1)
+
+    # -- per-term vectors at one position (on request; densest objects here) -------------------------------------
+
+    def terms(self) -> list[tuple[int, int] | str]:
+        """The term labels in the order of :meth:`term_corrections`: (head, source) pairs, then the extras."""
+        return [(h, j) for h in range(self.n_heads) for j in range(self.n_positions)] + list(EXTRAS)
+
+    def term_corrections(self, position: int = -1, batch: int = 0) -> Tensor:
+        """``c_t`` of every term at one position, ``[n_terms, d_model]`` (summing to ``r_i - r_x``; ``norm_rounding``
+        contributes only to the MLP input, so its row is zero)."""
+        c, i = self.capture, position % self.n_positions
+        qv = self._query_values()[batch, :, i]  # [head, d]
+        raw = c.pattern[batch, :, i, :, None] * (c.values[batch] - qv[:, None])  # [head, pos, d]
+        ext = self.extras()
+        attention = torch.cat([raw.reshape(-1, raw.shape[-1]), ext["sink"][batch, i][None]])
+        mapped = path_jvp(c.output_map, self._query("query_attention")[batch, i], c.attention[batch, i], attention,
+                          self.nodes)
+        zero = torch.zeros_like(mapped[:1])
+        return torch.cat([mapped[:-1], ext["residual"][batch, i][None], mapped[-1:], zero])
+
+    def term_inputs(self, position: int = -1, batch: int = 0) -> Tensor:
+        """``a_t`` of every term at one position (Eq. 3), ``[n_terms, d_model]``, summing to ``m_i - m_x``."""
+        c, i = self.capture, position % self.n_positions
+        cs = self.term_corrections(position, batch)
+        if c.parallel:  # the MLP reads N(h): only the residual term reaches it
+            cs = torch.where(torch.tensor([t == "residual" for t in self.terms()], device=cs.device)[:, None], cs,
+                             torch.zeros_like(cs))
+        a = path_jvp(c.mlp_norm, self._query("query_mlp_residual")[batch, i], c.mlp_residual[batch, i], cs,
+                     self.nodes)
+        a[-1] = self.norm_rounding()[batch, i]
+        return a
+
+    def term_columns(self, position: int = -1, batch: int = 0) -> dict[str, Tensor]:
+        """``W a_t`` of every term for every first-layer map, ``{name: [n_terms, d_out]}`` (summing to ``u_i``)."""
+        a = self.term_inputs(position, batch)
+        return {name: a @ w for name, w in self.maps.items()}
+
+
+def attribute_block(capture: AttentionCapture, maps: dict[str, Tensor], columns: dict[str, Tensor], row: Tensor,
+                    delta_b: Tensor, nodes: int = 64) -> BlockAttribution:
+    """Attribution of one block from an adapter's capture and its decomposition (columns, row, ``r_i - r_x``)."""
+    return BlockAttribution(capture, maps, columns, row, delta_b, nodes)
+
+
+class Attribution:
+    """Every block's attribution (``block(l)``), and the decomposition it splits (``decomposition``)."""
+
+    def __init__(self, decomposition, blocks: list[BlockAttribution]):
+        self.decomposition = decomposition
+        self.blocks = blocks
+        self._by_block = {b.block: b for b in blocks}
+
+    def __repr__(self) -> str:
+        from implicit_updates.html import attribution_repr
+
+        return attribution_repr(self)
+
+    def _repr_html_(self) -> str:  # notebooks: source tokens shaded by their share of the last position's update
+        from implicit_updates.html import attribution_html
+
+        return attribution_html(self)
+
+    def block(self, block: int) -> BlockAttribution:
+        if block not in self._by_block:
+            raise IndexError(f"block {block} was not attributed; attributed blocks: {sorted(self._by_block)}")
+        return self._by_block[block]
+
+    def completeness_error(self) -> float:
+        """The largest ``||sum_t - total|| / ||total||`` over blocks, positions and the three totals."""
+        return max(b.max_completeness_error() for b in self.blocks)
+
+    def token_scores(self, position: int = -1, batch: int = 0) -> Tensor:
+        """``[block, source token]`` shares of position ``position``'s update at every attributed block."""
+        return torch.stack([b.token_scores(position, batch) for b in self.blocks])
+
+    def head_scores(self, position: int = -1, batch: int = 0) -> Tensor:
+        """``[block, head]`` shares of position ``position``'s update."""
+        return torch.stack([b.head_scores(position, batch) for b in self.blocks])
+
+    def term_patch(self, block: int, term: tuple[int, int] | str, position: int = -1, batch: int = 0
+                   ) -> dict[str, Tensor]:
+        """The dense first-layer update of one term, ``{parameter: (W a_t) v^T}`` shaped like the parameters (as
+        :meth:`Decomposition.patch`); summed over :meth:`BlockAttribution.terms` it is the patch's first-layer part."""
+        from implicit_updates.updates import RankOneUpdate
+
+        b = self.block(block)
+        position, batch = self.decomposition._index(position, batch)
+        index = b.terms().index(term)
+        updates = {u.name: u for u in self.decomposition.block(block).first_layer}
+        out = {}
+        for name, cols in b.term_columns(position, batch).items():
+            u = updates[name]
+            column = torch.zeros_like(u.column[:, : position + 1])
+            column[batch, position] = cols[index]
+            out[name] = RankOneUpdate(name, u.row, column, u.transposed).dense(batch, position)
+        return out
+
+
+def attribute(model, prompt, query: str = "last", blocks=None, dtype=None, nodes: int = 64,
+              progress: bool | None = None) -> Attribution:
+    """Split every block's implicit update exactly into one rank-one update per (head, context token).
+
+    Returns, per block and position, each term's contribution to the first-layer columns and to the output
+    correction, factored (Eqs. 1-3 of this module), with ``completeness_error()``, per-token and per-head scores and
+    dense per-term updates on request (``term_patch``). This is the *direct* attribution at each block: a token's
+    influence through earlier blocks is in ``residual`` (the block input's difference). Arguments as
+    :func:`implicit_updates.decompose`; ``nodes``: Gauss-Legendre points of the path integrals. The user's model is
+    left bit-identical, without hooks, in its mode, on its device.
+    """
+    from implicit_updates.adapters.attribution_hooks import capture_attention, check_supported
+    from implicit_updates.decompose import Decomposition, _dtype, decompose_captures, prepared, untouched
+
+    if query not in ("last", "self"):
+        raise ValueError(f"query must be 'last' or 'self', not {query!r}")
+    if not isinstance(nodes, int) or nodes < 2:
+        raise ValueError(f"nodes must be an integer >= 2 (Gauss-Legendre points), not {nodes!r}")
+    with prepared(model, prompt, blocks, dtype) as (adapter, block_ids, inputs):
+        check_supported(adapter)
+        with untouched(adapter.model):
+            captures = adapter.capture(inputs, block_ids, query, progress=progress)
+            attention = capture_attention(adapter, inputs, block_ids, query)
+        result = Decomposition(adapter, decompose_captures(captures), query, _dtype(adapter), inputs)
+        out = []
+        for cap in attention:
+            update = result.block(cap.block)
+            maps = {u.name: _weight_view(adapter.model, u.name, u.transposed, update.row.dtype)
+                    for u in update.first_layer}
+            columns = {u.name: u.column for u in update.first_layer}
+            out.append(attribute_block(cap, maps, columns, update.row, update.delta_b, nodes))
+            out[-1].completeness(), out[-1].scores()  # while the model is guarded (no grad, eval mode)
+    return Attribution(result, out)
+
+
+def _weight_view(model, name: str, transposed: bool, dtype: torch.dtype) -> Tensor:
+    """The ``[d_in, d_out]`` view of a first-layer parameter (``nn.Linear`` weights are stored transposed)."""
+    w = model.get_parameter(name).detach().to(dtype)  # exact upcast: the model may compute upcast module by module
+    return w.T if transposed else w
