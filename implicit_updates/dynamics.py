@@ -250,6 +250,16 @@ class PrefixDynamics:
         lines.append(f"{self.n_prefixes} prefixes ({self.method}); step k: ||dW(c_1..c_k+1) - dW(c_1..c_k)||_F")
         return "\n".join(lines)
 
+    def __repr__(self) -> str:
+        from implicit_updates.html import dynamics_repr
+
+        return dynamics_repr(self)
+
+    def _repr_html_(self) -> str:  # notebooks: step-norm curves per block (inline SVG)
+        from implicit_updates.html import dynamics_html
+
+        return dynamics_html(self)
+
 
 def prefix_dynamics(model: nn.Module, prompt, blocks: int | Sequence[int] | None = None,
                     dtype: torch.dtype | str | None = None, method: str = "onepass", chunk_size: int = 64,

@@ -57,3 +57,13 @@ class VerifyReport:
         lines.append(f"max relative error {self.max_rel_err:.3e} over {len(self.blocks)} blocks x "
                      f"{self.n_positions} positions ({self.dtype}, query={self.query})")
         return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        from implicit_updates.html import verify_repr
+
+        return verify_repr(self)
+
+    def _repr_html_(self) -> str:
+        from implicit_updates.html import verify_html
+
+        return verify_html(self)
