@@ -1,8 +1,10 @@
 """TransformerLens ``TransformerBridge`` (TL 4.x's model; TL 3.x ships it too).
 
 A bridge wraps a Hugging Face model: every HF module sits inside a bridge component (``blocks.L.mlp.gate`` around
-``gate_proj`` ...) and the bridge's forward runs the HF model's own forward, so the HF block layouts of
-:mod:`implicit_updates.adapters.hf` apply unchanged, hooked on the modules inside the wrappers. Patches are keyed
+``gate_proj`` ...) and the bridge's forward runs the HF model's own forward. The block structure is the one
+TransformerLens booted the bridge with (``bridge.adapter.component_mapping``), located by canonical names: those are
+the components the bridge's forward calls (a ``JointGateUpMLPBridge`` runs its split ``gate``/``in`` copies, not
+the HF ``gate_up_proj``). The machinery of :mod:`implicit_updates.adapters.hf` then applies unchanged. Patches are keyed
 by the bridge's own ``named_parameters()`` (``model.layers.L._original_component.mlp...``), which ``get_parameter``
 on the bridge resolves.
 """
@@ -14,6 +16,7 @@ import weakref
 from torch import Tensor, nn
 
 from implicit_updates.adapters.hf import HFAdapter
+from implicit_updates.adapters.structure import BlockStructure, structure_of_bridge
 from implicit_updates.errors import UnsupportedArchitectureError
 
 
@@ -29,6 +32,12 @@ class BridgeAdapter(HFAdapter):
                 "enable_compatibility_mode() so its parameters are the weights it computes with")
         _drop_stale_capture_hooks(model)
         super().__init__(model, hf_model=model.original_model)
+
+    def _structure(self) -> BlockStructure:
+        return structure_of_bridge(self.model)  # the adapter it was booted with, in canonical names
+
+    def _root(self) -> nn.Module:
+        return self.model  # blocks.L.ln2, blocks.L.mlp.gate...: the components the bridge's forward calls
 
     def _forward(self, ids: Tensor):
         # The wrapped HF model's forward runs every bridge component (hook points fire). A bridge block also wires

@@ -11,7 +11,8 @@ prompt would, and layers after l never run. Every hook is removed on any exit (`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -20,19 +21,24 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from implicit_updates.capture import BlockCapture, FirstLayerMap, OutputCorrection, captures_per_block
+from implicit_updates.dispatch import execution_device, loaded_parameter, own_forward
+from implicit_updates.errors import UnsupportedArchitectureError
 from implicit_updates.hooks import module_hooks
 from implicit_updates.updates import BlockUpdate, RankOneUpdate
 
 
 @dataclass(frozen=True)
 class BlockParts:
-    """The modules of one decoder layer that the theory touches, and their parameter names.
+    """The modules of one decoder layer that the theory touches, and their parameter names (from a
+    :class:`~implicit_updates.adapters.structure.BlockStructure`).
 
-    ``first``: (weight name, module) of each map reading the MLP input (``nn.Linear`` or GPT-2 ``Conv1D``).
+    ``mlp``: the module whose input is the MLP input m (the MLP, or its first map where the MLP has no module of
+    its own). ``first``: (weight name, module) of each map reading m (``nn.Linear`` or GPT-2 ``Conv1D``).
     ``out``: the MLP's output projection; ``out_bias`` its bias name, or None (the correction is then a rank-one
-    update of ``out_weight``). ``residual_norm``: the norm whose input is the residual the MLP output is added to
-    (sequential blocks); ``attention``: for parallel blocks, where ``r = resid_pre + attention output``.
-    ``post_norm``: (scale name, norm) after the MLP (Gemma 2/3), whose scale takes the correction.
+    update of ``out_weight``). ``mlp_norm``: the norm whose output is m; the residual r the MLP output joins is its
+    input (sequential blocks), the layer input plus the ``attention`` output (``parallel``), or m itself (no pre-MLP
+    norm: OLMo 2's post-norm-only blocks). ``post_norm``: (scale name, norm) after the MLP (Gemma 2/3, OLMo 2),
+    whose scale takes the correction. ``residual_scale``: s in ``y = r + s * post_norm(mlp(m))`` (Granite).
     """
 
     layer: nn.Module
@@ -42,8 +48,10 @@ class BlockParts:
     out_weight: str
     out_bias: str | None
     attention: nn.Module
-    residual_norm: nn.Module | None
+    mlp_norm: nn.Module | None
     post_norm: tuple[str, nn.Module] | None = None
+    parallel: bool = False
+    residual_scale: float = 1.0
 
 
 class _Stop(Exception):
@@ -79,9 +87,10 @@ def unwrap(module: nn.Module) -> nn.Module:
 def weight_view(name: str, module: nn.Module) -> FirstLayerMap:
     """``m @ weight`` view of a map: ``nn.Linear`` stores ``[d_out, d_in]``, GPT-2's ``Conv1D`` ``[d_in, d_out]``."""
     module = unwrap(module)
+    weight = loaded_parameter(module, "weight")  # an accelerate-offloaded map's weight is on meta until loaded
     if isinstance(module, nn.Linear):
-        return FirstLayerMap(name, module.weight.T, transposed=True)
-    return FirstLayerMap(name, module.weight)
+        return FirstLayerMap(name, weight.T, transposed=True)
+    return FirstLayerMap(name, weight)
 
 
 class ModuleAdapter:
@@ -100,7 +109,7 @@ class ModuleAdapter:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return execution_device(self.model)  # accelerate-dispatched: where its hooks run the first layer
 
     # -- running ---------------------------------------------------------------------------------------------
 
@@ -143,25 +152,58 @@ class ModuleAdapter:
             hooks += [(p.layer, "pre_kw", _save_hidden(store, f"{b}.resid_pre")),
                       (p.layer, "fwd", _save_output(store, f"{b}.resid_post")),
                       (p.mlp, "pre", _save_input(store, f"{b}.m")),
-                      (p.attention, "fwd", _save_output(store, f"{b}.attn_out"))]
-            if p.residual_norm is not None:
-                hooks.append((p.residual_norm, "pre", _save_input(store, f"{b}.r")))
+                      (p.attention, "fwd", _save_output(store, f"{b}.attn_out")),
+                      (p.out, "fwd", _save_output(store, f"{b}.mlp_out"))]
+            if p.mlp_norm is not None:
+                hooks += [(p.mlp_norm, "pre", _save_input(store, f"{b}.r")),
+                          (p.mlp_norm, "fwd", _save_output(store, f"{b}.mlp_norm_out"))]
             if p.post_norm is not None:
-                hooks.append((p.post_norm[1], "pre", _save_input(store, f"{b}.h")))  # the MLP output
+                hooks += [(p.post_norm[1], "pre", _save_input(store, f"{b}.h")),  # the MLP output
+                          (p.post_norm[1], "fwd", _save_output(store, f"{b}.post_out"))]
             if p.post_norm is not None or p.out_bias is None:
                 hooks.append((p.out, "pre", _save_input(store, f"{b}.hidden")))
         return hooks
 
     def _residual(self, store: dict[str, Tensor], b: int) -> Tensor:
-        if self.parts[b].residual_norm is not None:
+        p = self.parts[b]
+        if p.parallel:
+            return store[f"{b}.resid_pre"] + store[f"{b}.attn_out"]  # (mlp + attn) + resid_pre
+        if p.mlp_norm is not None:
             return store[f"{b}.r"]
-        return store[f"{b}.resid_pre"] + store[f"{b}.attn_out"]  # parallel: (mlp + attn) + resid_pre
+        return store[f"{b}.m"]  # no pre-MLP norm: the MLP reads the residual itself
+
+    def check_structure(self, store: dict[str, Tensor], b: int) -> None:
+        """The data flow the block structure claims, checked on the with-context run: the MLP reads its norm's
+        output, and the layer output is ``r + s * (post-norm of) the MLP output``. A block computing something else
+        (post-LN, a join the structure does not describe) is refused here instead of decomposed wrongly."""
+        p = self.parts[b]
+        m, y = store[f"{b}.m"], store[f"{b}.resid_post"]
+        if not (torch.isfinite(m).all() and torch.isfinite(y).all()):
+            return  # non-finite activations: decompose names the block (NonFiniteActivationError)
+        if p.mlp_norm is not None and not _close(store[f"{b}.mlp_norm_out"], m, m):
+            raise UnsupportedArchitectureError(
+                f"block {b} ({type(unwrap(p.layer)).__name__}): the MLP input is not the output of its pre-MLP norm "
+                f"{type(unwrap(p.mlp_norm)).__name__} as the block structure says (a post-LN block?), so no exact "
+                "update through it is known")
+        added = p.residual_scale * store[f"{b}.post_out" if p.post_norm is not None else f"{b}.mlp_out"]
+        r = self._residual(store, b)
+        if not _close(r + added, y, r.abs() + added.abs()):
+            where = "input + attention + MLP" if p.parallel else "residual + MLP"
+            raise UnsupportedArchitectureError(
+                f"block {b} ({type(unwrap(p.layer)).__name__}): its output is not {where} output"
+                f"{f' x {p.residual_scale:g}' if p.residual_scale != 1 else ''} as the block structure says (a "
+                "post-LN block, or a residual join this decomposition does not know), so no exact output correction "
+                "is known")
 
     def capture(self, inputs: Tensor, blocks: list[int], query: str, progress: bool | None = None,
                 query_inputs: dict[int, Tensor] | None = None) -> list[BlockCapture]:
         """With-context quantities of ``blocks`` in one forward, then each block on its query alone."""
         store: dict[str, Tensor] = {}
         self._run(inputs, self._capturing(blocks, store), stop_after=max(blocks))
+        self.flat_mlps = {b for b in blocks if store[f"{b}.m"].dim() == 2}  # OPT's MLP reads [batch * pos, d]
+        _unflatten(store, store[f"{blocks[0]}.resid_pre"].shape[:2])
+        for b in blocks:
+            self.check_structure(store, b)
         return captures_per_block(self, store, lambda b: f"{b}.resid_pre", blocks, query, query_inputs, progress)
 
     def run_block_alone(self, block: int, query_input: Tensor, hooks: list | None = None) -> dict[str, Tensor]:
@@ -172,7 +214,12 @@ class ModuleAdapter:
                      *(hooks or [])]
         dummy = torch.zeros(rows.shape[0], 1, dtype=torch.long, device=rows.device)
         self._run(dummy, all_hooks, stop_after=block)
+        _unflatten(store, rows.shape[:2])
         return {k: rearrange(v, "(b q) 1 ... -> b q ...", b=query_input.shape[0]) for k, v in store.items()}
+
+    def run_block_output(self, block: int, query_input: Tensor) -> Tensor:
+        """Layer ``block``'s output on each query residual alone, run by the model's own code: ``[batch, q, d]``."""
+        return self.run_block_alone(block, query_input)[f"{block}.resid_post"]
 
     def _block_capture(self, b: int, ctx: dict[str, Tensor], alone: dict[str, Tensor],
                        query_input: Tensor) -> BlockCapture:
@@ -186,18 +233,19 @@ class ModuleAdapter:
 
     def _correction(self, b: int, ctx: dict[str, Tensor]) -> OutputCorrection:
         p = self.parts[b]
+        scale = p.residual_scale
         if p.post_norm is not None:
             norm, h = p.post_norm[1], ctx[f"{b}.h"]
             return OutputCorrection("scale", p.post_norm[0], normalized=normalized(norm, h), output_weight=p.out_weight,
                                     output_transposed=isinstance(unwrap(p.out), nn.Linear), hidden=ctx[f"{b}.hidden"],
-                                    mlp_output=h, post_norm=partial(_run_post_norm, norm))
+                                    mlp_output=h, post_norm=partial(_run_post_norm, norm), residual_scale=scale)
         if p.out_bias is not None:
-            return OutputCorrection("bias", p.out_bias)
+            return OutputCorrection("bias", p.out_bias, residual_scale=scale)
         # No bias (Llama, Gemma, Qwen): the output projection itself takes r_i - r_x as a rank-one update through
         # its input (the core's single-"expert" form with routing weight 1): W_out += (r_i - r_x) p_i^T/||p_i||^2.
         hidden = ctx[f"{b}.hidden"]
         return OutputCorrection("expert_out", names=(p.out_weight,), expert_hidden=(hidden,),
-                                routing_weights=hidden.new_ones(*hidden.shape[:2], 1))
+                                routing_weights=hidden.new_ones(*hidden.shape[:2], 1), residual_scale=scale)
 
     # -- verification ----------------------------------------------------------------------------------------
 
@@ -210,7 +258,8 @@ class ModuleAdapter:
         """
         p = self.parts[update.block]
         batch, n_pos = update.target_output[:, positions].shape[:2]
-        fan_out = update.query_input.shape[1] == 1
+        # one query for all positions: run it once and fan the MLP out (not where the MLP flattens its input)
+        fan_out = update.query_input.shape[1] == 1 and update.block not in getattr(self, "flat_mlps", ())
 
         def rows(t: Tensor) -> Tensor:
             t = t if t.shape[1] == 1 else t[:, positions]
@@ -233,6 +282,18 @@ class ModuleAdapter:
         return out if fan_out else rearrange(out, "(b n) 1 d -> b n d", b=batch)
 
 
+def _unflatten(store: dict[str, Tensor], leading: torch.Size) -> None:
+    """Tensors an MLP saw flattened to ``[batch * pos, d]`` (OPT), back to ``[batch, pos, d]``."""
+    for key, value in store.items():
+        if value.dim() == 2:
+            store[key] = value.reshape(*leading, value.shape[-1])
+
+
+def _like(t: Tensor, ref: Tensor) -> Tensor:
+    """``t`` ``[rows, 1, d]`` shaped like a module's flattened ``[rows, d]`` input or output."""
+    return t.reshape(*ref.shape[:-1], t.shape[-1]) if t.dim() != ref.dim() else t
+
+
 def _raise_stop(module, args, output):
     raise _Stop
 
@@ -246,41 +307,73 @@ def _save_hidden(store: dict, key: str) -> Callable:
 
 def _save_input(store: dict, key: str) -> Callable:
     def hook(module, args):
-        store[key] = args[0].detach()
+        store[key] = args[0].detach().clone()  # a copy: model code may modify it in place later
 
     return hook
 
 
 def _save_output(store: dict, key: str) -> Callable:
     def hook(module, args, output):
-        store[key] = first_tensor(output).detach()
+        store[key] = first_tensor(output).detach().clone()  # Falcon adds attention into the MLP output in place
 
     return hook
 
 
+def _close(a: Tensor, b: Tensor, size: Tensor) -> bool:
+    """``a == b`` up to rounding: per position, ``||a - b|| <= 1e4 eps ||size||`` (size: the summands' scale)."""
+    tol = 1e4 * torch.finfo(a.dtype).eps
+    return bool(((a - b).norm(dim=-1) <= tol * size.norm(dim=-1) + torch.finfo(a.dtype).tiny).all())
+
+
+@contextmanager
+def _norm_params(norm: nn.Module, dtype: torch.dtype, weight: float | None = None) -> Iterator[nn.Module]:
+    """``norm`` with its parameters in ``dtype`` (the compute dtype: a model computing layer-streamed in float64
+    keeps float32 parameters outside each module's own forward), or with its scale set to ``weight`` everywhere
+    and its bias to 0; restored on exit."""
+    module = unwrap(norm)
+    saved = dict(module._parameters)
+    try:
+        for key, value in ((k, v) for k, v in saved.items() if v is not None and v.is_floating_point()):
+            value = loaded_parameter(module, key)  # an accelerate-offloaded norm's scale is on meta until loaded
+            new = value.to(dtype) if weight is None else torch.full(value.shape, weight if key == "weight"
+                                                                             else 0.0, dtype=dtype,
+                                                                             device=value.device)
+            module._parameters[key] = nn.Parameter(new, requires_grad=False)
+        yield norm
+    finally:
+        module._parameters.update(saved)
+
+
 def normalized(norm: nn.Module, x: Tensor) -> Tensor:
-    """What a Gemma-style RMSNorm multiplies by ``1 + weight``: its own ``_norm`` (computed in float32, as the
-    module does), so a scale patch ``delta`` changes the norm's output by exactly ``delta * normalized``."""
-    return unwrap(norm)._norm(x.float()).to(x.dtype)
+    """What a norm multiplies by its scale: its own forward on ``x`` with the scale set to 1 (and bias 0), or to 0
+    for norms computing ``(1 + weight)`` (Gemma: detected by a nonzero output at weight 0). Either way a scale patch
+    ``delta`` changes the norm's output by exactly ``delta * normalized``, in the precision the module computes."""
+    with _norm_params(norm, x.dtype, 0.0) as zero:
+        base = own_forward(zero)(x)
+    if torch.any(base != 0):  # (1 + weight) * z: at weight 0 the output is z itself
+        return base
+    with _norm_params(norm, x.dtype, 1.0) as one:
+        return own_forward(one)(x)
 
 
 def _run_post_norm(norm: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """The post-MLP norm's ``(normalized, output)`` on ``x``, as the module computes them."""
-    return normalized(norm, x), unwrap(norm)(x)
+    """The post-MLP norm's ``(normalized, output)`` on ``x``, as the module computes them in ``x``'s dtype."""
+    with _norm_params(norm, x.dtype) as upcast:
+        return normalized(norm, x), own_forward(upcast)(x)
 
 
 def _add_rank_one(row: Tensor, column: Tensor) -> Callable:
     """Forward hook adding ``(input . row) column``: a module's output under ``W + outer(row, column)``."""
 
     def hook(module, args, output: Tensor) -> Tensor:
-        return output + (args[0] * row).sum(-1, keepdim=True) * column
+        return output + (args[0] * _like(row, args[0])).sum(-1, keepdim=True) * _like(column, output)
 
     return hook
 
 
 def _add(delta: Tensor) -> Callable:
     def hook(module, args, output: Tensor) -> Tensor:
-        return output + delta
+        return output + _like(delta, output)
 
     return hook
 
