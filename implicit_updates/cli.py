@@ -172,11 +172,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_plot_backend(args: argparse.Namespace) -> None:
+    """``--plot`` needs matplotlib: say so before any work."""
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install matplotlib (or the package's [plot] extra)")
+
+
 def cmd_dynamics(args: argparse.Namespace) -> int:
     from implicit_updates.dynamics import prefix_dynamics
 
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        raise UsageError("--plot needs matplotlib: pip install matplotlib (or the package's [plot] extra)")
+    check_plot_backend(args)
     model = load(args)
     prompt = parse_prompt(model, args.prompt, args.seq_len, args.seed)
     start = time.perf_counter()
@@ -203,8 +208,7 @@ def token_labels(model, ids: torch.Tensor) -> list[str]:
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        raise UsageError("--plot needs matplotlib: pip install matplotlib (or the package's [plot] extra)")
+    check_plot_backend(args)
     model = load(args)
     prompt = parse_prompt(model, args.prompt, args.seq_len, args.seed)
     start = time.perf_counter()
