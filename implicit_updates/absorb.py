@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from implicit_updates.decompose import Decomposition, decompose, untouched, working_model
-from implicit_updates.hooks import module_hooks
+from implicit_updates.dispatch import inside_forward, is_dispatched
 from implicit_updates.precision import computed_in
 
 
@@ -39,6 +39,10 @@ def decompose_for_absorb(model: nn.Module, prompt, dtype=None, progress: bool | 
 def absorbed_model(result: Decomposition) -> nn.Module:
     """Deep copy of the decomposed model, in the decomposition's dtype, with every block's update for the last
     position added to its weights (the literal proof: real weights, the model's own forward)."""
+    if is_dispatched(result.adapter.model):
+        raise ValueError("absorb() copies the model, and a model dispatched by accelerate (device_map, offload) "
+                         "cannot be copied faithfully: use `with implicit_updates.absorbed(model, prompt):`, which "
+                         "patches the model itself while it runs")
     patched = working_model(result.adapter.model, result.dtype)
     if patched is result.adapter.model:
         patched = copy.deepcopy(patched)
@@ -64,18 +68,32 @@ class AbsorbReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def __repr__(self) -> str:
+        from implicit_updates.html import absorb_repr
+
+        return absorb_repr(self)
+
+    def _repr_html_(self) -> str:
+        from implicit_updates.html import absorb_html
+
+        return absorb_html(self)
+
 
 def compare_absorbed(model: nn.Module, prompt, dtype=None, k: int = 5) -> AbsorbReport:
     """Logits of the full prompt, the absorbed model and the control on the query alone, with KL and top-k."""
     result = decompose_for_absorb(model, prompt, dtype)
-    patched = absorbed_model(result)
     adapter, inputs = result.adapter, result.inputs
     alone = inputs[:, -1:]
     with untouched(adapter.model), computed_in(adapter.model, result.dtype):
         full = adapter.logits(inputs)[0, -1]
         control = adapter.logits(alone)[0, -1]
-    with untouched(patched):
-        absorbed = type(adapter)(patched).logits(alone)[0, -1]
+    if is_dispatched(adapter.model):  # no copy of a dispatched model: patched while it runs (as `absorbed`)
+        with untouched(adapter.model), _patched_while_running(adapter.model, result):
+            absorbed = adapter.logits(alone)[0, -1]
+    else:
+        patched = absorbed_model(result)
+        with untouched(patched):
+            absorbed = type(adapter)(patched).logits(alone)[0, -1]
     logp = {name: torch.log_softmax(t.double(), -1) for name, t in
             (("full", full), ("absorbed", absorbed), ("control", control))}
     return AbsorbReport(
@@ -107,9 +125,19 @@ def absorbed(model: nn.Module, prompt, dtype: torch.dtype | str | None = None,
     parameter gets ``param + outer(row, column)`` (or ``+ delta``) only while it runs, through its own forward, so
     exactly what a literal weight edit computes, and one module's dense update exists at a time. With ``dtype``
     different from the model's, the model also computes in ``dtype`` (each module upcast while it runs). Every hook
-    is removed and every parameter put back on exit, exceptions included. Yields the decomposition.
+    is removed and every parameter put back on exit, exceptions included. A model dispatched by accelerate
+    (``device_map``, CPU or disk offload) is patched inside each module's accelerate hook, after it loaded the
+    module's parameters. Yields the decomposition.
     """
     result = decompose_for_absorb(model, prompt, dtype, progress)
+    with _patched_while_running(model, result):
+        yield result
+
+
+@contextmanager
+def _patched_while_running(model: nn.Module, result: Decomposition) -> Iterator[None]:
+    """``model`` with every block's last-position update applied to each owning module while it runs, computing in
+    the decomposition's dtype."""
     owners: dict[nn.Module, list[tuple[str, object]]] = {}
     for block in result.blocks:
         for update in block.updates:
@@ -129,9 +157,10 @@ def absorbed(model: nn.Module, prompt, dtype: torch.dtype | str | None = None,
             module._parameters[attr] = original
 
     hooks = [(m, "pre", patch) for m in owners] + [(m, "fwd", unpatch) for m in owners]
-    try:
-        with module_hooks(hooks), computed_in(model, result.dtype):  # patch before the upcast, unpatch before it
-            yield result
-    finally:
-        for module in list(saved):
-            unpatch(module, None, None)
+    # patch before the upcast, unpatch before it; on an accelerate-dispatched module after its offload's load
+    with inside_forward(hooks), computed_in(model, result.dtype):
+        try:
+            yield
+        finally:
+            for module in list(saved):
+                unpatch(module, None, None)

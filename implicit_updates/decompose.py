@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 
 from implicit_updates import core
 from implicit_updates.capture import BlockCapture
+from implicit_updates.dispatch import forward_swapped, is_dispatched, loaded_parameter
 from implicit_updates.errors import NonFiniteActivationError
-from implicit_updates.hooks import swapped_parameters
 from implicit_updates.inputs import as_model_inputs
 from implicit_updates.precision import computed_in
 from implicit_updates.updates import BlockUpdate, decompose_block
@@ -59,6 +59,10 @@ def working_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """The model itself when it already computes in ``dtype``, else an upcast deep copy (the user's stays as is)."""
     if all(p.dtype == dtype for p in model.parameters()):  # a model of mixed dtypes computes in neither
         return model
+    if is_dispatched(model):
+        raise ValueError("this model is dispatched by accelerate (device_map, CPU or disk offload), and a deep copy "
+                         "of it would copy meta tensors and hooks, not its weights: use upcast='stream' (the "
+                         "default), which computes each module in the asked dtype while accelerate has it loaded")
     with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints "Changing model dtype"
         work = copy.deepcopy(model).to(dtype)
     if hasattr(work, "cfg") and hasattr(work.cfg, "dtype"):
@@ -151,6 +155,16 @@ class Decomposition:
     def n_positions(self) -> int:
         return self.inputs.shape[1]
 
+    def __repr__(self) -> str:
+        from implicit_updates.html import decomposition_repr
+
+        return decomposition_repr(self)
+
+    def _repr_html_(self) -> str:  # notebooks: tokens shaded by each position's update size, a block selector
+        from implicit_updates.html import decomposition_html
+
+        return decomposition_html(self)
+
     def block(self, block: int) -> BlockUpdate:
         if block not in self._by_block:
             raise IndexError(f"block {block} was not decomposed; decomposed blocks: {sorted(self._by_block)}")
@@ -215,11 +229,16 @@ class Decomposition:
         """Relative error of block ``block`` run by the model's own forward on the query alone, with the dense
         ``param + delta`` of :meth:`patch` in place of its parameters (restored afterwards)."""
         model = self.adapter.model
-        edited = {name: model.get_parameter(name).detach() + delta
+        edited = {name: loaded_parameter(model, name) + delta  # an offloaded module's weights loaded by accelerate
                   for name, delta in self.patch(block, position, batch).items()}
-        with swapped_parameters(model, edited):
+        with forward_swapped(model, edited):
             out = self.adapter.run_block_output(block, self.query_input(block, position, batch))[0, 0]
         return float(core.relative_errors(out, self.target_output(block, position, batch)))
+
+    def computing(self):
+        """A context in which the decomposed model computes in this decomposition's dtype (each module upcast while
+        it runs), for running adapter-level code such as ``self.adapter.run_patched_block`` directly."""
+        return computed_in(self.adapter.model, self.dtype)
 
     def to_numpy(self) -> dict[str, np.ndarray]:
         """The factors as numpy arrays, keyed ``"{block}/{parameter}/row|column|delta"`` (for ``np.savez``)."""

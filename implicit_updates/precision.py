@@ -4,10 +4,12 @@ Each module with parameters gets them upcast just before it runs and put back ju
 component also its wrapped module's, which it may read without calling it), so at most one module's
 upcast parameters exist at a time (a block's attention or MLP, never the whole model). Upcasting a float32 value to
 float64 is exact, so the forward sees the very numbers an upcast deep copy (``copy.deepcopy(model).to(float64)``)
-holds: results equal the whole-copy path's. Buffers stay as they are (their float32 values promote exactly in every
-elementwise op). Embedding tables are not upcast at all: a lookup of float32 rows cast to float64 is the lookup of
+holds: results equal the whole-copy path's. A module's floating buffers are upcast with its parameters, as the copy's
+are. Embedding tables are not upcast at all: a lookup of float32 rows cast to float64 is the lookup of
 the float64 table, so an embedding's output is cast instead (Gemma's scaled embedding multiplies in the compute
 dtype, as the upcast copy does). The user's ``Parameter`` objects are put back on every exit, exceptions included.
+On a model dispatched by accelerate (``device_map``, offload) the upcast runs inside each module's accelerate hook,
+after it loaded the offloaded parameters and before it offloads them (:mod:`implicit_updates.dispatch`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from implicit_updates.hooks import module_hooks
+from implicit_updates.dispatch import inside_forward
 
 
 def needs_upcast(model: nn.Module, dtype: torch.dtype) -> bool:
@@ -40,6 +42,10 @@ def computed_in(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
                 if p is not None and p.is_floating_point() and p.dtype != dtype:
                     swapped.setdefault(module, []).append((owner, name, p))
                     owner._parameters[name] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+            for name, t in owner._buffers.items():  # as the upcast copy's (a bridge's lm_head bias is a buffer)
+                if t is not None and t.is_floating_point() and t.dtype != dtype:
+                    swapped.setdefault(module, []).append((owner, name, t))
+                    owner._buffers[name] = t.to(dtype)
 
     def restore(module: nn.Module, args, output) -> None:
         _put_back(swapped.pop(module, []))
@@ -59,19 +65,24 @@ def computed_in(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
     try:
         if isinstance(cfg_dtype, torch.dtype):  # TransformerLens builds masks and tables in cfg.dtype
             cfg.dtype = dtype
-        with module_hooks(hooks):
-            yield
+        with inside_forward(hooks):  # on an accelerate-dispatched module: after its offload loaded the parameters
+            try:
+                yield
+            finally:
+                for originals in swapped.values():  # a forward that raised left these upcast
+                    _put_back(originals)
+                swapped.clear()
     finally:
-        for originals in swapped.values():  # a forward that raised left these upcast
-            _put_back(originals)
-        swapped.clear()
         if isinstance(cfg_dtype, torch.dtype):
             cfg.dtype = cfg_dtype
 
 
-def _put_back(originals: list[tuple[nn.Module, str, nn.Parameter]]) -> None:
-    for owner, name, p in reversed(originals):
-        owner._parameters[name] = p
+def _put_back(originals: list[tuple[nn.Module, str, Tensor]]) -> None:
+    for owner, name, t in reversed(originals):
+        if isinstance(t, nn.Parameter):
+            owner._parameters[name] = t
+        else:
+            owner._buffers[name] = t
 
 
 def _owners(module: nn.Module) -> list[nn.Module]:
@@ -100,7 +111,7 @@ def _cast_lookup(dtype: torch.dtype):
     def hook(module: nn.Module, args, output: Tensor) -> Tensor:
         if isinstance(module, nn.Embedding) and hasattr(module, "embed_scale"):  # Gemma: scale in the compute dtype
             rows = F.embedding(args[0], module.weight, module.padding_idx)
-            return rows.to(dtype) * module.embed_scale.to(dtype)
+            return rows.to(dtype) * torch.as_tensor(module.embed_scale).to(dtype)  # XGLM: a Python float
         return output.to(dtype)
 
     return hook

@@ -41,10 +41,11 @@ def theory_outputs(result: Decomposition) -> list[Tensor]:
     output at the query (last) position, so nothing from the with-context run enters after block 0's updates.
     """
     outputs, x = [], result.blocks[0].query_input
-    for update in result.blocks:
-        out = result.adapter.run_patched_block(dataclasses.replace(update, query_input=x))
-        outputs.append(out)
-        x = out[:, -1:]
+    with result.computing():
+        for update in result.blocks:
+            out = result.adapter.run_patched_block(dataclasses.replace(update, query_input=x))
+            outputs.append(out)
+            x = out[:, -1:]
     return outputs
 
 
@@ -69,7 +70,7 @@ def theory_vs_empirical(model: ToyTransformer, tasks: icl.RegressionTasks, dtype
     loss uses the chained patched blocks (``theory_outputs``). Loss ``1/(2B) sum (y_hat - y)^2``.
     """
     result = decompose(model, tasks.prompts, dtype=dtype)
-    with torch.no_grad():
+    with torch.no_grad(), result.computing():
         per_block = [core.reproduction_errors(result.adapter.run_patched_block(u), u.target_output)
                      for u in result.blocks]
         chained = theory_outputs(result)
