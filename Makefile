@@ -11,9 +11,9 @@ TORCH ?= torch==2.13.0
 VENV4 ?= build/venv-tl4
 BIN4 := $(VENV4)/bin
 TL4_DEPS := 'transformer-lens>=4,<5' 'einops>=0.7' 'numpy>=1.24' 'tqdm>=4.60' 'pytest>=8' 'hypothesis>=6.100' \
-	'matplotlib>=3.7'
+	'matplotlib>=3.7' 'playwright>=1.40'
 
-.PHONY: demo test test-tl3 test-tl4 lint clean models
+.PHONY: demo test test-tl3 test-tl4 lint clean models mutation browser
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,12 +41,28 @@ $(BIN)/.models: $(BIN)/.installed
 
 models: $(BIN)/.models
 
+# Headless Chromium for tests/test_html.py: Debian's package (Playwright, from the dev extra, drives the system
+# binary; its own browser download does not work here), installed with apt-get where it is missing and apt-get can
+# run (as root or with password-less sudo); elsewhere the browser tests skip, saying why (CI sets
+# IMPLICIT_UPDATES_REQUIRE_BROWSER=1, so there they fail instead). The stamp is written once a browser is there.
+build/.browser:
+	@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi; \
+		if [ "$$SUDO" = none ]; then echo "no chromium, and apt-get needs root: tests/test_html.py will skip"; \
+		else { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends chromium fonts-liberation >/dev/null; } \
+			|| echo "apt-get could not install chromium: tests/test_html.py will skip"; fi; \
+	fi
+	@if command -v chromium >/dev/null 2>&1; then mkdir -p $(@D) && touch $@; fi
+
+browser: build/.browser
+
 demo: $(BIN)/.installed
 	$(BIN)/implicit-updates demo
 
-test: test-tl3 test-tl4
+test: browser test-tl3 test-tl4
 
-test-tl3: $(BIN)/.installed $(BIN)/.models
+test-tl3: $(BIN)/.installed $(BIN)/.models browser
 	$(BIN)/python -c "import importlib.metadata as m; print('TransformerLens', m.version('transformer-lens'))"
 	$(BIN)/python -m pytest
 
@@ -54,8 +70,26 @@ test-tl4: $(BIN4)/.installed
 	$(BIN4)/python -c "import importlib.metadata as m; print('TransformerLens', m.version('transformer-lens'))"
 	$(BIN4)/python -m pytest
 
+# Mutation testing (not part of `make test`): mutmut over the math, verifier, capture and absorb modules by default
+# (~700 mutants, about an hour on 2 cores), each against its own fast test selection (tests/mutation/plugin.py);
+# `make mutation MODULE=core` runs one, MODULE="analysis dynamics decompose hooked_transformer hooked_prefixes
+# modules" the larger rest. Results accumulate in mutants/; the score per module is printed last.
+MODULE ?= core verify updates capture absorb
+
+$(BIN)/.mutation: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet 'mutmut==3.8.1'
+	touch $@
+
+mutation: $(BIN)/.mutation
+	set -e; for m in $(MODULE); do \
+		rm -f mutants/mutmut-stats.json; \
+		echo "== mutation: $$m"; \
+		MUTATION_MODULE=$$m HYPOTHESIS_PROFILE=mutation OMP_NUM_THREADS=1 $(BIN)/mutmut run "$$($(BIN)/python tests/mutation/plugin.py --glob $$m)"; \
+	done
+	$(BIN)/python tests/mutation/plugin.py --score $(MODULE)
+
 lint: $(BIN)/.installed
 	$(BIN)/ruff check implicit_updates adapters tests examples benchmarks
 
 clean:
-	rm -rf $(VENV) $(VENV4) build *.egg-info
+	rm -rf $(VENV) $(VENV4) build *.egg-info mutants

@@ -98,6 +98,32 @@ def test_norms_and_effective_rank_vs_dense(decomposition):
     assert analysis.effective_rank(torch.zeros(3)) == 0.0
 
 
+@pytest.mark.parametrize("query", ["self", "last"])
+def test_summed_update_over_chosen_positions_vs_dense(query):
+    """``positions`` (a slice, indices or a mask) picks the updates summed: every result equals the dense sum over
+    exactly those positions (query="self": one row per position, rank = number of positions summed)."""
+    model = build(**ARCHITECTURES["gated"])
+    toks = torch.randint(0, 61, (1, 7), generator=torch.Generator().manual_seed(0))
+    result = iu.decompose(model, toks, query=query, dtype=F64)
+    mask = torch.tensor([False, True, False, True, True, False, False])
+    for block in (0, 2):
+        dense = dense_updates(result, block)
+        d_in = result.block(block).row.shape[-1]
+        for positions in (slice(2, 5), torch.tensor([0, 3, 6]), mask, None):
+            chosen = dense if positions is None else dense[positions]
+            summed = chosen.sum(0).view(d_in, -1)
+            sv = torch.linalg.svdvals(summed)
+            got = analysis.summed_singular_values(result, block, positions)
+            k = min(len(got), len(sv))
+            assert torch.allclose(got[:k], sv[:k], rtol=1e-10, atol=1e-12 * float(sv[0])), (block, positions)
+            norms = analysis.summed_norms(result, block, positions)
+            assert norms["frobenius"] == pytest.approx(float(summed.norm()), rel=1e-10)
+            assert norms["spectral"] == pytest.approx(float(sv[0]), rel=1e-10)
+            indices = torch.arange(7)[slice(None) if positions is None else positions]
+            expected_rank = 1 if query == "last" else int((indices != 0).sum())  # position 0 has no context
+            assert norms["rank"] == int(torch.linalg.matrix_rank(summed)) == expected_rank, (block, positions)
+
+
 def test_delta_b_cosine(decomposition):
     direction = torch.randn(32, generator=torch.Generator().manual_seed(3), dtype=F64)
     cos = analysis.delta_b_cosine(decomposition, direction)
@@ -130,3 +156,26 @@ def test_plots_without_matplotlib(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     with pytest.raises(ImportError, match="pip install"):
         plots.decay_curves({"x": np.ones((1, 3))})
+
+
+@pytest.mark.parametrize("query", ["last", "self"])
+def test_block_summed_update_and_rank_per_batch_vs_dense(query):
+    """``BlockUpdate.summed_singular_values``/``summed_rank`` (verify()'s rank) per batch element, against the dense
+    sum of ``result.patch`` over positions: prompt 1 repeats its first token, so its first positions see only copies
+    of themselves (no update) and its query="self" rank is lower than prompt 0's."""
+    model = build(**ARCHITECTURES["gqa-rotary"])  # rotary: a context of copies of the query changes nothing
+    toks = torch.tensor([[5, 17, 3, 40, 22, 9], [7, 7, 7, 31, 12, 50]])
+    result = iu.decompose(model, toks, query=query, dtype=F64)
+    report = result.verify()
+    expected_ranks = [1, 1] if query == "last" else [5, 3]
+    for block in range(3):
+        update = result.block(block)
+        names = [u.name for u in update.first_layer]
+        for batch in (0, 1):
+            dense = sum(torch.cat([result.patch(block, p, batch)[n] for n in names], dim=1) for p in range(6))
+            sv = torch.linalg.svdvals(dense)
+            got = update.summed_singular_values(batch)
+            assert torch.allclose(got[:len(sv)], sv[:len(got)], rtol=1e-9, atol=1e-12 * float(sv[0])), (block, batch)
+            assert update.summed_rank(batch) == int(torch.linalg.matrix_rank(dense)) == expected_ranks[batch]
+        assert torch.equal(update.summed_singular_values(), update.summed_singular_values(0))
+        assert update.summed_rank() == expected_ranks[0] and report.blocks[block].rank == max(expected_ranks)

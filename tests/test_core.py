@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -57,6 +60,31 @@ def test_factored_rank_tolerates_cancelling_updates():
     assert core.numerical_rank(sv, 2, shared.norm() * columns.norm()) == 1
 
 
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(1, 64), top=st.floats(1e-3, 1e3), side=st.sampled_from(["below", "at", "above"]),
+       scaled=st.booleans())
+def test_numerical_rank_tolerance_at_its_boundary(size, top, side, scaled):
+    """A singular value counts iff it exceeds ``max(max(sigma), scale) * size * eps`` (numpy's matrix_rank rule,
+    with the factors' scale): exactly at the tolerance it does not, one ulp above it does, as numpy says for the
+    diagonal matrix with these singular values."""
+    eps = torch.finfo(torch.float64).eps
+    sigma = torch.tensor([top], dtype=torch.float64)
+    scale = 10 * top if scaled else None
+    tol = (torch.tensor(scale, dtype=torch.float64) if scaled else sigma.max()) * size * eps
+    second = {"below": torch.nextafter(tol, torch.zeros(())), "at": tol, "above": torch.nextafter(tol, 2 * tol)}[side]
+    sv = torch.cat([sigma, second.reshape(1)])
+    expected = 2 if side == "above" else 1
+    assert core.numerical_rank(sv, size, scale) == expected
+    if not scaled and size >= 2:  # numpy: S.max() * max(M, N) * eps, strict
+        assert np.linalg.matrix_rank(np.diag(np.pad(sv.numpy(), (0, size - 2)))) == expected
+
+
+def test_numerical_rank_edge_cases():
+    assert core.numerical_rank(torch.zeros(3, dtype=torch.float64), 3) == 0  # nothing, not 0/0
+    assert core.numerical_rank(torch.zeros(0, dtype=torch.float64), 3, scale=1.0) == 0
+    assert core.numerical_rank(torch.tensor([1.0, 0.5], dtype=torch.float64), 2) == 2  # a largest value of one
+
+
 @settings(max_examples=30, deadline=None)
 @given(d=dims, seed=seeds)
 def test_scale_correction_moves_query_onto_position(d, seed):
@@ -95,18 +123,55 @@ def test_flattened_output_of_zero_is_plus_one():
                                torch.ones(1, 2, 4, dtype=torch.float64))
 
 
+def whole(message: str) -> str:
+    """A ``match`` pattern for exactly this message: what a user reads is part of the contract."""
+    return f"^{re.escape(message)}$"
+
+
 def test_zero_norm_query_is_an_error():
-    with pytest.raises(core.ZeroQueryNormError, match="zero norm"):
-        core.implicit_row(torch.zeros(1, 1, 4, dtype=torch.float64))
+    with pytest.raises(core.ZeroQueryNormError, match=whole(
+            "the query's MLP input m(x) has zero norm, so no rank-one update W + (W dm) m(x)^T/||m(x)||^2 exists; "
+            "check the block's pre-MLP norm weights (all zero?) or choose another query token")):
+        core.implicit_row(torch.tensor([[[1.0, 2.0]], [[0.0, 0.0]]], dtype=torch.float64))  # one zero in a batch
+    rows = core.implicit_row(torch.tensor([[[0.5, 0.0], [0.0, 2.0]]], dtype=torch.float64))  # each its own norm
+    torch.testing.assert_close(rows, torch.tensor([[[2.0, 0.0], [0.0, 0.5]]], dtype=torch.float64), rtol=0, atol=0)
 
 
-def test_scale_correction_refuses_exact_zero():
-    z = torch.tensor([1.0, 0.0])
-    with pytest.raises(ValueError, match="exact zero"):
-        core.scale_correction(torch.ones(2), torch.zeros(2), z)
+def test_scale_patches_refuse_an_exact_zero_and_divide_anything_else():
+    """Both post-MLP norm scale patches divide by a normalized output: an exact zero anywhere is refused with its
+    message; any other entry (one included) is divided by, exactly."""
+    z = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    r, r_x, out = (torch.tensor(v, dtype=torch.float64) for v in ([3.0, 1.0, 2.0], [1.0, 5.0, 0.0], [0.5, 1.0, 1.0]))
+    assert torch.equal(core.scale_correction(r, r_x, z), torch.tensor([2.0, 2.0, 4.0], dtype=torch.float64))
+    assert torch.equal(core.post_norm_scale(r, r_x, out, z), torch.tensor([1.5, 2.5, 2.0], dtype=torch.float64))
+    z[2] = 0.0
+    with pytest.raises(ValueError, match=whole(
+            "the normalized MLP output has an exact zero, so the post-MLP norm's scale cannot absorb the "
+            "residual difference there; this block cannot be decomposed with a scale patch")):
+        core.scale_correction(r, r_x, z)
+    with pytest.raises(ValueError, match=whole(
+            "the normalized flattened MLP output has an exact zero (is the norm's eps huge?)")):
+        core.post_norm_scale(r, r_x, out, z)
 
 
 def test_reproduction_errors():
     target = torch.tensor([[[3.0, 4.0]]], dtype=torch.float64)
     errors = core.reproduction_errors(target + torch.tensor([0.0, 0.5], dtype=torch.float64), target)
     assert errors == {"msd": 0.125, "max_abs_err": 0.5, "max_rel_err": 0.1}
+
+
+def test_reproduction_errors_are_per_position_maxed_not_averaged():
+    """Two batch elements x three positions, one of them off: the relative error is that position's own (its
+    target's norm, not the batch's), the max over positions; the MSD is the mean over every entry."""
+    target = torch.tensor([[[3.0, 4.0], [0.0, 1.0], [6.0, 8.0]], [[1.0, 0.0], [0.0, 0.0], [0.0, 2.0]]],
+                          dtype=torch.float64)
+    patched = target.clone()
+    patched[1, 2] += torch.tensor([0.0, -0.5], dtype=torch.float64)  # relative error 0.25 there, 0 elsewhere
+    errors = core.reproduction_errors(patched.float(), target.float())
+    assert errors == {"msd": 0.25 / 12, "max_abs_err": 0.5, "max_rel_err": 0.25}
+    assert core.reproduction_errors(target, target) == {"msd": 0.0, "max_abs_err": 0.0, "max_rel_err": 0.0}
+    patched[0, 0] += 2.0  # a larger absolute error at a larger target: relative 2 sqrt(2) / 5
+    errors = core.reproduction_errors(patched, target)
+    assert errors["max_abs_err"] == 2.0 and errors["max_rel_err"] == pytest.approx(8**0.5 / 5, rel=1e-15)
+    huge = torch.tensor([[[3e30, 4e30]]])  # float32: the norm of the difference overflows unless taken in float64
+    assert core.reproduction_errors(1.5 * huge, huge)["max_rel_err"] == pytest.approx(0.5, rel=1e-6)

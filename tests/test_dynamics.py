@@ -126,6 +126,43 @@ def test_prop31_gradient_step_with_shared_row():
     assert rel_err(dyn.implicit_lr, h.expand(7)) <= 1e-12
 
 
+def _first_layer_outputs(model, prompt: torch.Tensor, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block 0's gated-MLP first-layer outputs (``hook_pre``, ``hook_pre_linear``) at the last position, stacked
+    along d_out, and the MLP input there, from a plain forward (with the graph kept when ``grad``)."""
+    seen = {}
+    hooks = [(f"blocks.0.mlp.{h}", lambda act, hook: seen.__setitem__(hook.name, act[0, -1]))
+             for h in ("hook_pre", "hook_pre_linear")]
+    handle = model.blocks[0].mlp.register_forward_pre_hook(lambda m, args: seen.__setitem__("m", args[0][0, -1]))
+    try:
+        with torch.set_grad_enabled(grad), model.hooks(fwd_hooks=hooks):
+            model(prompt, stop_at_layer=1)
+    finally:
+        handle.remove()
+    return torch.cat([seen["blocks.0.mlp.hook_pre"], seen["blocks.0.mlp.hook_pre_linear"]]), seen["m"]
+
+
+def test_prop31_gradient_norms_match_autograd():
+    """``gradient_norms[k] = h ||grad L||_F`` (Dherin et al. Prop. 3.1) with the gradient taken by autograd through
+    the model's own MLP: ``L(W) = <W m_x, W (m_i - m_{i+1})>``, the query's first-layer outputs (run alone, W
+    differentiable) against the fixed change that context token i+1 makes to them (plain forwards of prefixes i and
+    i+1, i = k + 1), whose gradient is Prop. 3.1's ``G_i = W (m_i - m_{i+1}) m_x^T``."""
+    model = build(**ARCHITECTURES["gqa-rotary"])
+    toks = tokens(model, 8)
+    dyn = prefix_dynamics(model, toks, blocks=0, dtype=F64).blocks[0]
+    ref = copy.deepcopy(model).to(F64)
+    weights = [ref.blocks[0].mlp.W_gate, ref.blocks[0].mlp.W_in]
+    query_out, m_x = _first_layer_outputs(ref, toks[:, -1:], grad=True)
+    h = 1 / m_x.detach().pow(2).sum()
+    prefix = [_first_layer_outputs(ref, torch.cat([toks[:, :i], toks[:, -1:]], 1))[0] for i in range(1, 8)]
+    assert len(dyn.gradient_norms) == 6
+    for k in range(6):
+        loss = (query_out * (prefix[k] - prefix[k + 1])).sum()
+        grads = torch.autograd.grad(loss, weights, retain_graph=True)
+        expected = h * torch.cat([g.flatten() for g in grads]).norm()
+        assert abs(float(dyn.gradient_norms[k]) - float(expected)) <= 1e-10 * float(expected), k
+        assert abs(float(dyn.step_norms[k]) - float(expected)) <= 1e-10 * float(expected), k  # shared row: all
+
+
 def test_step_with_row_change_absolute_positions():
     """Absolute positions move the query's row with i: the step is the gradient term plus the row-change term."""
     model = build(**ARCHITECTURES["layernorm"])
@@ -139,6 +176,8 @@ def test_step_with_row_change_absolute_positions():
             assert rel_err(-dyn.implicit_lr[k + 1] * dyn.gradient(k) + row_change, step) <= 1e-10
             assert abs(float(dyn.step_norms[k]) - float(step.norm())) <= 1e-10 * float(step.norm())
             assert abs(float(dyn.row_change_norms[k]) - float(row_change.norm())) <= 1e-10 * float(step.norm())
+            gradient_term = dyn.implicit_lr[k + 1] * dyn.gradient(k)  # h_{i+1} G_i, the step's first term
+            assert abs(float(dyn.gradient_norms[k]) - float(gradient_term.norm())) <= 1e-10 * float(step.norm())
         dense = torch.stack([dyn.update(k).norm() for k in range(7)])
         assert rel_err(dyn.update_norms, dense) <= 1e-12
     payload = prefix_dynamics(model, tokens(model, 5), dtype=F64).to_dict()
