@@ -79,6 +79,26 @@ def test_numerical_rank_tolerance_at_its_boundary(size, top, side, scaled):
         assert np.linalg.matrix_rank(np.diag(np.pad(sv.numpy(), (0, size - 2)))) == expected
 
 
+@pytest.mark.parametrize("side", [0.9, 1.1])
+@pytest.mark.parametrize("d_in,d_out", [(3, 5), (5, 3)])
+def test_block_summed_rank_tolerance_uses_the_larger_dimension_and_the_factors_scale(side, d_in, d_out):
+    """``BlockUpdate.summed_rank`` (verify()'s rank): ``a e1 f1^T + b e2 f2^T`` has singular values a and b exactly;
+    b just below / above ``max(sigma_max, ||rows|| ||columns||) * max(d_in, d_out) * eps`` is dropped / counted."""
+    from implicit_updates.updates import BlockUpdate, RankOneUpdate
+
+    a = 2.0
+    scale = 2**0.5 * a  # ||rows|| ||columns|| (b's share is far below float64 rounding)
+    b = side * scale * max(d_in, d_out) * torch.finfo(torch.float64).eps
+    rows = torch.zeros(1, 2, d_in, dtype=torch.float64)
+    rows[0, 0, 0] = rows[0, 1, 1] = 1.0
+    columns = torch.zeros(1, 2, d_out, dtype=torch.float64)
+    columns[0, 0, 0], columns[0, 1, 1] = a, b
+    zeros = rows.new_zeros(1, 2, d_in)
+    update = BlockUpdate(0, rows, zeros, [RankOneUpdate("W_in", rows, columns)], rows[:, :1], zeros, "none")
+    assert torch.equal(update.summed_singular_values(), torch.tensor([a, b], dtype=torch.float64))
+    assert update.summed_rank() == (1 if side < 1 else 2)
+
+
 def test_numerical_rank_edge_cases():
     assert core.numerical_rank(torch.zeros(3, dtype=torch.float64), 3) == 0  # nothing, not 0/0
     assert core.numerical_rank(torch.zeros(0, dtype=torch.float64), 3, scale=1.0) == 0

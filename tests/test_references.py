@@ -69,7 +69,7 @@ def test_moe_with_normalized_top_k_weights(one_thread):
 
 
 def test_progress_bars_only_when_asked(capsys):
-    """``progress=True`` names each stage's bar on stderr; by default nothing is printed."""
+    """``progress=True`` shows each stage's named bar on stderr and clears it when done; by default nothing."""
     model = build(**ARCHITECTURES["gated"])
     toks = torch.randint(0, model.cfg.d_vocab, (1, 5), generator=torch.Generator().manual_seed(2))
     iu.decompose(model, toks, dtype=F64).verify()
@@ -77,6 +77,7 @@ def test_progress_bars_only_when_asked(capsys):
     iu.decompose(model, toks, dtype=F64, progress=True).verify(progress=True)
     err = capsys.readouterr().err
     assert err.startswith("\rdecompose:") and "\rverify:" in err
+    assert "\n" not in err  # transient bars: each is cleared when done, no line is left behind
 
 
 def test_two_token_prompt_literal_edit_query_self(one_thread):

@@ -47,7 +47,9 @@ VERIFY_TESTS = [CHECKERS + t for t in ("test_verify_reports_a_corrupted_output_c
 # module -> (the mutants' source file, the tests that run against them)
 SELECTIONS: dict[str, tuple[str, list[str]]] = {
     "core": ("implicit_updates/core.py", CORE_TESTS + VERIFY_TESTS[:1] + ["tests/test_analysis.py"]),
-    "updates": ("implicit_updates/updates.py", CORE_TESTS + LITERAL + ["tests/test_analysis.py", STRUCTURES]),
+    "updates": ("implicit_updates/updates.py", CORE_TESTS + LITERAL + ["tests/test_analysis.py", STRUCTURES,
+                                                                      "tests/test_hf.py::test_gemma_post_norm_exact",
+                                                                      "tests/test_references.py::test_two_token"]),
     "verify": ("implicit_updates/verify.py", VERIFY_TESTS + ["tests/test_html.py::test_repr"]),  # no browser
     "decompose": ("implicit_updates/decompose.py", VERIFY_TESTS + LITERAL[:3] + ["tests/test_bad_input.py"]),
     "capture": ("implicit_updates/capture.py", LITERAL[:3] + ["tests/test_references.py",
