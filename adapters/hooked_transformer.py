@@ -95,7 +95,6 @@ class HookedTransformerAdapter(HookPointCapture):
             )
         self.n_blocks = cfg.n_layers
         self.parallel = bool(cfg.parallel_attn_mlp)
-        self.post_norm = cfg.original_architecture in POST_NORM_ARCHITECTURES
         self.kind = type(model.blocks[0].mlp).__name__
         if self.kind not in ("MLP", "GatedMLP", "MoE"):
             raise UnsupportedArchitectureError(

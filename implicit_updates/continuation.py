@@ -112,8 +112,8 @@ def absorb_continuation(model: nn.Module, prefix: Tensor, continuation: Tensor,
         for b in block_ids:
             p = f"blocks.{b}"
             alone: dict[str, Tensor] = {}
-            with adapter._capturing([b], alone):
-                _run_sequence(model_, b, x)
+            with adapter._capturing([b], alone):  # (its hooks include fresh ALiBi tables)
+                model_.blocks[b](x)
             m, m_alone = store[f"{p}.mlp.input"][0, -k:], alone[f"{p}.mlp.input"][0]
             r, r_alone = adapter._residual(store, b)[0, -k:], adapter._residual(alone, b)[0]
             pinv_m, cond_m = _pinv(m_alone, rcond, f"block {b}: the continuation's MLP inputs run alone")
@@ -221,13 +221,6 @@ def positive_solution(a: Tensor, b: Tensor, steps: int = 100) -> Tensor | None:
         theta = theta - size * step
     u = u0 * torch.exp(a.T @ theta)
     return u if (a @ u - b).norm() <= 1e-12 * b.norm() else None
-
-
-def _run_sequence(model: nn.Module, block: int, x: Tensor) -> Tensor:
-    from implicit_updates.adapters.hooked_transformer import exact_alibi
-
-    with exact_alibi(model):
-        return model.blocks[block](x)
 
 
 def _pinv(rows: Tensor, rcond: float, what: str) -> tuple[Tensor, float]:
