@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from implicit_updates.adapters.experts import LinearCalls, mlp_params
 from implicit_updates.adapters.modules import BlockParts, ModuleAdapter, unwrap
 from implicit_updates.adapters.structure import BlockStructure, structure_of_hf
 from implicit_updates.errors import UnsupportedArchitectureError
@@ -33,6 +34,16 @@ def block_parts(model: nn.Module, structure: BlockStructure, names: dict[int, st
     layers = part(model, structure.layers)  # a ModuleList: its layers stay wrapped, so bridge hooks fire too
     out = []
     for i, layer in enumerate(layers):
+        if structure.kind == "whole":  # located as a whole module; its maps are read from its calls (experts.py)
+            mlp = part(layer, structure.mlp)
+            out.append(BlockParts(
+                layer=layer, mlp=mlp, first=(), out=mlp, out_weight="", out_bias=None,
+                attention=part(layer, structure.attention),
+                mlp_norm=part(layer, structure.mlp_norm) if structure.mlp_norm else None,
+                post_norm=(names[id(unwrap(part(layer, structure.post_norm)).weight)],
+                           part(layer, structure.post_norm)) if structure.post_norm else None,
+                parallel=structure.parallel, residual_scale=structure.residual_scale, whole=True))
+            continue
         try:
             mlp = part(layer, structure.mlp) if structure.mlp else layer
             first = tuple((names[id(unwrap(part(mlp, f)).weight)], part(mlp, f)) for f in structure.first)
@@ -68,8 +79,11 @@ class HFAdapter(ModuleAdapter):
         self.config = self.hf.config.get_text_config() if hasattr(self.hf.config, "get_text_config") \
             else self.hf.config
         self.structure = self._structure()
-        self.parts = block_parts(self._root(), self.structure, {id(p): n for n, p in model.named_parameters()})
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.parts = block_parts(self._root(), self.structure, names)
         self.n_blocks = len(self.parts)
+        whole = {b: mlp_params(unwrap(p.mlp), names) for b, p in enumerate(self.parts) if p.whole}
+        self.linear_calls = LinearCalls(whole) if whole else None
 
     def _structure(self) -> BlockStructure:
         return structure_of_hf(self.hf)

@@ -11,6 +11,7 @@ prompt would, and layers after l never run. Every hook is removed on any exit (`
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from implicit_updates.adapters.experts import Patch, read_flow, stacked_view
 from implicit_updates.capture import BlockCapture, FirstLayerMap, OutputCorrection, captures_per_block
 from implicit_updates.dispatch import execution_device, loaded_parameter, own_forward
 from implicit_updates.errors import UnsupportedArchitectureError
@@ -52,6 +54,7 @@ class BlockParts:
     post_norm: tuple[str, nn.Module] | None = None
     parallel: bool = False
     residual_scale: float = 1.0
+    whole: bool = False  # an MLP located as a whole module (mixtures of experts): ``mlp`` is it, ``first`` empty
 
 
 class _Stop(Exception):
@@ -125,8 +128,16 @@ class ModuleAdapter:
             hooks.append((self.parts[0].layer, "pre_kw", substitute(inputs)))
         if stop_after is not None:
             hooks.append((self.parts[stop_after].layer, "fwd", _raise_stop))
+        calls = getattr(self, "linear_calls", None)
+        if calls is not None:  # fused experts: see and patch the linear calls inside whole MLPs (experts.py)
+            calls.calls, calls.routing, calls.active = {}, {}, None
+            for b in calls.params:
+                p = self.parts[b]
+                hooks += [(p.mlp, "pre", calls.enter(b)), (p.mlp, "fwd", calls.leave)]
+                hooks += [(owner, "pre_kw", calls.save_routing(b)) for owner in
+                          {param.owner for param in calls.params[b] if param.current().dim() == 3}]
         try:
-            with module_hooks(hooks):
+            with module_hooks(hooks), calls if calls is not None else contextlib.nullcontext():
                 return self._forward(ids)
         except _Stop:
             return None
@@ -160,7 +171,7 @@ class ModuleAdapter:
             if p.post_norm is not None:
                 hooks += [(p.post_norm[1], "pre", _save_input(store, f"{b}.h")),  # the MLP output
                           (p.post_norm[1], "fwd", _save_output(store, f"{b}.post_out"))]
-            if p.post_norm is not None or p.out_bias is None:
+            if (p.post_norm is not None or p.out_bias is None) and not p.whole:
                 hooks.append((p.out, "pre", _save_input(store, f"{b}.hidden")))
         return hooks
 
@@ -200,6 +211,10 @@ class ModuleAdapter:
         """With-context quantities of ``blocks`` in one forward, then each block on its query alone."""
         store: dict[str, Tensor] = {}
         self._run(inputs, self._capturing(blocks, store), stop_after=max(blocks))
+        calls = getattr(self, "linear_calls", None)
+        self.flows = {b: read_flow(calls.calls.get(b, []), calls.params[b], store[f"{b}.m"],
+                                calls.routing.get(b), b)
+                      for b in blocks if self.parts[b].whole}
         self.flat_mlps = {b for b in blocks if store[f"{b}.m"].dim() == 2}  # OPT's MLP reads [batch * pos, d]
         _unflatten(store, store[f"{blocks[0]}.resid_pre"].shape[:2])
         for b in blocks:
@@ -223,17 +238,24 @@ class ModuleAdapter:
 
     def _block_capture(self, b: int, ctx: dict[str, Tensor], alone: dict[str, Tensor],
                        query_input: Tensor) -> BlockCapture:
-        p = self.parts[b]
         return BlockCapture(
             block=b, query_input=query_input, mlp_input=ctx[f"{b}.m"], query_mlp_input=alone[f"{b}.m"],
             residual=self._residual(ctx, b), query_residual=self._residual(alone, b),
             output=ctx[f"{b}.resid_post"], attention_output=ctx[f"{b}.attn_out"],
             query_attention_output=alone[f"{b}.attn_out"],
-            maps=[weight_view(name, module) for name, module in p.first], correction=self._correction(b, ctx))
+            maps=self._maps(b), correction=self._correction(b, ctx))
+
+    def _maps(self, b: int) -> list[FirstLayerMap]:
+        if not self.parts[b].whole:
+            return [weight_view(name, module) for name, module in self.parts[b].first]
+        return [FirstLayerMap(param.name, stacked_view(param.current().detach(), experts, transposed), transposed,
+                              experts) for param, experts, transposed in self.flows[b].first]
 
     def _correction(self, b: int, ctx: dict[str, Tensor]) -> OutputCorrection:
         p = self.parts[b]
         scale = p.residual_scale
+        if p.whole:
+            return self._whole_correction(b, ctx)
         if p.post_norm is not None:
             norm, h = p.post_norm[1], ctx[f"{b}.h"]
             return OutputCorrection("scale", p.post_norm[0], normalized=normalized(norm, h), output_weight=p.out_weight,
@@ -247,6 +269,24 @@ class ModuleAdapter:
         return OutputCorrection("expert_out", names=(p.out_weight,), expert_hidden=(hidden,),
                                 routing_weights=hidden.new_ones(*hidden.shape[:2], 1), residual_scale=scale)
 
+    def _whole_correction(self, b: int, ctx: dict[str, Tensor]) -> OutputCorrection:
+        """A whole MLP's output correction on its routed experts' output maps (or its one output map), through the
+        hidden activations and routing weights its with-context calls showed (``experts.read_flow``)."""
+        p, flow = self.parts[b], self.flows[b]
+        leading = ctx[f"{b}.m"].shape[:-1]
+        slots = tuple(range(flow.output_experts)) if flow.output_experts else (None,)
+        width = next(iter(flow.hidden.values())).shape[-1]
+        zero = flow.routing_weights.new_zeros(flow.routing_weights.shape[0], width)
+        experts = dict(names=(flow.output.name,) * len(slots), expert_slots=slots, stacked_experts=flow.output_experts,
+                       expert_hidden=tuple(flow.hidden.get(e, zero).reshape(*leading, -1) for e in slots),
+                       routing_weights=flow.routing_weights.reshape(*leading, -1),
+                       output_transposed=flow.output_transposed, residual_scale=p.residual_scale)
+        if p.post_norm is None:
+            return OutputCorrection("expert_out", **experts)
+        norm, h = p.post_norm[1], ctx[f"{b}.h"]
+        return OutputCorrection("scale", p.post_norm[0], normalized=normalized(norm, h), mlp_output=h,
+                                post_norm=partial(_run_post_norm, norm), **experts)
+
     # -- verification ----------------------------------------------------------------------------------------
 
     def run_patched_block(self, update: BlockUpdate, positions: slice = slice(None)) -> Tensor:
@@ -257,6 +297,8 @@ class ModuleAdapter:
         out to one row per position (attention runs once). Returns ``[batch, pos, d_model]``.
         """
         p = self.parts[update.block]
+        if p.whole:
+            return self._run_patched_whole(update, positions)
         batch, n_pos = update.target_output[:, positions].shape[:2]
         # one query for all positions: run it once and fan the MLP out (not where the MLP flattens its input)
         fan_out = update.query_input.shape[1] == 1 and update.block not in getattr(self, "flat_mlps", ())
@@ -280,6 +322,36 @@ class ModuleAdapter:
         self._run(torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device), hooks, stop_after=update.block)
         out = store["out"]
         return out if fan_out else rearrange(out, "(b n) 1 d -> b n d", b=batch)
+
+
+    def _run_patched_whole(self, update: BlockUpdate, positions: slice) -> Tensor:
+        """:meth:`run_patched_block` for a whole MLP: one position per forward, the factored updates added to its
+        linear calls (an expert's rows are the tokens routed to it, so positions in one forward could not be told
+        apart)."""
+        p = self.parts[update.block]
+        out = []
+        for b in range(update.target_output.shape[0]):
+            for i in range(update.target_output.shape[1])[positions]:
+                def at(t: Tensor, b: int = b, i: int = i) -> Tensor:
+                    return t[b, i if t.shape[1] > 1 else 0]
+
+                patches: dict[str, list[Patch]] = {}
+                hooks = []
+                for u in update.updates:
+                    if isinstance(u, RankOneUpdate):
+                        patches.setdefault(u.name, []).append(Patch(at(u.row), at(u.column), u.experts, u.expert))
+                    else:  # the post-MLP norm's scale
+                        hooks.append((p.post_norm[1], "fwd", _add_scaled(at(u.delta)[None, None], p.post_norm[1])))
+                store: dict[str, Tensor] = {}
+                hooks += [(p.layer, "pre_kw", substitute(at(update.query_input)[None, None])),
+                          (p.layer, "fwd", _save_output(store, "out"))]
+                self.linear_calls.patches = patches
+                try:
+                    self._run(torch.zeros(1, 1, dtype=torch.long, device=self.device), hooks, stop_after=update.block)
+                finally:
+                    self.linear_calls.patches = {}
+                out.append(store["out"][0, 0])
+        return torch.stack(out).reshape(update.target_output.shape[0], -1, out[0].shape[-1])
 
 
 def _unflatten(store: dict[str, Tensor], leading: torch.Size) -> None:

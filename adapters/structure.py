@@ -23,7 +23,7 @@ from torch import nn
 
 from implicit_updates.errors import UnsupportedArchitectureError
 
-MixerKind = Literal["dense", "gated", "fused gate-up"]
+MixerKind = Literal["dense", "gated", "fused gate-up", "whole"]
 
 # Block parts TransformerLens declares beside attention and the MLP that carry no attention context (state-space,
 # recurrent, convolution and linear-attention mixers, hyper-connections): their blocks are refused by name.
@@ -132,10 +132,9 @@ def from_component_mapping(mapping: dict, source: str, canonical: bool = False) 
     mlp_kind = type(mlp).__name__
     names = {k: c.name for k, c in mlp.submodules.items()}
     if "MoE" in mlp_kind or "experts" in names or "router" in names:
-        raise UnsupportedArchitectureError(
-            f"{source}: a mixture-of-experts MLP ({mlp_kind}); its experts' weights are fused 3-D tensors that the "
-            "per-expert rank-one updates do not patch yet")
-    if mlp_kind == "JointGateUpMLPBridge":
+        # a mixture of experts: located as a whole module, its maps read from its calls (adapters/experts.py)
+        first, kind, names = (), "whole", {"out": ""}
+    elif mlp_kind == "JointGateUpMLPBridge":
         first, kind = (("gate", "in") if canonical else (mlp.fused_attr,)), "fused gate-up"
     elif "gate" in names and "in" in names:
         first, kind = (("gate", "in") if canonical else (names["gate"], names["in"])), "gated"
@@ -154,7 +153,11 @@ def from_component_mapping(mapping: dict, source: str, canonical: bool = False) 
         return key if canonical else subs[key].name
 
     out = "out" if canonical else names["out"]
-    if canonical and not mlp.name:  # the MLP's maps sit on the layer itself (OPT): the bridge's mlp is never called
+    if kind == "whole":
+        if not mlp.name:
+            raise UnsupportedArchitectureError(f"{source}: a mixture of experts with no module of its own")
+        out = ""
+    elif canonical and not mlp.name:  # the MLP's maps sit on the layer itself (OPT): the bridge's mlp is never called
         first, out = tuple(f"mlp.{f}" for f in first), f"mlp.{out}"
     return BlockStructure(
         layers="blocks" if canonical else blocks.name, attention=name("attn"),

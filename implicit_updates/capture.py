@@ -14,12 +14,15 @@ class FirstLayerMap:
     """A linear map that reads the MLP input: ``m @ weight`` with ``weight`` ``[d_in, d_out]``.
 
     ``name`` is the parameter's key in ``model.named_parameters()``; ``transposed`` says the parameter is stored
-    ``[d_out, d_in]`` (``nn.Linear``) and ``weight`` is its transpose view.
+    ``[d_out, d_in]`` (``nn.Linear``) and ``weight`` is its transpose view. ``experts``: the parameter stacks that many
+    experts' maps (``[E, d_out, d_in]``, or ``[E, d_in, d_out]`` when not ``transposed``: transformers' fused experts)
+    and ``weight`` is all of them side by side, ``[d_in, E * d_out]``, expert-major.
     """
 
     name: str
     weight: Tensor
     transposed: bool = False
+    experts: int = 0
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,9 @@ class OutputCorrection:
       ``(normalized, output)`` on ``x`` as the model computes them. ``normalized`` is the with-context ``z_i``.
     - ``expert_out``: a mixture of experts without output bias; each routed expert's output matrix (``names``)
       gets the rank-one update ``(r_i - r_x)/S_i`` x ``p_e/||p_e||^2`` with ``p_e`` its hidden activation
-      (``expert_hidden``) and ``S_i`` the sum of routing weights (``routing_weights``).
+      (``expert_hidden``) and ``S_i`` the sum of routing weights (``routing_weights``). ``expert_slots``: where
+      ``names`` repeat one stacked parameter of ``stacked_experts`` experts, the expert each entry updates (its
+      per-expert matrix stored ``[d_out, d_in]`` when ``output_transposed``).
     - ``none``: the block has no MLP skip connection, so the first-layer updates alone are exact (Dherin Eq. 8).
 
     ``residual_scale``: s where the block adds ``s *`` the MLP's (post-normed) output to its residual (Granite's
@@ -55,6 +60,8 @@ class OutputCorrection:
     mlp_output: Tensor | None = None
     post_norm: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
     residual_scale: float = 1.0
+    expert_slots: tuple[int | None, ...] = ()
+    stacked_experts: int = 0
 
 
 @dataclass

@@ -183,7 +183,11 @@ class Decomposition:
         ``query_input(block, position)`` reproduces the with-context block output at ``position``.
         """
         position, batch = self._index(position, batch)
-        return {u.name: u.dense(batch, position) for u in self.block(block).updates}
+        out: dict[str, Tensor] = {}
+        for u in self.block(block).updates:  # one stacked-experts parameter may take one update per expert
+            delta = u.dense(batch, position)
+            out[u.name] = out[u.name] + delta if u.name in out else delta
+        return out
 
     def query_input(self, block: int, position: int = -1, batch: int = 0) -> Tensor:
         """The residual block ``block`` is run on alone, shaped ``[1, 1, d_model]`` (one sequence of one token)."""

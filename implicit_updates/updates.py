@@ -16,18 +16,31 @@ class RankOneUpdate:
     """``delta = outer(row_i, column_i)`` for parameter ``name`` at every position i (never stored dense).
 
     ``row`` is ``[batch, q, d_in]`` (q = 1 when shared by all positions), ``column`` ``[batch, pos, d_out]``;
-    ``transposed`` parameters (``nn.Linear``) get ``outer(column_i, row_i)`` instead.
+    ``transposed`` parameters (``nn.Linear``) get ``outer(column_i, row_i)`` instead. A parameter stacking
+    ``experts`` experts' maps (transformers' fused experts, ``[E, d_out, d_in]`` or ``[E, d_in, d_out]``) takes the
+    update on the slice of ``expert``, or, with ``expert=None``, on every slice at once: the column is then the
+    experts' columns side by side (``E * d_out``, expert-major), since every slice reads the same input.
     """
 
     name: str
     row: Tensor
     column: Tensor
     transposed: bool = False
+    experts: int = 0
+    expert: int | None = None
 
     def dense(self, batch: int, position: int) -> Tensor:
+        """The update shaped like the parameter it is added to."""
         row = self.row[batch, position if self.row.shape[1] > 1 else 0]
-        delta = core.rank_one_delta(row, self.column[batch, position])
-        return delta.T if self.transposed else delta
+        delta = core.rank_one_delta(row, self.column[batch, position])  # [d_in, d_out]
+        if not self.experts:
+            return delta.T if self.transposed else delta
+        if self.expert is None:  # [d_in, E * d_out] -> [E, d_in, d_out]
+            delta = delta.reshape(delta.shape[0], self.experts, -1).permute(1, 0, 2)
+        else:
+            delta = torch.zeros(self.experts, *delta.shape, dtype=delta.dtype, device=delta.device).index_copy(
+                0, torch.tensor([self.expert], device=delta.device), delta[None])
+        return delta.transpose(1, 2) if self.transposed else delta
 
 
 @dataclass
@@ -82,7 +95,7 @@ def decompose_block(capture: BlockCapture) -> BlockUpdate:
     row = core.implicit_row(capture.query_mlp_input)
     updates: list[RankOneUpdate | AdditiveUpdate] = [
         RankOneUpdate(m.name, row, core.implicit_column(capture.mlp_input, capture.query_mlp_input, m.weight),
-                      m.transposed)
+                      m.transposed, m.experts)
         for m in capture.maps
     ]
     delta_b = core.bias_correction(capture.residual, capture.query_residual)
@@ -92,8 +105,7 @@ def decompose_block(capture: BlockCapture) -> BlockUpdate:
     elif fix.kind == "scale":
         updates += post_norm_updates(scaled_residual_target(capture), capture.query_residual, fix)
     elif fix.kind == "expert_out":
-        updates += expert_output_updates(scaled_residual_delta(delta_b, fix.residual_scale), fix.names,
-                                         fix.expert_hidden, fix.routing_weights)
+        updates += expert_output_updates(scaled_residual_delta(delta_b, fix.residual_scale), fix)
     return BlockUpdate(capture.block, row, delta_b, updates, capture.query_input, capture.output, fix.kind)
 
 
@@ -124,8 +136,7 @@ def post_norm_updates(output: Tensor, query_residual: Tensor, fix: OutputCorrect
     normalized, norm_output = fix.post_norm(flat)
     scale = AdditiveUpdate(fix.name, core.post_norm_scale(output, query_residual, norm_output, normalized))
     if fix.names:  # a mixture of experts: the routed experts' output matrices carry the flattening together
-        return [*expert_output_updates(flat - fix.mlp_output, fix.names, fix.expert_hidden, fix.routing_weights),
-                scale]
+        return [*expert_output_updates(flat - fix.mlp_output, fix), scale]
     move = flat - fix.mlp_output
     squared = fix.hidden.pow(2).sum(-1, keepdim=True)
     dead = squared == 0  # a hidden of exact zeros (ReLU): no output-matrix update reaches the output there
@@ -139,14 +150,17 @@ def post_norm_updates(output: Tensor, query_residual: Tensor, fix: OutputCorrect
     return [*updates, scale]
 
 
-def expert_output_updates(delta_b: Tensor, names: tuple[str, ...], hidden: tuple[Tensor, ...],
-                          routing_weights: Tensor) -> list[RankOneUpdate]:
+def expert_output_updates(delta_b: Tensor, fix: OutputCorrection) -> list[RankOneUpdate]:
     """Rank-one output-matrix updates that add ``delta_b`` to a mixture of experts with no output bias.
 
     Expert e contributes ``w_e W_out_e p_e``; with ``W_out_e += (delta_b/S) p_e^T/||p_e||^2`` for every routed
     expert whose hidden ``p_e`` is nonzero (``S`` the sum of their routing weights) the mixture moves by exactly
-    ``delta_b``. Unrouted experts, and routed ones with a zero hidden (ReLU), get zero.
+    ``delta_b``. Unrouted experts, and routed ones with a zero hidden (ReLU), get zero. The matrices are
+    ``fix.names`` (slices ``fix.expert_slots`` of one stacked parameter, for transformers' fused experts).
     """
+    names, hidden, routing_weights = fix.names, fix.expert_hidden, fix.routing_weights
+    slots = fix.expert_slots or (None,) * len(names)
+    transposed = fix.output_transposed if fix.expert_slots else True  # else TransformerLens experts' nn.Linear
     squared = torch.stack([p.pow(2).sum(-1) for p in hidden], dim=-1)  # [batch, pos, n_experts]
     carriers = (routing_weights > 0) & (squared > 0)  # routed experts whose hidden can carry an update
     if not torch.all(carriers.any(-1)):
@@ -158,5 +172,5 @@ def expert_output_updates(delta_b: Tensor, names: tuple[str, ...], hidden: tuple
         on = carriers[..., e : e + 1]
         row = torch.where(on, p / squared[..., e : e + 1].where(on, torch.ones_like(total)), torch.zeros_like(p))
         column = torch.where(on, delta_b / total, torch.zeros_like(delta_b))
-        out.append(RankOneUpdate(name, row, column, transposed=True))
+        out.append(RankOneUpdate(name, row, column, transposed, fix.stacked_experts, slots[e]))
     return out
