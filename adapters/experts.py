@@ -181,15 +181,16 @@ class MLPFlow:
     """What the with-context run showed about one block's MLP (see the module docstring)."""
 
     first: list[tuple[Param, int, bool]]  # (parameter, stacked experts or 0, stored [d_out, d_in])
-    output: Param  # the map carrying the output correction
+    output: Param | None  # the map carrying the output correction
     output_experts: int
     output_transposed: bool
     hidden: dict[int | None, Tensor]  # expert (None: the dense map) -> hidden activation per token [T, d_hidden]
     routing_weights: Tensor  # [T, n_experts] (zero where not routed), [T, 1] ones for a dense map
+    output_bias: str | None = None  # the mixture's own output bias (JetMoE), which takes the correction instead
 
 
 def read_flow(calls: list[Call], params: list[Param], m: Tensor, routing: tuple[Tensor, Tensor] | None,
-              block: int) -> MLPFlow:
+              block: int, output_bias: str | None = None) -> MLPFlow:
     """The first-layer maps and the output-correction carrier of one block's MLP, from its recorded calls.
 
     Refused: a matrix of the MLP that no recorded linear call read (read through a dtype cast, as the float32
@@ -224,6 +225,8 @@ def read_flow(calls: list[Call], params: list[Param], m: Tensor, routing: tuple[
     if not first:
         raise UnsupportedArchitectureError(f"block {block}: no map of the MLP reads its input m directly (a scaled "
                                            "or cast router/expert input?), so no rank-one first-layer update exists")
+    if output_bias is not None:  # y = mixture + bias: the bias takes r_i - r_x (Dherin et al. 2025 Thm A.2)
+        return MLPFlow(list(first.values()), None, 0, False, {}, m.new_ones(m.shape[0], 1), output_bias)
     stacked_out = [n for n, cs in outputs.items() if cs[0][0].param.current().dim() == 3]
     plain_out = [n for n in outputs if n not in stacked_out]
     if len(stacked_out) > 1 or (not stacked_out and len(plain_out) != 1):

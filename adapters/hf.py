@@ -36,8 +36,10 @@ def block_parts(model: nn.Module, structure: BlockStructure, names: dict[int, st
     for i, layer in enumerate(layers):
         if structure.kind == "whole":  # located as a whole module; its maps are read from its calls (experts.py)
             mlp = part(layer, structure.mlp)
+            bias = unwrap(mlp)._parameters.get("bias")  # the mixture's own output bias (JetMoE)
             out.append(BlockParts(
-                layer=layer, mlp=mlp, first=(), out=mlp, out_weight="", out_bias=None,
+                layer=layer, mlp=mlp, first=(), out=mlp, out_weight="",
+                out_bias=names[id(bias)] if bias is not None and bias.dim() == 1 else None,
                 attention=part(layer, structure.attention),
                 mlp_norm=part(layer, structure.mlp_norm) if structure.mlp_norm else None,
                 post_norm=(names[id(unwrap(part(layer, structure.post_norm)).weight)],

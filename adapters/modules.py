@@ -212,8 +212,8 @@ class ModuleAdapter:
         store: dict[str, Tensor] = {}
         self._run(inputs, self._capturing(blocks, store), stop_after=max(blocks))
         calls = getattr(self, "linear_calls", None)
-        self.flows = {b: read_flow(calls.calls.get(b, []), calls.params[b], store[f"{b}.m"],
-                                calls.routing.get(b), b)
+        self.flows = {b: read_flow(calls.calls.get(b, []), calls.params[b], store[f"{b}.m"], calls.routing.get(b),
+                                   b, self.parts[b].out_bias if self.parts[b].post_norm is None else None)
                       for b in blocks if self.parts[b].whole}
         self.flat_mlps = {b for b in blocks if store[f"{b}.m"].dim() == 2}  # OPT's MLP reads [batch * pos, d]
         _unflatten(store, store[f"{blocks[0]}.resid_pre"].shape[:2])
@@ -273,6 +273,8 @@ class ModuleAdapter:
         """A whole MLP's output correction on its routed experts' output maps (or its one output map), through the
         hidden activations and routing weights its with-context calls showed (``experts.read_flow``)."""
         p, flow = self.parts[b], self.flows[b]
+        if flow.output_bias is not None:
+            return OutputCorrection("bias", flow.output_bias, residual_scale=p.residual_scale)
         leading = ctx[f"{b}.m"].shape[:-1]
         slots = tuple(range(flow.output_experts)) if flow.output_experts else (None,)
         width = next(iter(flow.hidden.values())).shape[-1]
@@ -340,8 +342,10 @@ class ModuleAdapter:
                 for u in update.updates:
                     if isinstance(u, RankOneUpdate):
                         patches.setdefault(u.name, []).append(Patch(at(u.row), at(u.column), u.experts, u.expert))
-                    else:  # the post-MLP norm's scale
+                    elif update.correction == "scale":  # the post-MLP norm's scale
                         hooks.append((p.post_norm[1], "fwd", _add_scaled(at(u.delta)[None, None], p.post_norm[1])))
+                    else:  # the mixture's own output bias
+                        hooks.append((p.out, "fwd", _add_first(at(u.delta)[None, None])))
                 store: dict[str, Tensor] = {}
                 hooks += [(p.layer, "pre_kw", substitute(at(update.query_input)[None, None])),
                           (p.layer, "fwd", _save_output(store, "out"))]
@@ -446,6 +450,17 @@ def _add_rank_one(row: Tensor, column: Tensor) -> Callable:
 def _add(delta: Tensor) -> Callable:
     def hook(module, args, output: Tensor) -> Tensor:
         return output + _like(delta, output)
+
+    return hook
+
+
+def _add_first(delta: Tensor) -> Callable:
+    """Forward hook adding ``delta`` to a module's output, or to the first tensor of a tuple output."""
+
+    def hook(module, args, output):
+        if isinstance(output, Tensor):
+            return output + _like(delta, output)
+        return (output[0] + _like(delta, output[0]), *output[1:])
 
     return hook
 

@@ -24,8 +24,9 @@ F64 = torch.float64
 EXACT = 1e-10
 IDS = torch.randint(3, 97, (1, 7), generator=torch.Generator().manual_seed(0))
 # routed experts only (Mixtral); a shared expert behind a sigmoid gate (Qwen2-MoE); transposed, interleaved
-# gate/up with biases and a clamped SwiGLU (gpt-oss); a post-MLP norm after the mixture (FlexOlmo)
-KINDS = ["mixtral", "qwen2_moe", "gpt_oss", "flex_olmo"]
+# gate/up with biases and a clamped SwiGLU (gpt-oss); a post-MLP norm after the mixture (FlexOlmo); the mixture's own
+# output bias (JetMoE)
+KINDS = ["mixtral", "qwen2_moe", "gpt_oss", "flex_olmo", "jetmoe"]
 _MODELS: dict[str, torch.nn.Module] = {}
 
 
