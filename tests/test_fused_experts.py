@@ -9,6 +9,8 @@ checker: a corrupted column or expert share must show up at exactly its block an
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import assert_untouched, hook_count, rel_err
@@ -95,3 +97,21 @@ def test_a_router_read_through_a_float32_cast_is_refused_by_name(one_thread):
     with assert_untouched(model), pytest.raises(iu.UnsupportedArchitectureError, match=r"mlp\.gate\.weight"):
         iu.decompose(model, IDS, dtype=F64)
     assert hook_count(model) == 0
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+def test_absorbed_mixture_gives_the_full_logits(kind, one_thread):
+    """The absorbed copy (dense per-expert edits summed into the stacked parameters) and the hook-patched model itself,
+    run on the last token alone, against the full model's last-position logits from a plain float64 forward."""
+    model = model_of(kind)
+    with torch.no_grad():
+        full = copy.deepcopy(model).to(F64)(IDS).logits[0, -1]
+        control = copy.deepcopy(model).to(F64)(IDS[:, -1:]).logits[0, -1]
+    assert (control - full).abs().max() > 1e-3  # the context matters: the test can fail
+    with assert_untouched(model), torch.no_grad():
+        patched = iu.absorb(model, IDS, dtype=F64)
+        copied = patched(IDS[:, -1:]).logits[0, -1]
+        with iu.absorbed(model, IDS, dtype=F64):
+            hooked = model(IDS[:, -1:]).logits[0, -1].to(F64)
+    assert (copied - full).abs().max() <= 1e-9
+    assert (hooked - full).abs().max() <= 1e-9
