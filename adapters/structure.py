@@ -5,7 +5,8 @@ model's *class* (``SUPPORTED_ARCHITECTURES``, the table ``TransformerBridge.boot
 read from its ``component_mapping`` without booting a bridge: the block class (``ParallelBlockBridge``,
 ``ScaledResidualBlockBridge`` and its ``residual_contribution_scale``), the norms ``ln2`` (feeds the MLP) and
 ``ln2_post`` (after the MLP, before the residual add) and the MLP bridge (``MLPBridge`` in/out, ``GatedMLPBridge``
-gate/in/out, ``JointGateUpMLPBridge``'s fused projection, ``MoEBridge``). A booted bridge is read from the adapter
+gate/in/out, ``JointGateUpMLPBridge``'s fused projection; a ``MoEBridge`` is located as a whole module, whose maps
+:mod:`~implicit_updates.adapters.experts` reads from its linear calls). A booted bridge is read from the adapter
 it was booted with, in TransformerLens's canonical names (``blocks.L.ln2``, ``blocks.L.mlp.gate``...), which are the
 modules the bridge's forward actually calls. Without TransformerLens a small built-in table, keyed by class, is the
 fallback. Names only locate modules: capture then checks the data flow the description claims
