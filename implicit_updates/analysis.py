@@ -9,12 +9,14 @@ A block's maps that read the MLP input share the row, so they are one update wit
 from __future__ import annotations
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from implicit_updates import core
 
 
-def alignment(u1: Tensor, v1: Tensor, u2: Tensor, v2: Tensor) -> Tensor:
+def alignment(u1: Float[Tensor, "*batch d_out"], v1: Float[Tensor, "*batch d_in"], u2: Float[Tensor, "*batch d_out"],
+              v2: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch"]:
     """Normalized Frobenius inner product ``(u1.u2)(v1.v2) / (|u1||v1||u2||v2|)`` of ``u1 v1^T`` and ``u2 v2^T``.
 
     Broadcasts over leading dimensions; 1 for parallel updates, 0 for orthogonal ones; zero updates give 0.
@@ -24,13 +26,15 @@ def alignment(u1: Tensor, v1: Tensor, u2: Tensor, v2: Tensor) -> Tensor:
     return torch.where(den > 0, num / den.where(den > 0, torch.ones_like(den)), torch.zeros_like(num))
 
 
-def alignment_matrix(columns: Tensor, rows: Tensor) -> Tensor:
+def alignment_matrix(columns: Float[Tensor, "n d_out"], rows: Float[Tensor, "n d_in"]) -> Float[Tensor, "n n"]:
     """``[n, n]`` pairwise alignments of ``u_i v_i^T``; ``columns`` ``[n, d_out]``, ``rows`` ``[n or 1, d_in]``."""
     rows = rows.expand(columns.shape[0], rows.shape[-1])
     return alignment(columns[:, None], rows[:, None], columns[None], rows[None])
 
 
-def difference_frobenius_norm(u1: Tensor, v1: Tensor, u2: Tensor, v2: Tensor) -> Tensor:
+def difference_frobenius_norm(u1: Float[Tensor, "*batch d_out"], v1: Float[Tensor, "*batch d_in"],
+                              u2: Float[Tensor, "*batch d_out"], v2: Float[Tensor, "*batch d_in"]
+                              ) -> Float[Tensor, "*batch"]:
     """``||u1 v1^T - u2 v2^T||_F`` from the factors, without subtracting two large dense matrices.
 
     ``u1 v1^T - u2 v2^T = a v1^T + u2 b^T`` with ``a = u1 - u2`` and ``b = v1 - v2``, so the squared norm is
@@ -43,18 +47,18 @@ def difference_frobenius_norm(u1: Tensor, v1: Tensor, u2: Tensor, v2: Tensor) ->
     return squared.clamp_min(0).sqrt()
 
 
-def first_layer_factors(update, batch: int = 0) -> tuple[Tensor, Tensor]:
+def first_layer_factors(update, batch: int = 0) -> tuple[Float[Tensor, "pos d_out"], Float[Tensor, "q d_in"]]:
     """A :class:`BlockUpdate`'s first-layer factors: columns ``[pos, sum d_out]`` (maps stacked) and rows."""
     columns = torch.cat([u.column[batch] for u in update.first_layer], dim=-1)
     return columns, update.row[batch]
 
 
-def position_alignment(result, block: int, batch: int = 0) -> Tensor:
+def position_alignment(result, block: int, batch: int = 0) -> Float[Tensor, "pos pos"]:
     """``[pos, pos]`` alignments between the updates of every pair of positions within ``block``."""
     return alignment_matrix(*first_layer_factors(result.block(block), batch))
 
 
-def block_alignment(result, position: int = -1, batch: int = 0) -> Tensor:
+def block_alignment(result, position: int = -1, batch: int = 0) -> Float[Tensor, "block block"]:
     """``[blocks, blocks]`` alignments between the decomposed blocks' updates at one ``position``.
 
     Needs every block's first-layer maps to have the same shapes (true for a HookedTransformer's blocks).
@@ -69,13 +73,14 @@ def block_alignment(result, position: int = -1, batch: int = 0) -> Tensor:
     return alignment_matrix(torch.stack(columns), torch.stack(rows))
 
 
-def update_norms(result, block: int, batch: int = 0) -> Tensor:
+def update_norms(result, block: int, batch: int = 0) -> Float[Tensor, " pos"]:
     """``[pos]`` Frobenius (= spectral, rank one) norms ``||u_i|| ||v_i||`` of each position's update."""
     columns, rows = first_layer_factors(result.block(block), batch)
     return core.factored_frobenius_norm(rows, columns)
 
 
-def summed_singular_values(result, block: int, positions: slice | Tensor | None = None, batch: int = 0) -> Tensor:
+def summed_singular_values(result, block: int, positions: slice | Tensor | None = None, batch: int = 0
+                           ) -> Float[Tensor, " k"]:
     """Singular values of ``sum_i dW_i`` over ``positions`` (all by default), from the factors (thin QR)."""
     columns, rows = first_layer_factors(result.block(block), batch)
     select = slice(None) if positions is None else positions
@@ -97,7 +102,7 @@ def summed_norms(result, block: int, positions: slice | Tensor | None = None, ba
     }
 
 
-def effective_rank(singular_values: Tensor) -> float:
+def effective_rank(singular_values: Float[Tensor, " k"]) -> float:
     """Roy & Vetterli's effective rank ``exp(-sum p_k log p_k)`` with ``p = sigma / sum sigma`` (1 for rank one)."""
     total = singular_values.sum()
     if total <= 0:
@@ -107,7 +112,7 @@ def effective_rank(singular_values: Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def delta_b_cosine(result, direction: Tensor, batch: int = 0) -> Tensor:
+def delta_b_cosine(result, direction: Float[Tensor, " d_model"], batch: int = 0) -> Float[Tensor, "block pos"]:
     """``[blocks, pos]`` cosine between each output-bias correction ``delta_b_i = r_i - r_x`` and ``direction``.
 
     ``direction`` is ``[d_model]`` (e.g. a function vector); Dherin et al. Thm A.2's ``db'``. Zero vectors give 0.

@@ -4,7 +4,8 @@ Shapes: ``[batch, pos, d]`` for with-context activations and ``[batch, q, d]`` f
 where ``q`` is 1 (``query="last"``: one query shared by every position) or ``pos`` (``query="self"``).
 
 Conventions: a first-layer map reads the MLP input ``m`` as ``m @ W`` with ``W`` of shape ``[d_in, d_out]``
-(TransformerLens layout). Its rank-one update is ``delta_W = outer(row, column)``, the transpose of the
+(TransformerLens layout; shapes annotated in its jaxtyping style). Its rank-one update is
+``delta_W = outer(row, column)``, the transpose of the
 papers' ``dW = (W dm) m_x^T / ||m_x||^2`` written for ``W x``.
 """
 
@@ -12,10 +13,11 @@ from __future__ import annotations
 
 import torch
 from einops import einsum
+from jaxtyping import Float
 from torch import Tensor
 
 
-def implicit_row(query_mlp_input: Tensor) -> Tensor:
+def implicit_row(query_mlp_input: Float[Tensor, "*batch q d_in"]) -> Float[Tensor, "*batch q d_in"]:
     """The row shared by every rank-one update of a block: ``m_x / ||m_x||^2``.
 
     Dherin et al. 2025, Eq. 8 (with ``A(x)`` replaced by the MLP input ``m(x)``, as in Innocenti & Achour 2025
@@ -30,7 +32,8 @@ def implicit_row(query_mlp_input: Tensor) -> Tensor:
     return query_mlp_input / squared_norm
 
 
-def implicit_column(mlp_input: Tensor, query_mlp_input: Tensor, weight: Tensor) -> Tensor:
+def implicit_column(mlp_input: Float[Tensor, "*batch pos d_in"], query_mlp_input: Float[Tensor, "*batch q d_in"],
+                    weight: Float[Tensor, "d_in d_out"]) -> Float[Tensor, "*batch pos d_out"]:
     """The column ``W (m_i - m_x)`` of the rank-one update of one first-layer map, for every position i.
 
     Dherin et al. 2025, Eq. 8; Innocenti & Achour 2025 (all positions). ``weight`` is ``[d_in, d_out]``, read in
@@ -39,7 +42,8 @@ def implicit_column(mlp_input: Tensor, query_mlp_input: Tensor, weight: Tensor) 
     return einsum(mlp_input - query_mlp_input, weight.to(mlp_input.dtype), "... d_in, d_in d_out -> ... d_out")
 
 
-def bias_correction(residual: Tensor, query_residual: Tensor) -> Tensor:
+def bias_correction(residual: Float[Tensor, "*batch pos d_model"], query_residual: Float[Tensor, "*batch q d_model"]
+                    ) -> Float[Tensor, "*batch pos d_model"]:
     """The output-bias correction ``delta_b_i = r_i(C, x) - r(x)`` of a block with a skip connection.
 
     Dherin et al. 2025, Thm A.2 (``db' = dA``); Innocenti & Achour 2025 (``r`` = the residual the MLP output is
@@ -48,7 +52,8 @@ def bias_correction(residual: Tensor, query_residual: Tensor) -> Tensor:
     return residual - query_residual
 
 
-def scale_correction(residual: Tensor, query_residual: Tensor, normalized_mlp_output: Tensor) -> Tensor:
+def scale_correction(residual: Float[Tensor, "*batch pos d_model"], query_residual: Float[Tensor, "*batch q d_model"],
+                     normalized_mlp_output: Float[Tensor, "*batch pos d_model"]) -> Float[Tensor, "*batch pos d_model"]:
     """The patch of a post-MLP norm's scale, ``delta_w_i = (r_i - r_x) / z_i`` (Goldwaser et al. 2025).
 
     With a norm after the MLP the block adds ``w * z`` (``z`` the normalized MLP output, the same with context and
@@ -62,7 +67,7 @@ def scale_correction(residual: Tensor, query_residual: Tensor, normalized_mlp_ou
     return (residual - query_residual) / normalized_mlp_output
 
 
-def flattened_output(mlp_output: Tensor) -> Tensor:
+def flattened_output(mlp_output: Float[Tensor, "*batch pos d_model"]) -> Float[Tensor, "*batch pos d_model"]:
     """``k_i sign(h_i)``, ``k_i = max(rms(h_i), 1)``: the MLP output a post-MLP norm's scale patch divides by.
 
     Dividing the residual difference by the normalized MLP output itself (:func:`scale_correction`) is exact but
@@ -76,7 +81,9 @@ def flattened_output(mlp_output: Tensor) -> Tensor:
     return torch.where(mlp_output < 0, -size, size)
 
 
-def post_norm_scale(output: Tensor, query_residual: Tensor, norm_output: Tensor, normalized: Tensor) -> Tensor:
+def post_norm_scale(output: Float[Tensor, "*batch pos d_model"], query_residual: Float[Tensor, "*batch q d_model"],
+                    norm_output: Float[Tensor, "*batch pos d_model"], normalized: Float[Tensor, "*batch pos d_model"]
+                    ) -> Float[Tensor, "*batch pos d_model"]:
     """The patch ``delta_w_i = (y_i - r_x - w * z') / z'`` of a post-MLP norm's scale ``w``.
 
     Goldwaser et al. 2025 patch the norm after the MLP; here the norm reads the flattened MLP output
@@ -88,17 +95,20 @@ def post_norm_scale(output: Tensor, query_residual: Tensor, norm_output: Tensor,
     return (output - query_residual - norm_output) / normalized
 
 
-def rank_one_delta(row: Tensor, column: Tensor) -> Tensor:
+def rank_one_delta(row: Float[Tensor, "*batch d_in"], column: Float[Tensor, "*batch d_out"]
+                   ) -> Float[Tensor, "*batch d_in d_out"]:
     """Densify one update: ``outer(row, column)``, shaped ``[d_in, d_out]`` like the weight it updates."""
     return einsum(row, column, "... d_in, ... d_out -> ... d_in d_out")
 
 
-def factored_frobenius_norm(row: Tensor, column: Tensor) -> Tensor:
+def factored_frobenius_norm(row: Float[Tensor, "*batch d_in"], column: Float[Tensor, "*batch d_out"]
+                            ) -> Float[Tensor, "*batch"]:
     """``||outer(row, column)||_F = ||row|| ||column||`` without densifying."""
     return row.norm(dim=-1) * column.norm(dim=-1)
 
 
-def summed_update_singular_values(rows: Tensor, columns: Tensor) -> Tensor:
+def summed_update_singular_values(rows: Float[Tensor, "n d_in"], columns: Float[Tensor, "n d_out"]
+                                  ) -> Float[Tensor, " k"]:
     """Singular values of ``sum_i outer(row_i, column_i)`` computed from the factors.
 
     ``rows`` is ``[n, d_in]``, ``columns`` ``[n, d_out]``. With thin QR ``R^T = Q_r S_r`` and ``C^T = Q_c S_c``
@@ -109,7 +119,7 @@ def summed_update_singular_values(rows: Tensor, columns: Tensor) -> Tensor:
     return torch.linalg.svdvals(r_rows @ r_cols.T)
 
 
-def numerical_rank(singular_values: Tensor, size: int, scale: float | Tensor | None = None) -> int:
+def numerical_rank(singular_values: Float[Tensor, " k"], size: int, scale: float | Tensor | None = None) -> int:
     """Rank with the usual tolerance ``max(sigma) * size * eps`` (as ``numpy.linalg.matrix_rank``).
 
     Singular values computed from factors (:func:`summed_update_singular_values`) carry rounding of the order of
@@ -123,13 +133,15 @@ def numerical_rank(singular_values: Tensor, size: int, scale: float | Tensor | N
     return int((singular_values > tol).sum())
 
 
-def relative_errors(patched_output: Tensor, target_output: Tensor) -> Tensor:
+def relative_errors(patched_output: Float[Tensor, "*batch pos d_model"],
+                    target_output: Float[Tensor, "*batch pos d_model"]) -> Float[Tensor, "*batch pos"]:
     """``||y'_i - y_i|| / ||y_i||`` per position (Euclidean over d_model; 0 where both are zero), in float64."""
     diff = (patched_output - target_output).to(torch.float64)
     return diff.norm(dim=-1) / target_output.to(torch.float64).norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
 
 
-def reproduction_errors(patched_output: Tensor, target_output: Tensor) -> dict[str, float]:
+def reproduction_errors(patched_output: Float[Tensor, "*batch pos d_model"],
+                        target_output: Float[Tensor, "*batch pos d_model"]) -> dict[str, float]:
     """MSD, max absolute and max relative error between patched query-only outputs and with-context outputs.
 
     The relative error is per position (:func:`relative_errors`), maxed over positions.

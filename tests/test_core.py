@@ -195,3 +195,23 @@ def test_reproduction_errors_are_per_position_maxed_not_averaged():
     assert errors["max_abs_err"] == 2.0 and errors["max_rel_err"] == pytest.approx(8**0.5 / 5, rel=1e-15)
     huge = torch.tensor([[[3e30, 4e30]]])  # float32: the norm of the difference overflows unless taken in float64
     assert core.reproduction_errors(1.5 * huge, huge)["max_rel_err"] == pytest.approx(0.5, rel=1e-6)
+
+
+def test_shape_annotations_are_valid_jaxtyping():
+    """Every public function of the pure math carries jaxtyping shape annotations that resolve (a malformed shape
+    string raises here), in TransformerLens's style."""
+    import inspect
+    import typing
+
+    from jaxtyping import AbstractArray
+
+    from implicit_updates import analysis
+
+    annotated = 0
+    for module in (core, analysis):
+        for name, fn in inspect.getmembers(module, inspect.isfunction):
+            if fn.__module__ != module.__name__ or name.startswith("_"):
+                continue
+            hints = typing.get_type_hints(fn)
+            annotated += any(isinstance(h, type) and issubclass(h, AbstractArray) for h in hints.values())
+    assert annotated >= 20, annotated
