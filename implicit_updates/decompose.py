@@ -226,7 +226,7 @@ class Decomposition:
                     u.block, msd=errors["msd"], max_abs_err=errors["max_abs_err"], max_rel_err=worst[0], rank=rank,
                     factored_max_rel_err=errors["max_rel_err"], literal_max_rel_err=max(literal.values()),
                     literal_positions=tuple(sorted({i for _, i in literal})), worst_batch=worst[1][0],
-                    worst_position=worst[1][1]))
+                    worst_position=worst[1][1], position_rel_errs=tuple(float(e) for e in rel.max(0).values)))
         return VerifyReport(tuple(reports), self.n_positions, self.query, str(self.dtype).removeprefix("torch."))
 
     def _literal_error(self, block: int, batch: int, position: int) -> float:

@@ -203,7 +203,7 @@ def legend_list(labels: list[str]) -> str:
 # -- sections (from report dicts) ----------------------------------------------------------------------------------
 
 
-def verify_section(v: dict) -> str:
+def verify_section(v: dict, tokens: list[str] | None = None) -> str:
     rows = [[str(b["block"]), fmt(b["msd"]), fmt(b["max_abs_err"]), fmt(b["max_rel_err"]),
              fmt(b["factored_max_rel_err"]), fmt(b["literal_max_rel_err"]),
              escape(", ".join(map(str, b["literal_positions"]))), str(b["worst_position"]), str(b["rank"])]
@@ -213,7 +213,13 @@ def verify_section(v: dict) -> str:
     summary = (f'<div class="iu-meta">max relative error <b>{fmt(v["max_rel_err"])}</b> over {len(v["blocks"])} '
                f'blocks x {v["n_positions"]} positions ({escape(v["dtype"])}, query={escape(v["query"])}): each '
                "block run on its query alone with each position's update, against the block with context</div>")
-    return summary + f'<div class="iu-verify">{table(header, rows)}</div>'
+    out = summary + f'<div class="iu-verify">{table(header, rows)}</div>'
+    if all(b.get("position_rel_errs") for b in v["blocks"]):  # the factored check at every position
+        labels = tokens or [str(i) for i in range(v["n_positions"])]
+        out += heatmap(labels[: v["n_positions"]], [b["block"] for b in v["blocks"]],
+                       {"relative error": [b["position_rel_errs"] for b in v["blocks"]]},
+                       caption="relative error of the patched query alone at each position (the factored check)")
+    return out
 
 
 def decomposition_section(d: dict) -> str:
@@ -280,7 +286,8 @@ def attribution_section(att: dict) -> str:
 def report_body(payload: dict) -> str:
     """The report's sections (a notebook shows them inside :func:`fragment`)."""
     title = f"implicit-updates report: {payload['model']}"
-    sections = [("verify", "Verification per block", verify_section(payload["verify"])),
+    sections = [("verify", "Verification per block and position", verify_section(payload["verify"],
+                                                                                  payload["tokens"])),
                 ("updates", "Update sizes per token and block", decomposition_section(payload["decomposition"]))]
     if "dynamics" in payload:
         sections.append(("dynamics", "Prefix dynamics (Dherin et al. Prop. 3.1)",

@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass
 class BlockReport:
     """One block's errors. ``max_rel_err`` is the larger of the factored check (every position) and the literal one
     (dense ``param + delta`` swapped into the model at ``literal_positions``, run by the model's own forward);
-    ``worst_position`` is where it occurs (batch ``worst_batch``)."""
+    ``worst_position`` is where it occurs (batch ``worst_batch``); ``position_rel_errs`` the factored check's
+    relative error at every position (the largest over the batch)."""
 
     block: int
     msd: float
@@ -21,6 +22,7 @@ class BlockReport:
     literal_positions: tuple[int, ...] = ()
     worst_position: int = 0
     worst_batch: int = 0
+    position_rel_errs: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -139,9 +139,11 @@ def test_report_json_has_the_html_numbers_and_the_model_is_untouched(model, toke
         [float(x) for x in analysis.update_norms(same, 2)], rel=1e-12)
     assert [b["block"] for b in payload["verify"]["blocks"]] == [b.block for b in results["verify"].blocks]
     assert payload["verify"]["max_rel_err"] <= 1e-12 and payload["absorb"]["max_abs_logit_diff"] <= 1e-10
-    heat = data_blocks(page)[0]["series"]
-    assert heat["||dW_i|| (first-layer update)"] == payload["decomposition"]["update_norms"]
-    assert heat["||delta_b_i|| (output correction)"] == payload["decomposition"]["delta_b_norms"]
+    heats = {name: values for d in data_blocks(page) for name, values in d["series"].items()}
+    assert heats["relative error"] == [b["position_rel_errs"] for b in payload["verify"]["blocks"]]
+    assert {len(b["position_rel_errs"]) for b in payload["verify"]["blocks"]} == {N_TOKENS}
+    assert heats["||dW_i|| (first-layer update)"] == payload["decomposition"]["update_norms"]
+    assert heats["||delta_b_i|| (output correction)"] == payload["decomposition"]["delta_b_norms"]
     assert len(page) < 2_000_000
     with assert_untouched(model):
         from implicit_updates.report import report
@@ -259,7 +261,8 @@ def test_chromium_opens_the_report(browser, written_report, tmp_path):
     n_blocks = len(payload["verify"]["blocks"])
     for section in ("verify", "updates", "dynamics", "absorb", "attribution"):
         assert page.query_selector(f"section#{section}") is not None, section
-    assert len(page.query_selector_all("#verify tbody tr")) == n_blocks
+    assert len(page.query_selector_all("#verify .iu-verify tbody tr")) == n_blocks
+    assert len(page.query_selector_all("#verify tr.iu-row")) == n_blocks  # the per-position error heatmap
     assert len(page.query_selector_all("#updates .iu-tok")) == N_TOKENS
     assert len(page.query_selector_all("#updates tr.iu-row")) == n_blocks
     assert len(page.query_selector_all("#dynamics polyline")) >= 2 * n_blocks
@@ -277,20 +280,20 @@ def test_chromium_opens_the_report(browser, written_report, tmp_path):
 
 
 def test_chromium_renders_every_repr_html(browser, results, tmp_path):
-    """Every result's ``_repr_html_`` on one page, as a notebook shows them: no errors, and the two heatmap widgets
-    (decomposition, attribution) each answer their own selector only."""
+    """Every result's ``_repr_html_`` on one page, as a notebook shows them: no errors, and the three heatmap widgets
+    (decomposition, verify's per-position errors, attribution) each answer their own selector only."""
     body = "".join(f'<div class="cell">{v._repr_html_()}</div>' for v in results.values())
     path = tmp_path / "notebook.html"
     path.write_text(f'<!DOCTYPE html><html><head><meta charset="utf-8"></head><body>{body}</body></html>')
     page = open_page(browser, path)
     widgets = page.query_selector_all(".iu-heat")
-    assert len(widgets) == 2 and len({w.get_attribute("id") for w in widgets}) == 2
+    assert len(widgets) == 3 and len({w.get_attribute("id") for w in widgets}) == 3
     n_blocks = len(results["decomposition"].blocks)
-    other = strip_colours(widgets[1])
+    others = [strip_colours(w) for w in widgets[1:]]
     check_selector(widgets[0], n_blocks)
     widgets[0].query_selector("select.iu-block").select_option("0")
-    assert strip_colours(widgets[1]) == other
-    check_selector(widgets[1], n_blocks)
+    assert [strip_colours(w) for w in widgets[1:]] == others
+    check_selector(widgets[2], n_blocks)
     assert page.query_selector_all(".iu-verify tbody tr") and page.query_selector_all("svg polyline")
     not_blank(page.screenshot(path=str(tmp_path / "notebook.png"), full_page=True))
     assert page.errors == [] and len(page.requests) == 1, (page.errors, page.requests)
