@@ -23,7 +23,8 @@ then fails and the zoo test names the architecture.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -142,6 +143,23 @@ class LinearCalls(TorchFunctionMode):
                 self.routing[block] = (indices[0].detach(), weights[0].detach())
 
         return hook
+
+
+@contextmanager
+def eager_experts(owners: set[nn.Module]) -> Iterator[None]:
+    """transformers' fused experts modules run their own eager per-expert loop while their calls are watched
+    (``config._experts_implementation = "eager"``: the batched and grouped-matmul kernels, the default on some
+    setups, read every expert at once); each config's setting is put back on exit."""
+    configs = {id(c): c for c in (getattr(o, "config", None) for o in owners)
+               if c is not None and hasattr(c, "_experts_implementation_internal")}
+    saved = {k: c._experts_implementation_internal for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._experts_implementation_internal = "eager"  # this config only (the property's setter recurses)
+        yield
+    finally:
+        for k, c in configs.items():
+            c._experts_implementation_internal = saved[k]
 
 
 def mlp_params(mlp: nn.Module, names: dict[int, str]) -> list[Param]:

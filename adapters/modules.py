@@ -21,7 +21,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from implicit_updates.adapters.experts import Patch, read_flow, stacked_view
+from implicit_updates.adapters.experts import Patch, eager_experts, read_flow, stacked_view
 from implicit_updates.capture import BlockCapture, FirstLayerMap, OutputCorrection, captures_per_block
 from implicit_updates.dispatch import execution_device, loaded_parameter, own_forward
 from implicit_updates.errors import UnsupportedArchitectureError
@@ -129,15 +129,17 @@ class ModuleAdapter:
         if stop_after is not None:
             hooks.append((self.parts[stop_after].layer, "fwd", _raise_stop))
         calls = getattr(self, "linear_calls", None)
+        experts: set[nn.Module] = set()
         if calls is not None:  # fused experts: see and patch the linear calls inside whole MLPs (experts.py)
             calls.calls, calls.routing, calls.active = {}, {}, None
             for b in calls.params:
                 p = self.parts[b]
+                owners = {param.owner for param in calls.params[b] if param.current().dim() == 3}
+                experts |= owners
                 hooks += [(p.mlp, "pre", calls.enter(b)), (p.mlp, "fwd", calls.leave)]
-                hooks += [(owner, "pre_kw", calls.save_routing(b)) for owner in
-                          {param.owner for param in calls.params[b] if param.current().dim() == 3}]
+                hooks += [(owner, "pre_kw", calls.save_routing(b)) for owner in owners]
         try:
-            with module_hooks(hooks), calls if calls is not None else contextlib.nullcontext():
+            with module_hooks(hooks), eager_experts(experts), calls if calls is not None else contextlib.nullcontext():
                 return self._forward(ids)
         except _Stop:
             return None

@@ -115,3 +115,15 @@ def test_absorbed_mixture_gives_the_full_logits(kind, one_thread):
             hooked = model(IDS[:, -1:]).logits[0, -1].to(F64)
     assert (copied - full).abs().max() <= 1e-9
     assert (hooked - full).abs().max() <= 1e-9
+
+
+def test_grouped_mm_experts_run_their_eager_loop_while_watched(one_thread):
+    """transformers' default fused-experts kernel (grouped_mm) reads all experts at once; the decomposition runs the
+    experts' own eager loop instead and puts the user's setting back."""
+    model = copy.deepcopy(model_of("mixtral"))
+    model.config._experts_implementation = "grouped_mm"
+    with assert_untouched(model):
+        report = iu.decompose(model, IDS, dtype=F64).verify()
+    assert report.max_rel_err <= EXACT
+    assert model.config._experts_implementation == "grouped_mm"
+    assert model.model.layers[0].mlp.experts.config._experts_implementation == "grouped_mm"
