@@ -125,7 +125,7 @@ class ModuleAdapter:
         ids = inputs
         if inputs.is_floating_point():
             ids = torch.zeros(inputs.shape[:2], dtype=torch.long, device=inputs.device)
-            hooks.append((self.parts[0].layer, "pre_kw", substitute(inputs)))
+            hooks.insert(0, (self.parts[0].layer, "pre_kw", substitute(inputs)))  # before hooks that read it
         if stop_after is not None:
             hooks.append((self.parts[stop_after].layer, "fwd", _raise_stop))
         calls = getattr(self, "linear_calls", None)

@@ -238,7 +238,15 @@ def test_query_self_and_continuous_inputs():
         assert rel_err(literal_edit_output(model, result, 2, position), targets[2][0, position]) <= 1e-10
     assert result.verify().max_rel_err <= 1e-10
     residual = torch.randn(1, 7, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    assert iu.decompose(model.double(), residual).verify().max_rel_err <= 1e-10
+    continuous = iu.decompose(model.double(), residual)
+    assert continuous.verify().max_rel_err <= 1e-10
+    # block 0 reads the residual fed in (not the dummy token's embedding); its with-context output is the model's own
+    # on inputs_embeds (an independent forward)
+    assert torch.equal(continuous.query_input(0), residual[:, -1:])
+    with torch.no_grad():
+        hidden = model(inputs_embeds=residual, output_hidden_states=True).hidden_states
+    for block in (0, 1):
+        assert rel_err(continuous.block(block).target_output[0], hidden[block + 1][0]) <= 1e-12
 
 
 def test_unsupported_layout_is_named():
