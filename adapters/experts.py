@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-_MATMULS = (torch.matmul, Tensor.matmul, Tensor.__matmul__)
+_MATMULS = (torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, Tensor.bmm)
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,15 @@ class LinearCalls(TorchFunctionMode):
         if found is None:
             return out
         param, expert = found
-        self.calls.setdefault(self.active, []).append(Call(param, expert, func is F.linear, x.detach()))
+        current = param.current()
+        if expert is None and current.dim() == 3 and x.dim() == 3 and x.shape[0] == current.shape[0]:
+            # every expert at once (Llama 4: a bmm of [E, tokens, d_in] inputs): one call per expert's slice
+            outs = [self._seen(param, e, func is F.linear, x[e], out[e]) for e in range(x.shape[0])]
+            return torch.stack(outs)
+        return self._seen(param, expert, func is F.linear, x, out)
+
+    def _seen(self, param: Param, expert: int | None, transposed: bool, x: Tensor, out: Tensor) -> Tensor:
+        self.calls.setdefault(self.active, []).append(Call(param, expert, transposed, x.detach()))
         for patch in self.patches.get(param.name, ()):
             column = patch.column_for(expert)
             if column is not None:
@@ -194,6 +202,16 @@ def token_rows(x: Tensor, m: Tensor) -> Tensor | None:
     return index
 
 
+def scaled_rows(x: Tensor, m: Tensor) -> bool:
+    """``x`` ``[T, d]`` is ``m`` ``[T, d]`` with every row scaled by its own factor (0 included), up to rounding:
+    an expert's input in Llama 4, ``m`` times the token's routing score for that expert."""
+    if x.shape != m.shape or x.dtype != m.dtype:
+        return False
+    factor = (x * m).sum(-1, keepdim=True) / m.pow(2).sum(-1, keepdim=True).clamp_min(torch.finfo(m.dtype).tiny)
+    rest = (x - factor * m).norm(dim=-1)
+    return bool((rest <= 64 * torch.finfo(m.dtype).eps * x.norm(dim=-1)).all())
+
+
 @dataclass
 class MLPFlow:
     """What the with-context run showed about one block's MLP (see the module docstring)."""
@@ -227,9 +245,12 @@ def read_flow(calls: list[Call], params: list[Param], m: Tensor, routing: tuple[
     first: dict[str, tuple[Param, int, bool]] = {}
     last_tokens: dict[int | None, Tensor] = {}  # per expert slice: the tokens of its latest first-layer call
     outputs: dict[str, list[tuple[Call, Tensor]]] = {}
+    scaled_inputs = False  # experts fed m scaled by their routing weight (Llama 4), not weighted at their output
     for call in calls:
         tokens = token_rows(call.x, m)
         stacked = call.param.current().dim() == 3
+        if tokens is None and stacked and call.expert is not None and scaled_rows(call.x, m):
+            tokens, scaled_inputs = torch.arange(m.shape[0], device=m.device), True
         if tokens is not None:
             first[call.param.name] = (call.param, call.param.current().shape[0] if stacked else 0, call.transposed)
             last_tokens[call.expert] = tokens
@@ -262,9 +283,12 @@ def read_flow(calls: list[Call], params: list[Param], m: Tensor, routing: tuple[
     if not stacked_out:
         return MLPFlow(list(first.values()), param, 0, outputs[name][0][0].transposed, hidden,
                        m.new_ones(n_tokens, 1))
+    experts = param.current().shape[0]
+    if scaled_inputs:  # the routing weight scales each expert's input: its output enters the mixture with weight 1
+        return MLPFlow(list(first.values()), param, experts, outputs[name][0][0].transposed, hidden,
+                       m.new_ones(n_tokens, experts))
     if routing is None:
         raise UnsupportedArchitectureError(f"block {block}: the experts module was not called with routing tensors")
-    experts = param.current().shape[0]
     indices, weights = routing
     dense = torch.zeros(n_tokens, experts, dtype=m.dtype, device=m.device)
     if weights.shape == indices.shape:

@@ -5,8 +5,9 @@ Per architecture and backend: build a tiny random config (hidden 32, 2 layers; b
 decompose in float64 and ``verify()``, then a literal weight edit of a deep copy (``result.patch`` added to its real
 parameters; each layer run by the model's own forward on the query alone, its input taken from a plain forward)
 against the with-context layer outputs of a plain forward (``tests/test_hf.py`` helpers, none of the adapter's
-code), the model untouched (``assert_untouched``). ``exact``: both <= 1e-10; ``float32-norm bound``: the documented
-Gemma-family rounding (transformers computes those norms' scale in float32), <= 1e-6; ``refused``: an
+code), the model untouched (``assert_untouched``). ``exact``: both <= 1e-10; ``float32 bound``: the documented
+rounding where the model itself computes in float32 (``FLOAT32_BOUND``: Gemma's norms, float32 sigmoid routers),
+<= 1e-6, never counted exact; ``refused``: an
 ``UnsupportedArchitectureError`` naming the part. Anything else (a crash, or verify calling right what the literal
 edit calls wrong) fails the test. Bridges are booted offline from the tiny model with ``hf_model=``, with
 TransformerLens's on-the-fly ``pip install torchvision`` disabled.
@@ -34,8 +35,13 @@ from test_hf import context_outputs, literal_edit_output
 import implicit_updates as iu
 
 TOL = 1e-10
-FLOAT32_NORM_TOL = 1e-6  # transformers computes these norms' (1 + weight) in float32 (test_hf.GEMMA_FLOAT64_TOL)
-FLOAT32_NORMS = {"gemma2", "gemma3", "gemma3_text", "gemma3n_text", "vaultgemma", "t5gemma"}
+FLOAT32_TOL = 1e-6  # where the model itself rounds in float32 inside a float64 model (test_hf.GEMMA_FLOAT64_TOL)
+_NORM = "its RMSNorm computes (1 + weight) in float32 whatever the model's dtype, so a float64 scale patch is rounded"
+_SIGMOID = ("its router's sigmoid runs in float32, and torch's vectorised and scalar float32 kernels round the last "
+            "bit differently, so a block run alone can route with scores 1 float32 ulp off "
+            "(seen at other seeds/shapes)")
+FLOAT32_BOUND = {**dict.fromkeys(("gemma2", "gemma3", "gemma3_text", "gemma3n_text", "vaultgemma", "t5gemma"), _NORM),
+                 **dict.fromkeys(("minimax_m2", "laguna", "llama4_text"), _SIGMOID)}
 VOCAB = 97
 MAX_NUMBERS = 3_000_000
 ZOO_TABLE = Path(__file__).parent.parent / "docs" / "zoo.md"
@@ -131,7 +137,7 @@ def boot(model: torch.nn.Module, directory: Path) -> torch.nn.Module:
 
 
 def check(model: torch.nn.Module, model_type: str, ids: torch.Tensor) -> tuple[str, str]:
-    """(status, detail) of one model: exact / float32-norm bound / refused; raises on anything wrong."""
+    """(status, detail) of one model: exact / float32 bound / refused; raises on anything wrong."""
     with assert_untouched(model):
         try:
             result = iu.decompose(model, ids, dtype=torch.float64)
@@ -142,11 +148,12 @@ def check(model: torch.nn.Module, model_type: str, ids: torch.Tensor) -> tuple[s
     literal = max(rel_err(literal_edit_output(model, result, block, position), targets[block][0, position])
                   for block in range(len(targets)) for position in (1, ids.shape[1] - 1))
     worst = max(literal, report.max_rel_err)
-    tol = FLOAT32_NORM_TOL if model_type in FLOAT32_NORMS else TOL
+    tol = FLOAT32_TOL if model_type in FLOAT32_BOUND else TOL
     # verify must never call right what the literal edit calls wrong, and both must be exact (or within the bound)
     assert worst <= tol, (model_type, report.max_rel_err, literal)
-    status = "exact" if worst <= TOL else "float32-norm bound"
-    return status, f"{worst:.1e}"
+    if worst > TOL or FLOAT32_BOUND.get(model_type) == _SIGMOID:  # a router rounding alike at this seed is luck
+        return "float32 bound", FLOAT32_BOUND[model_type]
+    return "exact", f"{worst:.1e}"
 
 
 def run_zoo(types: list[str], directory: Path, bridge: bool = True, strict: bool = True
@@ -207,7 +214,7 @@ def test_zoo(tmp_path, one_thread):
         pytest.skip("the zoo runs with TransformerLens 4 (make test's build/venv-tl4 run)")
     rows = run_zoo(zoo_types(), tmp_path)  # raises on any crash, or on verify calling right what is wrong
     counts = {b: sum(r[b][0] == "exact" for r in rows.values()) for b in ("hf", "bridge")}
-    assert counts["hf"] >= 56 and counts["bridge"] >= 54, counts  # measured; the issue asks 50 and 60
+    assert counts["hf"] >= 54 and counts["bridge"] >= 52, counts  # measured; the issue asks 50 and 60
     for name in ("llama", "olmo2", "phi3", "phi", "granite", "gptj", "cohere", "opt", "bloom", "gpt_neox", "mixtral",
                  "qwen2_moe", "gpt_oss", "jetmoe", "flex_olmo"):
         assert rows[name]["hf"][0] == rows[name]["bridge"][0] == "exact", (name, rows[name])
@@ -220,8 +227,7 @@ def markdown(rows: dict[str, dict[str, tuple[str, str]]]) -> str:
     """The table: status per backend and the reason for anything not exact (errors are not listed: they vary)."""
     lines = ["| architecture | class | bridge | hf | reason |", "|---|---|---|---|---|"]
     for model_type, row in rows.items():
-        reasons = [f"{b}: {d}" for b in ("bridge", "hf") for s, d in [row[b]] if s not in ("exact",
-                                                                                            "float32-norm bound") and d]
+        reasons = [f"{b}: {d}" for b in ("bridge", "hf") for s, d in [row[b]] if s != "exact" and d]
         if row["bridge"][1] == row["hf"][1] and len(reasons) == 2:
             reasons = [row["hf"][1]]
         lines.append(f"| {model_type} | {row['class'][0]} | {row['bridge'][0]} | {row['hf'][0]} | "
