@@ -1,0 +1,118 @@
+"""Continuation absorption for Hugging Face causal LMs and TransformerBridges (the module-hook adapters).
+
+The same rank-K math as the HookedTransformer path (:mod:`implicit_updates.lowrank`), located by each block's
+:class:`~implicit_updates.adapters.modules.BlockParts`: ``first`` (every map reading the MLP input m), ``out`` (the
+output projection), the residual ``r`` the MLP output joins (sequential, parallel, post-norm-only) and the residual
+scale s (Granite: ``y = r + s * mlp(m)``, so the MLP output must move by ``(r - r') / s``). Every block runs on the
+continuation alone, as a K-token sequence, in one forward of the model on S (a pre-hook on each layer l > 0 swaps
+in the with-context inputs at S's positions, which the patched blocks before it reproduce), so the model builds its
+own rotary tables and masks for positions 0..K-1, as the patched model on S does.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from implicit_updates.adapters.modules import (
+    _norm_params,
+    _save_input,
+    _unflatten,
+    substitute,
+    unwrap,
+    weight_view,
+)
+from implicit_updates.dispatch import loaded_parameter, own_forward
+from implicit_updates.errors import UnsupportedArchitectureError
+from implicit_updates.lowrank import first_layer_updates, output_update, post_norm_target
+
+
+def module_blocks(adapter, inputs: Tensor, block_ids: list[int], k: int, rcond: float, output: str) -> tuple:
+    """``(blocks, full_logits)``: each block's :class:`~implicit_updates.continuation.BlockContinuation` and the
+    full model's logits ``[K, d_vocab]`` at the continuation (the last ``k`` of ``inputs``)."""
+    from implicit_updates.continuation import BlockContinuation
+
+    if inputs.is_floating_point() or inputs.shape[0] != 1:
+        raise ValueError("absorbing a continuation takes token ids of one sequence (batch 1)")
+    whole = [b for b in block_ids if getattr(adapter.parts[b], "whole", False)]
+    if whole:
+        raise UnsupportedArchitectureError(
+            f"block {whole[0]}: a mixture of experts with fused expert weights; absorbing a continuation through it "
+            "is not implemented for Hugging Face models (a HookedTransformer's mixture is)")
+    store: dict[str, Tensor] = {}
+    full_logits = adapter._final_logits(adapter._run(inputs, _hooks(adapter, block_ids, store)))[0, -k:]
+    _unflatten(store, inputs.shape[:2])
+    for b in block_ids:
+        adapter.check_structure(store, b)
+    # Every block on S alone in one forward of the model on S: layer l's input is swapped for the with-context
+    # one at S's positions (which the patched layers before it reproduce); layer 0 reads S's own embedding.
+    ids, alone = inputs[:, -k:], {}
+    swaps = [(adapter.parts[b].layer, "pre_kw", substitute(store[f"{b - 1}.resid_post"][:, -k:]))
+             for b in block_ids if b > 0]
+    adapter._run(ids, [*swaps, *_hooks(adapter, block_ids, alone)], stop_after=max(block_ids))
+    _unflatten(alone, ids.shape)
+    blocks, norm_err = [], 0.0
+    for b in block_ids:
+        p = adapter.parts[b]
+        m, m_alone = store[f"{b}.m"][0, -k:], alone[f"{b}.m"][0]
+        r, r_alone = adapter._residual(store, b)[0, -k:], adapter._residual(alone, b)[0]
+        updates, cond_m = first_layer_updates(m, m_alone, [weight_view(n, mod) for n, mod in p.first], rcond,
+                                              f"block {b}: the continuation's MLP inputs run alone")
+        change = (r - r_alone) / p.residual_scale  # the MLP output must move by this at each position
+        if p.post_norm is not None:  # the norm's output must: the MLP output goes to what post_norm_target says
+            h = store[f"{b}.h"][0, -k:]
+            target, scale_delta, err = _post_norm(p.post_norm[1], (store[f"{b}.resid_post"][0, -k:] - r_alone)
+                                                  / p.residual_scale, h, b)
+            change, norm_err = target - h, max(norm_err, err)
+            updates.append((p.post_norm[0], scale_delta))
+        if k == 1 and p.out_bias is not None and output == "auto":
+            updates.append((p.out_bias, change[0]))
+            cond_p = float("inf")
+        else:
+            update, cond_p = output_update(store[f"{b}.hidden"][0, -k:], change, p.out_weight,
+                                           isinstance(unwrap(p.out), nn.Linear), rcond,
+                                           f"block {b}: the with-context hidden activations")
+            updates.append(update)
+        blocks.append(BlockContinuation(b, tuple(updates), cond_m, cond_p, k))
+    if norm_err > 1e3 * torch.finfo(m.dtype).eps:
+        warnings.warn(f"the norms after the MLP compute in a lower precision than {m.dtype} (their output is up to "
+                      f"{norm_err:.1e} off the {m.dtype} formula; transformers computes Gemma's in float32), so the "
+                      "continuation is absorbed only to about that relative precision, not to float64 rounding",
+                      stacklevel=3)
+    return blocks, full_logits
+
+
+def _hooks(adapter, blocks: list[int], store: dict[str, Tensor]) -> list:
+    """The adapter's capture hooks, plus each output projection's input (the hidden activations P)."""
+    return [*adapter._capturing(blocks, store),
+            *((adapter.parts[b].out, "pre", _save_input(store, f"{b}.hidden")) for b in blocks)]
+
+
+def _post_norm(norm: nn.Module, wanted: Tensor, h: Tensor, b: int) -> tuple[Tensor, Tensor, float]:
+    """:func:`~implicit_updates.lowrank.post_norm_target` for a Hugging Face RMSNorm after the MLP, which multiplies
+    ``z(h)`` by its scale ``w`` or by ``1 + w`` (Gemma). transformers computes some of these norms in float32 whatever
+    the model's dtype (Gemma, OLMo 2): measured on the with-context MLP outputs, the norm's own output is compared
+    with the formula in ``h``'s dtype, and that relative difference is returned (the caller warns where it exceeds
+    rounding); a norm computing something else (off by more than 1e-5) is refused."""
+    module = unwrap(norm)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    weight = getattr(module, "weight", None)
+    if not isinstance(eps, float) or not eps > 0 or weight is None or getattr(module, "bias", None) is not None:
+        raise UnsupportedArchitectureError(
+            f"block {b}: the norm after the MLP ({type(module).__name__}) is not an RMSNorm with a scale and eps > 0, "
+            "the only post-MLP norm a continuation is absorbed through (a LayerNorm centres every output; without "
+            "eps the output has a fixed size)")
+    with _norm_params(norm, h.dtype, 0.0) as zero:
+        offset = 1.0 if bool((own_forward(zero)(h) != 0).any()) else 0.0  # (1 + w) z: nonzero at w = 0
+    scale = loaded_parameter(module, "weight").to(h.dtype) + offset
+    with _norm_params(norm, h.dtype) as upcast:
+        own = own_forward(upcast)(h)
+    exact = scale * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    err = float(((own - exact).norm(dim=-1) / exact.norm(dim=-1)).max())
+    if not err <= 1e-5:
+        raise UnsupportedArchitectureError(
+            f"block {b}: the norm after the MLP ({type(module).__name__}) does not compute (w or 1 + w) * h / "
+            f"sqrt(mean(h^2) + eps) (off by {err:.1e}), the RMSNorm a continuation is absorbed through")
+    return (*post_norm_target(wanted, h, eps, scale), err)  # the delta of the effective scale offset + w is w's
