@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from implicit_updates.decompose import Decomposition, decompose, untouched, working_model
+from implicit_updates.decompose import Decomposition, decompose, torch_module, untouched, working_model
 from implicit_updates.dispatch import inside_forward, is_dispatched
 from implicit_updates.precision import computed_in
 
@@ -43,6 +43,10 @@ def absorbed_model(result: Decomposition) -> nn.Module:
         raise ValueError("absorb() copies the model, and a model dispatched by accelerate (device_map, offload) "
                          "cannot be copied faithfully: use `with implicit_updates.absorbed(model, prompt):`, which "
                          "patches the model itself while it runs")
+    if hasattr(result.adapter, "nnsight_model"):
+        raise ValueError("absorb() deep-copies the model, and in a copy of a model nnsight wraps the modules' "
+                         "forwards still run the original's: use `with implicit_updates.absorbed(model, prompt):`, "
+                         "which patches the model itself while it runs")
     patched = working_model(result.adapter.model, result.dtype)
     if patched is result.adapter.model:
         patched = copy.deepcopy(patched)
@@ -130,7 +134,7 @@ def absorbed(model: nn.Module, prompt, dtype: torch.dtype | str | None = None,
     module's parameters. Yields the decomposition.
     """
     result = decompose_for_absorb(model, prompt, dtype, progress)
-    with _patched_while_running(model, result):
+    with _patched_while_running(torch_module(model), result):  # an nnsight model: the torch model it wraps
         yield result
 
 

