@@ -4,14 +4,14 @@ attention, the pre-MLP norm), read through the framework's own hooks and modules
 
 TransformerLens ``HookedTransformer``: hook points ``blocks.L.attn.hook_pattern`` / ``hook_v`` and the MLP's input
 (a forward pre-hook, as the adapter does), ``W_O`` from the attention module. Hugging Face models and
-TransformerBridge are refused (:class:`UnsupportedArchitectureError`): their attention kernels (sdpa) do not expose
-the pattern.
+TransformerBridge: the modules of the adapter's ``BlockParts`` with eager attention (:mod:`.attribution_hf`). Other
+adapters (nnsight, the toy model) are refused (:class:`UnsupportedArchitectureError`).
 """
 
 from __future__ import annotations
 
 import copy
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 
 import torch
 from einops import einsum, rearrange
@@ -25,10 +25,15 @@ from implicit_updates.hooks import module_hooks
 
 def check_supported(adapter) -> None:
     """Raise :class:`UnsupportedArchitectureError` (one line, what to do) where attribution cannot read attention."""
+    if _module_based(adapter):
+        from implicit_updates.adapters.attribution_hf import check_supported_modules
+
+        check_supported_modules(adapter)
+        return
     if not isinstance(adapter, HookedTransformerAdapter):
         raise UnsupportedArchitectureError(
-            f"attribute() needs each head's attention pattern; {type(adapter).__name__} models are not supported yet "
-            "(their attention kernels do not expose it): load the model as a HookedTransformer (backend='hooked')")
+            f"attribute() needs each head's attention pattern; {type(adapter).__name__} models are not supported yet: "
+            "load the model as a HookedTransformer (backend='hooked'), a TransformerBridge or a Hugging Face model")
     if getattr(adapter.model.cfg, "load_in_4bit", False):
         raise UnsupportedArchitectureError("4-bit attention (load_in_4bit) has no W_O matrix to attribute through")
 
@@ -36,7 +41,28 @@ def check_supported(adapter) -> None:
 def capture_attention(adapter, inputs: Tensor, blocks: list[int], query: str) -> list[AttentionCapture]:
     """One :class:`AttentionCapture` per block: one with-context forward, then each block on its query alone."""
     check_supported(adapter)
+    if _module_based(adapter):
+        from implicit_updates.adapters.attribution_hf import capture_modules
+
+        return capture_modules(adapter, inputs, blocks, query)
     return _HookedAttention(adapter).capture(inputs, blocks, query)
+
+
+def attention_readable(adapter) -> AbstractContextManager:
+    """Where the whole attribution (its decomposition too) must run: with eager attention on Hugging Face models and
+    bridges, so the decomposed forward is the one whose pattern is split (sdpa rounds its softmax differently)."""
+    if _module_based(adapter):
+        from implicit_updates.adapters.attribution_hf import eager_attention
+
+        return eager_attention(adapter)
+    return nullcontext()
+
+
+def _module_based(adapter) -> bool:
+    """A plain Hugging Face model or a TransformerBridge (``BridgeAdapter`` is an ``HFAdapter``), not nnsight's."""
+    from implicit_updates.adapters.hf import HFAdapter
+
+    return isinstance(adapter, HFAdapter) and type(adapter).__name__ != "NNsightAdapter"
 
 
 class _HookedAttention:

@@ -18,13 +18,17 @@ earlier blocks sits in ``h``: this is a *direct* attribution at block l, like di
 
     a_t = Jbar_N(i) c_t,    sum_t a_t = N(r_i) - N(r_x)   (completeness)                                      (3)
 
-and ``norm_rounding = (m_i - m_x) - (N(r_i) - N(r_x))`` names what the model's own norm rounds differently from the
-function differentiated here (0 up to float64 rounding on TransformerLens). The first-layer column of every map W
-is ``u_i = W (m_i - m_x) = sum_t W a_t``, so ``dW_i = sum_t (W a_t) v^T``: one rank-one update per term, one shared
-row ``v = m_x/||m_x||^2`` (Dherin et al. 2025 Eq. 8; Innocenti & Achour 2025). Parallel blocks read ``N(h)``: only
-``residual`` reaches the MLP, and the attention terms appear in the output correction alone. A mixture's router and
-experts read the same m, so they share the terms. The integrals are Gauss-Legendre quadratures (``nodes`` points,
-exact to float64 rounding for these smooth integrands); :meth:`BlockAttribution.completeness` reports the residual.
+and ``norm_rounding`` names what the model's own norms round differently from the functions differentiated here:
+``(m_i - m_x) - (N(r_i) - N(r_x))`` at the MLP input, plus, where a norm T follows attention,
+``((r_i - h_i) - (r_x - x)) - (T(A_i) - T(A_x))`` in Eq. 2 (0 up to float64 rounding on TransformerLens; float32
+rounding on ``transformers``, whose RMSNorms compute in float32 inside a float64 model). The first-layer column of
+every map W is ``u_i = W (m_i - m_x) = sum_t W a_t``, so ``dW_i = sum_t (W a_t) v^T``: one rank-one update per
+term, one shared row ``v = m_x/||m_x||^2`` (Dherin et al. 2025 Eq. 8; Innocenti & Achour 2025). Parallel blocks
+read ``N(h)``: only ``residual`` reaches the MLP, and the attention terms appear in the output correction alone. A
+mixture's router and experts read the same m, so they share the terms. The integrals are Gauss-Legendre quadratures
+(``nodes`` points after a sinh change of variables around the path's point nearest the origin, :func:`path_nodes`;
+exact to float64 rounding also for the massive activations of pretrained models' first token);
+:meth:`BlockAttribution.completeness` reports the residual.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from einops import einsum
+from jaxtyping import Float
 from torch import Tensor
 
 Fn = Callable[[Tensor], Tensor]
@@ -79,25 +84,50 @@ def gauss_legendre(nodes: int, like: Tensor) -> tuple[Tensor, Tensor]:
             torch.as_tensor(w / 2, dtype=like.dtype, device=like.device))
 
 
-def path_jvp(fn: Fn | None, start: Tensor, end: Tensor, tangent: Tensor, nodes: int) -> Tensor:
+def path_nodes(start: Tensor, end: Tensor, nodes: int) -> tuple[Tensor, Tensor]:
+    """Quadrature nodes ``s`` and weights on [0, 1] for every row of the straight path ``start + s (end - start)``,
+    ``[nodes, *rows, 1]``: Gauss-Legendre in ``t`` after ``s = s* + w sinh(t)``, with ``s*`` the point of the path
+    nearest the origin and ``w = ||r(s*)|| / ||end - start||``. A norm's Jacobian scales like ``1/||r(s)||``, whose
+    poles sit at ``s* +- i w``: a path from a small residual to a huge one (the massive activations of a pretrained
+    model's first token, ``w`` ~ 1e-2) is sharply peaked in ``s`` but smooth in ``t`` (``ds / ||r(s)|| ~ dt``), so
+    ``nodes`` points stay exact to float64 rounding where plain Gauss-Legendre in ``s`` needs hundreds. The change of
+    variables is exact whatever ``w``: the weights sum to 1 and only the rate of convergence depends on it."""
+    delta = end - start
+    squared = delta.pow(2).sum(-1, keepdim=True)
+    moving = squared > 0
+    safe = torch.where(moving, squared, torch.ones_like(squared))
+    s_star = (-(start * delta).sum(-1, keepdim=True) / safe).clamp(0, 1)
+    width = (start + s_star * delta).norm(dim=-1, keepdim=True) / safe.sqrt()
+    width = torch.where(moving, width.clamp_min(1e-8), torch.ones_like(width))
+    x, w = gauss_legendre(nodes, delta)
+    shape = (nodes,) + (1,) * delta.dim()
+    t0, t1 = torch.asinh(-s_star / width), torch.asinh((1 - s_star) / width)
+    t = t0 + x.reshape(shape) * (t1 - t0)
+    return s_star + width * torch.sinh(t), w.reshape(shape) * (t1 - t0) * width * torch.cosh(t)
+
+
+def path_jvp(fn: Fn | None, start: Float[Tensor, "*rows d"], end: Float[Tensor, "*rows d"],
+             tangent: Float[Tensor, "*rows d"], nodes: int) -> Float[Tensor, "*rows d"]:
     """``Jbar tangent = int_0^1 J_fn(start + s (end - start)) tangent ds`` (Eq. 2), rows independent (``fn`` acts on
-    the last dim). ``start``/``end`` broadcast against ``tangent``. ``fn=None`` is the identity."""
+    the last dim), by the quadrature of :func:`path_nodes`. ``start``/``end`` broadcast against ``tangent``.
+    ``fn=None`` is the identity."""
     if fn is None:
         return tangent
     start, end = (t.expand_as(tangent) for t in (start, end))
-    s, w = gauss_legendre(nodes, tangent)
+    s, w = path_nodes(start, end, nodes)
     total = torch.zeros_like(tangent)
     for sk, wk in zip(s, w, strict=True):
         total += wk * torch.func.jvp(fn, (start + sk * (end - start),), (tangent,))[1]
     return total
 
 
-def path_vjp(fn: Fn | None, start: Tensor, end: Tensor, cotangent: Tensor, nodes: int) -> Tensor:
+def path_vjp(fn: Fn | None, start: Float[Tensor, "*rows d"], end: Float[Tensor, "*rows d"],
+             cotangent: Float[Tensor, "*rows d"], nodes: int) -> Float[Tensor, "*rows d"]:
     """``Jbar^T cotangent`` for the same path integral as :func:`path_jvp` (scores: ``<Jbar c, g> = <c, Jbar^T g>``)."""
     if fn is None:
         return cotangent
     start, end = (t.expand_as(cotangent) for t in (start, end))
-    s, w = gauss_legendre(nodes, cotangent)
+    s, w = path_nodes(start, end, nodes)
     total = torch.zeros_like(cotangent)
     with torch.enable_grad():
         for sk, wk in zip(s, w, strict=True):
@@ -186,6 +216,15 @@ class BlockAttribution:
         model_dm = c.mlp_input - self._query("query_mlp_input")
         return model_dm - (n(c.mlp_residual) - n(self._query("query_mlp_residual")))
 
+    def output_rounding(self) -> Tensor:
+        """``((r_i - h_i) - (r_x - x)) - (T(A_i) - T(A_x))``: the model's norm after attention against T (zero
+        without T); part of ``norm_rounding``, it enters the correction (Eq. 2) and, through N, the MLP input."""
+        c = self.capture
+        if c.output_map is None or c.parallel:
+            return torch.zeros_like(c.block_input)
+        model = (c.mlp_residual - c.block_input) - (self._query("query_mlp_residual") - self._query("query_input"))
+        return model - (c.output_map(c.attention) - c.output_map(self._query("query_attention")))
+
     def completeness(self) -> dict[str, Tensor]:
         """Relative residuals ``[batch, pos]`` of the terms' sums against the totals: ``correction`` (``sum_t c_t``
         vs the decomposition's ``r_i - r_x``), ``mlp_input`` (``sum_t a_t`` vs ``m_i - m_x``) and ``columns``
@@ -194,7 +233,7 @@ class BlockAttribution:
             return self._cache["completeness"]
         c = self.capture
         ext = self.extras()
-        correction = ext["residual"] + self._through_output_map(self.attention_sum())
+        correction = ext["residual"] + self._through_output_map(self.attention_sum()) + self.output_rounding()
         reads = ext["residual"] if c.parallel else correction
         inputs = self._through_norm(reads) + self.norm_rounding()
         dm = c.mlp_input - self._query("query_mlp_input")
@@ -229,16 +268,17 @@ class BlockAttribution:
         ext = self.extras()
         extras = {"residual": einsum(ext["residual"], q_r, "b i d, b i d -> b i"),
                   "sink": einsum(ext["sink"], q_a, "b i d, b i d -> b i"),
-                  "norm_rounding": einsum(self.norm_rounding(), g, "b i d, b i d -> b i")}
+                  "norm_rounding": einsum(self.norm_rounding(), g, "b i d, b i d -> b i")
+                  + einsum(self.output_rounding(), q_r, "b i d, b i d -> b i")}
         out = (per_term.permute(0, 2, 1, 3) / squared[..., None, None], {k: v / squared for k, v in extras.items()})
         self._cache["scores"] = out
         return out
 
-    def token_scores(self, position: int = -1, batch: int = 0) -> Tensor:
+    def token_scores(self, position: int = -1, batch: int = 0) -> Float[Tensor, " pos"]:
         """Per source token's share of position ``position``'s update (summed over heads), ``[pos]``."""
         return self.scores()[0][batch, position].sum(0)
 
-    def head_scores(self, position: int = -1, batch: int = 0) -> Tensor:
+    def head_scores(self, position: int = -1, batch: int = 0) -> Float[Tensor, " head"]:
         """Per head's share of position ``position``'s update (summed over source tokens), ``[head]``."""
         return self.scores()[0][batch, position].sum(-1)
 
@@ -248,9 +288,9 @@ class BlockAttribution:
         """The term labels in the order of :meth:`term_corrections`: (head, source) pairs, then the extras."""
         return [(h, j) for h in range(self.n_heads) for j in range(self.n_positions)] + list(EXTRAS)
 
-    def term_corrections(self, position: int = -1, batch: int = 0) -> Tensor:
-        """``c_t`` of every term at one position, ``[n_terms, d_model]`` (summing to ``r_i - r_x``; ``norm_rounding``
-        contributes only to the MLP input, so its row is zero)."""
+    def term_corrections(self, position: int = -1, batch: int = 0) -> Float[Tensor, "term d_model"]:
+        """``c_t`` of every term at one position, ``[n_terms, d_model]`` (summing to ``r_i - r_x``; the row of
+        ``norm_rounding`` is the rounding of the norm after attention, :meth:`output_rounding`, zero without one)."""
         c, i = self.capture, position % self.n_positions
         qv = self._query_values()[batch, :, i]  # [head, d]
         raw = c.pattern[batch, :, i, :, None] * (c.values[batch] - qv[:, None])  # [head, pos, d]
@@ -258,10 +298,10 @@ class BlockAttribution:
         attention = torch.cat([raw.reshape(-1, raw.shape[-1]), ext["sink"][batch, i][None]])
         mapped = path_jvp(c.output_map, self._query("query_attention")[batch, i], c.attention[batch, i], attention,
                           self.nodes)
-        zero = torch.zeros_like(mapped[:1])
-        return torch.cat([mapped[:-1], ext["residual"][batch, i][None], mapped[-1:], zero])
+        rounding = self.output_rounding()[batch, i][None]
+        return torch.cat([mapped[:-1], ext["residual"][batch, i][None], mapped[-1:], rounding])
 
-    def term_inputs(self, position: int = -1, batch: int = 0) -> Tensor:
+    def term_inputs(self, position: int = -1, batch: int = 0) -> Float[Tensor, "term d_model"]:
         """``a_t`` of every term at one position (Eq. 3), ``[n_terms, d_model]``, summing to ``m_i - m_x``."""
         c, i = self.capture, position % self.n_positions
         cs = self.term_corrections(position, batch)
@@ -270,7 +310,7 @@ class BlockAttribution:
                              torch.zeros_like(cs))
         a = path_jvp(c.mlp_norm, self._query("query_mlp_residual")[batch, i], c.mlp_residual[batch, i], cs,
                      self.nodes)
-        a[-1] = self.norm_rounding()[batch, i]
+        a[-1] = a[-1] + self.norm_rounding()[batch, i]  # the norm after attention's rounding, through N, + N's own
         return a
 
     def term_columns(self, position: int = -1, batch: int = 0) -> dict[str, Tensor]:
@@ -312,11 +352,11 @@ class Attribution:
         """The largest ``||sum_t - total|| / ||total||`` over blocks, positions and the three totals."""
         return max(b.max_completeness_error() for b in self.blocks)
 
-    def token_scores(self, position: int = -1, batch: int = 0) -> Tensor:
+    def token_scores(self, position: int = -1, batch: int = 0) -> Float[Tensor, "block pos"]:
         """``[block, source token]`` shares of position ``position``'s update at every attributed block."""
         return torch.stack([b.token_scores(position, batch) for b in self.blocks])
 
-    def head_scores(self, position: int = -1, batch: int = 0) -> Tensor:
+    def head_scores(self, position: int = -1, batch: int = 0) -> Float[Tensor, "block head"]:
         """``[block, head]`` shares of position ``position``'s update."""
         return torch.stack([b.head_scores(position, batch) for b in self.blocks])
 
@@ -348,9 +388,11 @@ def attribute(model, prompt, query: str = "last", blocks=None, dtype=None, nodes
     dense per-term updates on request (``term_patch``). This is the *direct* attribution at each block: a token's
     influence through earlier blocks is in ``residual`` (the block input's difference). Arguments as
     :func:`implicit_updates.decompose`; ``nodes``: Gauss-Legendre points of the path integrals. The user's model is
-    left bit-identical, without hooks, in its mode, on its device.
+    left bit-identical, without hooks, in its mode, on its device. Hugging Face models and TransformerBridge run
+    with eager attention while this runs (both the decomposition and the capture: the pattern split is the one the
+    decomposed forward used), their configs' attention implementation restored on any exit.
     """
-    from implicit_updates.adapters.attribution_hooks import capture_attention, check_supported
+    from implicit_updates.adapters.attribution_hooks import attention_readable, capture_attention, check_supported
     from implicit_updates.decompose import Decomposition, _dtype, decompose_captures, prepared, untouched
 
     if query not in ("last", "self"):
@@ -359,7 +401,7 @@ def attribute(model, prompt, query: str = "last", blocks=None, dtype=None, nodes
         raise ValueError(f"nodes must be an integer >= 2 (Gauss-Legendre points), not {nodes!r}")
     with prepared(model, prompt, blocks, dtype) as (adapter, block_ids, inputs):
         check_supported(adapter)
-        with untouched(adapter.model):
+        with untouched(adapter.model), attention_readable(adapter):  # HF: eager attention, for both captures
             captures = adapter.capture(inputs, block_ids, query, progress=progress)
             attention = capture_attention(adapter, inputs, block_ids, query)
         result = Decomposition(adapter, decompose_captures(captures), query, _dtype(adapter), inputs)

@@ -147,11 +147,7 @@ def test_stories260k(one_thread, backend):
 
     model = load_local(STORIES, backend)
     story = "Once upon a time, there was a little bird named Bob. Bob lived in a tree. One day, Bob"
-    if backend != "hooked":  # the attention kernels of transformers do not expose the pattern: refused, one line
-        with pytest.raises(iu.UnsupportedArchitectureError, match="backend='hooked'"):
-            iu.attribute(model, story, dtype=torch.float64)
-        return
-    with assert_untouched(model):
+    with assert_untouched(model):  # hf and bridge: eager attention while it runs (tests/test_attribution_hf.py)
         result = iu.attribute(model, story, dtype=torch.float64)
     assert result.completeness_error() <= TOL
     check_scores_sum_to_one(result)

@@ -103,6 +103,19 @@ def test_absorbed_model_matches_the_full_model(loaded):
     assert report.kl_full_vs_control > 1.0  # the answer comes from the context: alone, ':' cannot say it
 
 
+def test_attribution_complete_with_massive_activations(loaded):
+    """Attribution on real weights (#13): the first token's massive activations (SmolLM2-135M's residual norm there is
+    ~150x the query's from block ~12 on) make the pre-MLP norm's Jacobian sharply peaked along the straight path;
+    plain 64-point Gauss-Legendre left 3.5e-8 at block 15. Every position of the middle and last blocks counts."""
+    name, model, ids = loaded
+    last = model.cfg.n_layers - 1
+    with assert_untouched(model):
+        att = iu.attribute(model, ids, dtype=torch.float64, blocks=[0, 15, last])  # 15: where it failed
+    assert att.completeness_error() <= 1e-12, (name, att.completeness_error())
+    shares = att.token_scores(-1).sum(-1)  # no sinks, no residual term at the last position, exact norms
+    assert torch.allclose(shares, torch.ones_like(shares), atol=1e-9), (name, shares)
+
+
 def test_onepass_dynamics_equals_naive(loaded):
     """The one-pass prefix dynamics on real weights (Gemma 3: local/global rotary bases, QK-norm, MQA, post-norms)."""
     name, model, ids = loaded
