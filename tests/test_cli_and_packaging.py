@@ -37,8 +37,9 @@ def test_verify_cli_every_small_preset(preset, tmp_path, capsys, hooked):
     for block in data["blocks"]:
         assert block["max_rel_err"] <= 1e-10 and block["rank"] == 1
         assert {"block", "msd", "max_abs_err", "max_rel_err", "rank", "factored_max_rel_err", "literal_max_rel_err",
-                "literal_positions", "worst_position", "worst_batch"} == block.keys()
+                "literal_positions", "worst_position", "worst_batch", "position_rel_errs"} == block.keys()
         assert block["literal_max_rel_err"] <= 1e-10 and len(block["literal_positions"]) == 3
+        assert len(block["position_rel_errs"]) == 24 and max(block["position_rel_errs"]) <= block["max_rel_err"]
     assert "max relative error" in capsys.readouterr().out
 
 
