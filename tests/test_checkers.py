@@ -134,9 +134,11 @@ def assert_reports_exactly_there(result, ref_cache, block: int, position: int, e
     assert reported.worst_position == position, reported
     if expected is None:
         assert float(errors[position]) > LARGE and reported.max_rel_err > LARGE, (errors, reported)
+        assert reported.factored_max_rel_err > LARGE, reported  # the every-position check, not only the literal one
     else:  # a checker that compares the wrong tensors, misses the position or averages positions reports another
         assert float(errors[position]) == pytest.approx(expected, rel=rel)
         assert reported.max_rel_err == pytest.approx(expected, rel=rel), reported
+        assert reported.factored_max_rel_err == pytest.approx(expected, rel=rel), reported
 
 
 def tolerance(name: str) -> float:

@@ -41,6 +41,7 @@ CORE_TESTS = ["tests/test_core.py", CHECKERS + "test_verify_passes_the_uncorrupt
 LITERAL = [f"{ARCH}[float64-{a}]" for a in ("gated", "layernorm", "parallel-neox", "pre-post-norm-gemma",
                                              "post-norm-olmo2", "moe-mixtral", "solu", "no-norm")]
 STRUCTURES = "tests/test_hooked_structures.py"  # MoE before a post-norm, dead ReLU hidden/experts, identity norms
+SCALED_AND_DEAD = "tests/test_scaled_and_dead.py"  # Granite's scaled joins, refused dead hidden, small expert hidden
 VERIFY_TESTS = [CHECKERS + t for t in ("test_verify_reports_a_corrupted_output_correction_exactly",
                                        "test_verify_query_self_reports_the_corrupted_position",
                                        "test_verify_report_table_and_json")]
@@ -48,6 +49,7 @@ VERIFY_TESTS = [CHECKERS + t for t in ("test_verify_reports_a_corrupted_output_c
 SELECTIONS: dict[str, tuple[str, list[str]]] = {
     "core": ("implicit_updates/core.py", CORE_TESTS + VERIFY_TESTS[:1] + ["tests/test_analysis.py"]),
     "updates": ("implicit_updates/updates.py", CORE_TESTS + LITERAL + ["tests/test_analysis.py", STRUCTURES,
+                                                                      SCALED_AND_DEAD,
                                                                       "tests/test_hf.py::test_gemma_post_norm_exact",
                                                                       "tests/test_references.py::test_two_token"]),
     "verify": ("implicit_updates/verify.py", VERIFY_TESTS + ["tests/test_html.py::test_repr"]),  # no browser
