@@ -10,16 +10,16 @@ TORCH ?= torch==2.13.0
 # pyproject pins TL 3.x for the default install, so the TL 4.x venv installs the package with --no-deps.
 VENV4 ?= build/venv-tl4
 BIN4 := $(VENV4)/bin
-TL4_DEPS := 'transformer-lens>=4,<5' 'einops>=0.7' 'numpy>=1.24' 'tqdm>=4.60' 'pytest>=8' 'hypothesis>=6.100' \
+TL4_DEPS := 'transformer-lens>=4,<5' 'einops>=0.7' 'numpy>=1.24' 'tqdm>=4.60' 'jaxtyping>=0.2' 'pytest>=8' 'hypothesis>=6.100' \
 	'matplotlib>=3.7' 'playwright>=1.40'
 
-.PHONY: demo test test-tl3 test-tl4 lint clean models mutation browser
+.PHONY: demo test test-tl3 test-tl4 lint clean models mutation browser docs
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[dev,plot]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,plot,nnsight,lora,notebooks,docs]'
 	touch $@
 
 $(BIN4)/.installed: pyproject.toml
@@ -60,7 +60,7 @@ browser: build/.browser
 demo: $(BIN)/.installed
 	$(BIN)/implicit-updates demo
 
-test: browser test-tl3 test-tl4
+test: browser test-tl3 test-tl4 docs
 
 test-tl3: $(BIN)/.installed $(BIN)/.models browser
 	$(BIN)/python -c "import importlib.metadata as m; print('TransformerLens', m.version('transformer-lens'))"
@@ -87,6 +87,12 @@ mutation: $(BIN)/.mutation
 		MUTATION_MODULE=$$m HYPOTHESIS_PROFILE=mutation OMP_NUM_THREADS=1 $(BIN)/mutmut run "$$($(BIN)/python tests/mutation/plugin.py --glob $$m)"; \
 	done
 	$(BIN)/python tests/mutation/plugin.py --score $(MODULE)
+
+# The documentation site (mkdocs.yml, docs/; the API reference from the docstrings by mkdocstrings): --strict makes
+# every warning an error (not with --quiet, which hides the warnings from the count); it needs no network.
+# `$(BIN)/mkdocs serve` serves it locally.
+docs: $(BIN)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/site
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check implicit_updates adapters tests examples benchmarks

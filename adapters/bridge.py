@@ -73,8 +73,3 @@ def _drop_stale_capture_hooks(model: nn.Module) -> None:
             if any(isinstance(c, weakref.ProxyTypes) and id(c) not in own for c in cells):
                 block._teardown_capture_hooks()
                 break
-
-    def tokenize(self, text: str) -> Tensor:
-        if getattr(self.model, "tokenizer", None) is None:
-            raise ValueError("this bridge has no tokenizer: pass token ids (a LongTensor) instead of text")
-        return self.model.to_tokens(text)[0]
