@@ -26,6 +26,7 @@ from implicit_updates.decompose import prepared, untouched, working_model
 from implicit_updates.errors import UnsupportedArchitectureError
 from implicit_updates.lowrank import (  # noqa: F401 (re-exported: the public names of this module)
     LowRankUpdate,
+    at_continuation,
     checked_pinv,
     default_rcond,
     first_layer_updates,
@@ -54,8 +55,8 @@ class ContinuationAbsorption:
     model: nn.Module
     dtype: torch.dtype
     blocks: list[BlockContinuation]
-    continuation: Tensor  # [1, K] token ids
-    full_logits: Tensor  # [K, d_vocab], the full model's at S's positions
+    continuation: Tensor  # [n, K] token ids (n stacked sequences, each after the prefix)
+    full_logits: Tensor  # [n * K, d_vocab], the full model's at S's positions (sequence-major)
 
     def patch(self) -> dict[str, Tensor]:
         """``{parameter name: dense delta}`` over every block."""
@@ -86,8 +87,10 @@ class ContinuationAbsorption:
         model = self.patched() if model is None else model
         with untouched(model):
             if hasattr(model, "peft_config"):  # a PeftModel: its own forward applies the adapter
-                return model(input_ids=self.continuation, use_cache=False).logits[0]
-            return adapter_for(model).logits(self.continuation)[0]
+                logits = model(input_ids=self.continuation, use_cache=False).logits
+            else:
+                logits = adapter_for(model).logits(self.continuation)
+            return logits.reshape(-1, logits.shape[-1])
 
     def compare(self, model: nn.Module | None = None) -> dict:
         """Logits of the patched copy (or ``model``) on S alone against the full model's at S's positions."""
@@ -114,6 +117,9 @@ def absorb_continuation(model: nn.Module, prefix: Tensor, continuation: Tensor,
                         output: Output = "auto") -> ContinuationAbsorption:
     """Absorb ``prefix`` into a rank-K update per block, exact on the K tokens of ``continuation`` (token ids).
 
+    ``continuation`` ``[n, K]`` stacks n sequences (queries q_1..q_n, each run after the prefix): one update of rank
+    <= n K exact on all of them (the rows of every sequence go through the same pseudo-inverses; n K <= d_model).
+
     Any backend: a TransformerLens ``HookedTransformer`` (dense, gated and mixture-of-experts MLPs, the routed
     experts' output matrices taking the output change together through the pseudo-inverse of their weighted hidden
     activations; RMSNorms after the MLP through :func:`post_norm_target`), a Hugging Face causal LM or a
@@ -129,7 +135,10 @@ def absorb_continuation(model: nn.Module, prefix: Tensor, continuation: Tensor,
     prefix, continuation = _ids(prefix), _ids(continuation)
     if continuation.shape[1] < 1:
         raise ValueError("the continuation is empty: give at least one token")
-    full = torch.cat([prefix, continuation.to(prefix.device)], dim=1)
+    if prefix.shape[0] != 1:
+        raise ValueError(f"one prefix (batch 1) is absorbed, got a batch of {prefix.shape[0]}")
+    # n stacked continuations [n, K], each run after the prefix: one update exact on all n * K positions
+    full = torch.cat([prefix.expand(continuation.shape[0], -1), continuation.to(prefix.device)], dim=1)
     with prepared(model, full, None, dtype) as (adapter, block_ids, inputs):
         from implicit_updates.adapters.hooked_transformer import HookedTransformerAdapter
 
@@ -157,7 +166,7 @@ def _hooked_blocks(adapter, inputs: Tensor, block_ids: list[int], k: int, rcond:
     hidden_hooks = [(f"blocks.{b}.mlp.hook_post", lambda act, hook: store.__setitem__(hook.name, act.detach()))
                     for b in block_ids if adapter.kind != "MoE"]  # a mixture's hidden are its experts
     with adapter._capturing(block_ids, store), model_.hooks(fwd_hooks=hidden_hooks):
-        full_logits = model_(inputs)[0, -k:]
+        full_logits = at_continuation(model_(inputs), k)
     x = model_(inputs[:, -k:], stop_at_layer=0)  # block 0's input on S alone (positions 0..K-1)
     blocks = []
     for b in block_ids:
@@ -165,8 +174,8 @@ def _hooked_blocks(adapter, inputs: Tensor, block_ids: list[int], k: int, rcond:
         alone: dict[str, Tensor] = {}
         with adapter._capturing([b], alone):  # (its hooks include fresh ALiBi tables)
             model_.blocks[b](x)
-        m, m_alone = store[f"{p}.mlp.input"][0, -k:], alone[f"{p}.mlp.input"][0]
-        r, r_alone = adapter._residual(store, b)[0, -k:], adapter._residual(alone, b)[0]
+        m, m_alone = at_continuation(store[f"{p}.mlp.input"], k), at_continuation(alone[f"{p}.mlp.input"], k)
+        r, r_alone = at_continuation(adapter._residual(store, b), k), at_continuation(adapter._residual(alone, b), k)
         updates, cond_m = first_layer_updates(m, m_alone, adapter._first_layer_maps(b), rcond,
                                               f"block {b}: the continuation's MLP inputs run alone")
         # with these, the MLP's hidden (and its output h) at S alone is the with-context one; what the output
@@ -174,8 +183,9 @@ def _hooked_blocks(adapter, inputs: Tensor, block_ids: list[int], k: int, rcond:
         change = r - r_alone
         if adapter.output_norm:
             norm = getattr(model_.blocks[b], adapter.output_norm)
-            h = store[f"{p}.mlp.output"][0, -k:]
-            target, scale_delta = post_norm_target(store[f"{p}.hook_resid_post"][0, -k:] - r_alone, h, norm.eps,
+            h = at_continuation(store[f"{p}.mlp.output"], k)
+            wanted = at_continuation(store[f"{p}.hook_resid_post"], k) - r_alone
+            target, scale_delta = post_norm_target(wanted, h, norm.eps,
                                                    norm.w)
             change = target - h
             updates.append((f"{p}.{adapter.output_norm}.w", scale_delta))
@@ -183,20 +193,21 @@ def _hooked_blocks(adapter, inputs: Tensor, block_ids: list[int], k: int, rcond:
             experts = adapter._experts(b, store)
             pairs = zip(experts["routing_weights"].unbind(-1), experts["expert_hidden"], strict=True)
             # [K, n_experts * d_mlp]: what the experts' output matrices read, weighted by the routing
-            weighted = torch.cat([w[0, -k:, None] * hid[0, -k:] for w, hid in pairs], dim=-1)
+            weighted = torch.cat([at_continuation(w[..., None] * hid, k) for w, hid in pairs], dim=-1)
             pinv_q, cond_p = checked_pinv(weighted, rcond, f"block {b}: the routed experts' weighted hidden "
                                                            "activations")
             d_mlp = experts["expert_hidden"][0].shape[-1]
             updates += [LowRankUpdate(name, pinv_q[e * d_mlp:(e + 1) * d_mlp], change, transposed=True)
                         for e, name in enumerate(experts["names"])]
-        elif k == 1 and not adapter.output_norm and output == "auto":
+        elif m.shape[0] == 1 and not adapter.output_norm and output == "auto":
             updates.append((f"{p}.mlp.b_out", change[0]))
             cond_p = float("inf")
         else:
-            update, cond_p = output_update(store[f"{p}.mlp.hook_post"][0, -k:], change, f"{p}.mlp.W_out", False,
+            hidden = at_continuation(store[f"{p}.mlp.hook_post"], k)
+            update, cond_p = output_update(hidden, change, f"{p}.mlp.W_out", False,
                                            rcond, f"block {b}: the with-context hidden activations")
             updates.append(update)
-        blocks.append(BlockContinuation(b, tuple(updates), cond_m, cond_p, k))
+        blocks.append(BlockContinuation(b, tuple(updates), cond_m, cond_p, m.shape[0]))
         x = store[f"{p}.hook_resid_post"][:, -k:]  # the next block's input, which this block's patch reproduces
     return blocks, full_logits
 

@@ -26,7 +26,7 @@ from implicit_updates.adapters.modules import (
 )
 from implicit_updates.dispatch import loaded_parameter, own_forward
 from implicit_updates.errors import UnsupportedArchitectureError
-from implicit_updates.lowrank import first_layer_updates, output_update, post_norm_target
+from implicit_updates.lowrank import at_continuation, first_layer_updates, output_update, post_norm_target
 
 
 def module_blocks(adapter, inputs: Tensor, block_ids: list[int], k: int, rcond: float, output: str) -> tuple:
@@ -34,15 +34,15 @@ def module_blocks(adapter, inputs: Tensor, block_ids: list[int], k: int, rcond: 
     full model's logits ``[K, d_vocab]`` at the continuation (the last ``k`` of ``inputs``)."""
     from implicit_updates.continuation import BlockContinuation
 
-    if inputs.is_floating_point() or inputs.shape[0] != 1:
-        raise ValueError("absorbing a continuation takes token ids of one sequence (batch 1)")
+    if inputs.is_floating_point():
+        raise ValueError("absorbing a continuation takes token ids")
     whole = [b for b in block_ids if getattr(adapter.parts[b], "whole", False)]
     if whole:
         raise UnsupportedArchitectureError(
             f"block {whole[0]}: a mixture of experts with fused expert weights; absorbing a continuation through it "
             "is not implemented for Hugging Face models (a HookedTransformer's mixture is)")
     store: dict[str, Tensor] = {}
-    full_logits = adapter._final_logits(adapter._run(inputs, _hooks(adapter, block_ids, store)))[0, -k:]
+    full_logits = at_continuation(adapter._final_logits(adapter._run(inputs, _hooks(adapter, block_ids, store))), k)
     _unflatten(store, inputs.shape[:2])
     for b in block_ids:
         adapter.check_structure(store, b)
@@ -56,26 +56,26 @@ def module_blocks(adapter, inputs: Tensor, block_ids: list[int], k: int, rcond: 
     blocks, norm_err = [], 0.0
     for b in block_ids:
         p = adapter.parts[b]
-        m, m_alone = store[f"{b}.m"][0, -k:], alone[f"{b}.m"][0]
-        r, r_alone = adapter._residual(store, b)[0, -k:], adapter._residual(alone, b)[0]
+        m, m_alone = at_continuation(store[f"{b}.m"], k), at_continuation(alone[f"{b}.m"], k)
+        r, r_alone = at_continuation(adapter._residual(store, b), k), at_continuation(adapter._residual(alone, b), k)
         updates, cond_m = first_layer_updates(m, m_alone, [weight_view(n, mod) for n, mod in p.first], rcond,
                                               f"block {b}: the continuation's MLP inputs run alone")
         change = (r - r_alone) / p.residual_scale  # the MLP output must move by this at each position
         if p.post_norm is not None:  # the norm's output must: the MLP output goes to what post_norm_target says
-            h = store[f"{b}.h"][0, -k:]
-            target, scale_delta, err = _post_norm(p.post_norm[1], (store[f"{b}.resid_post"][0, -k:] - r_alone)
-                                                  / p.residual_scale, h, b)
+            h = at_continuation(store[f"{b}.h"], k)
+            wanted = at_continuation(store[f"{b}.resid_post"], k) - r_alone
+            target, scale_delta, err = _post_norm(p.post_norm[1], wanted / p.residual_scale, h, b)
             change, norm_err = target - h, max(norm_err, err)
             updates.append((p.post_norm[0], scale_delta))
-        if k == 1 and p.out_bias is not None and output == "auto":
+        if m.shape[0] == 1 and p.out_bias is not None and output == "auto":
             updates.append((p.out_bias, change[0]))
             cond_p = float("inf")
         else:
-            update, cond_p = output_update(store[f"{b}.hidden"][0, -k:], change, p.out_weight,
+            update, cond_p = output_update(at_continuation(store[f"{b}.hidden"], k), change, p.out_weight,
                                            isinstance(unwrap(p.out), nn.Linear), rcond,
                                            f"block {b}: the with-context hidden activations")
             updates.append(update)
-        blocks.append(BlockContinuation(b, tuple(updates), cond_m, cond_p, k))
+        blocks.append(BlockContinuation(b, tuple(updates), cond_m, cond_p, m.shape[0]))
     if norm_err > 1e3 * torch.finfo(m.dtype).eps:
         warnings.warn(f"the norms after the MLP compute in a lower precision than {m.dtype} (their output is up to "
                       f"{norm_err:.1e} off the {m.dtype} formula; transformers computes Gemma's in float32), so the "

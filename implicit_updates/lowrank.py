@@ -138,3 +138,9 @@ def positive_solution(a: Tensor, b: Tensor, steps: int = 200) -> Tensor | None:
     if bool((u > 0).all()) and (b - ak @ u).norm() <= 1e-12 * b.norm():
         return torch.ones_like(a[0]).masked_scatter(~free, u)
     return None
+
+
+def at_continuation(t: Tensor, k: int) -> Tensor:
+    """The last ``k`` positions of every stacked sequence as rows: ``[n, pos, ...]`` -> ``[n * k, ...]`` (a
+    continuation run alone, ``[n, k, ...]``, gives the same rows in the same order)."""
+    return t[:, -k:].reshape(-1, *t.shape[2:])

@@ -224,3 +224,37 @@ def test_smollm2_lora_loaded_by_peft_reproduces_the_logits(tmp_path):
     loaded = peft.PeftModel.from_pretrained(model, str(tmp_path))  # (injects into this model: the test's own copy)
     lora = plain_logits(loaded, continuation)
     assert float((lora - full).abs().max()) <= 1e-9 and float((control - full).abs().max()) > 1
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "hooked"])
+def test_stacked_continuations_one_update_exact_on_all(kind):
+    """n queries, each run after the same prefix, stacked into one update of rank n K (#14): a literal weight edit
+    reproduces the full model at every position of every query; the update built for one query alone does not."""
+    model = build(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=61, n_ctx=32, act_fn="gelu",
+                  normalization_type="LN", seed=0) if kind == "hooked" else tiny_hf(kind)
+    prefix = tokens(10, seed=0)
+    queries = torch.cat([tokens(2, seed=s) for s in (1, 2, 3)])  # [3, 2]
+    with assert_untouched(model):
+        stacked = absorb_continuation(model, prefix, queries, dtype=torch.float64)
+        single = absorb_continuation(model, prefix, queries[:1], dtype=torch.float64)
+    assert [b.rank for b in stacked.blocks] == [6] * 3
+    assert stacked.full_logits.shape[0] == 6
+    assert stacked.compare()["max_abs_logit_diff"] <= 1e-9  # the patched copy on the three queries alone
+    if kind == "hooked":
+        ref = copy.deepcopy(model).double()
+        ref.cfg.dtype = torch.float64  # TransformerLens casts the attention pattern to cfg.dtype
+        with torch.no_grad():
+            full = torch.cat([ref(torch.cat([prefix, q[None]], 1))[0, -2:] for q in queries])
+            one = single.patched()(queries).reshape(-1, full.shape[-1])
+    else:
+        full = torch.cat([plain_logits(copy.deepcopy(model).double(), torch.cat([prefix, q[None]], 1))[-2:]
+                          for q in queries])
+        edited = copy.deepcopy(model).double()
+        with torch.no_grad():
+            for name, delta in stacked.patch().items():
+                edited.get_parameter(name).add_(delta)
+        assert float((torch.cat([plain_logits(edited, q[None]) for q in queries]) - full).abs().max()) <= 1e-9
+        one = torch.cat([plain_logits(single.patched(), q[None]) for q in queries])
+    assert float((stacked.full_logits - full).abs().max()) <= 1e-12
+    assert float((one[:2] - full[:2]).abs().max()) <= 1e-9  # exact on the query it was built for...
+    assert float((one[2:] - full[2:]).abs().max()) > 1e-6  # ...not on the others
