@@ -122,6 +122,7 @@ def load(name: str):
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", action="append", choices=list(CASES), help="repeatable; default: all three")
+    parser.add_argument("--kind", action="append", help="repeatable: only these prompts (e.g. 'made-up word')")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--plot", metavar="PATTERN", help="heatmap per model of its first prompt ({model} filled in)")
     args = parser.parse_args(argv)
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         n = model.cfg.n_layers
         blocks = sorted({0, n // 2, n - 1})
         rows = []
-        for i, (kind, prompt, answer) in enumerate(CASES[name]):
+        for i, (kind, prompt, answer) in enumerate(c for c in CASES[name] if not args.kind or c[0] in args.kind):
             row, scores = run_case(model, tokenizer, kind, prompt, answer, blocks)
             rows.append(row)
             print(f"{name} {kind} ({row['answer']}): completeness {row['max_completeness_err']:.1e}")

@@ -1,0 +1,200 @@
+"""How weight-like is in-context learning? The implicit update of a few-shot prompt, transferred to held-out queries.
+
+For each task (a few-shot prefix P of lines "x -> y" and queries "{x} ->"), on a pretrained model in float64:
+- ``full``: the model on P + q' (what in-context learning gives); ``zero-shot``: q' alone;
+- ``one other``: the exact update absorbed from P for one training query q (``absorb_continuation(model, P, q)``,
+  exact on q's tokens), applied as a weight edit to the model on a held-out q' alone;
+- ``mean of 4``: the mean of four such updates; ``stacked n``: one update exact on n training queries at once
+  (``continuation [n, K]``, rank <= n K);
+- ``LoRA (GD)``: gradient descent on a LoRA of the same rank (4 K) on the same matrices (every block's gate, up and
+  down projections), trained on the same four training queries to match the full model's next-token distributions at
+  their K positions (context distillation; Adam, ``--steps`` steps, lr 1e-3, float32);
+- per held-out query: top-1 agreement with the full model, accuracy against the true answer's first token, and
+  KL(full || condition) at the query's last position; and the cosine between the stacked-1 update and the first
+  gradient step of the same distillation loss (Dherin et al.'s Fig. 3 question on a real model).
+
+    python examples/transfer_study.py --model smollm2-135m --json examples/figures/transfer_smollm2.json
+
+Numbers are whatever they turn out to be; the README reports them with this command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+import torch.nn.functional as F
+
+from implicit_updates.cli import write_json
+from implicit_updates.continuation import absorb_continuation
+from implicit_updates.hooks import swapped_parameters
+
+CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"),
+            ("Russia", "Moscow"), ("China", "Beijing"), ("Egypt", "Cairo"), ("Greece", "Athens"),
+            ("Austria", "Vienna"), ("Poland", "Warsaw"), ("Norway", "Oslo"), ("Sweden", "Stockholm"),
+            ("Finland", "Helsinki"), ("Denmark", "Copenhagen"), ("Portugal", "Lisbon"), ("Ireland", "Dublin"),
+            ("Hungary", "Budapest"), ("Canada", "Ottawa"), ("Mexico", "Mexico City"), ("Peru", "Lima"),
+            ("Chile", "Santiago"), ("Kenya", "Nairobi"), ("Cuba", "Havana"), ("Iran", "Tehran"), ("Iraq", "Baghdad"),
+            ("Syria", "Damascus"), ("Turkey", "Ankara"), ("India", "New Delhi"), ("Thailand", "Bangkok"),
+            ("Vietnam", "Hanoi"), ("Indonesia", "Jakarta"), ("Argentina", "Buenos Aires"), ("Colombia", "Bogota"),
+            ("Belgium", "Brussels"), ("Netherlands", "Amsterdam"), ("Switzerland", "Bern"), ("Ukraine", "Kyiv"),
+            ("Morocco", "Rabat"), ("Nigeria", "Abuja"), ("Australia", "Canberra"), ("Brazil", "Brasilia")]
+ANTONYMS = [("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("good", "bad"), ("old", "new"),
+            ("happy", "sad"), ("light", "dark"), ("high", "low"), ("long", "short"), ("open", "closed"),
+            ("hard", "soft"), ("early", "late"), ("rich", "poor"), ("strong", "weak"), ("full", "empty"),
+            ("wet", "dry"), ("clean", "dirty"), ("loud", "quiet"), ("thick", "thin"), ("heavy", "light"),
+            ("young", "old"), ("near", "far"), ("left", "right"), ("true", "false"), ("win", "lose"),
+            ("first", "last"), ("inside", "outside"), ("love", "hate"), ("cheap", "expensive"), ("safe", "dangerous"),
+            ("easy", "difficult"), ("wide", "narrow"), ("deep", "shallow"), ("sharp", "dull"), ("push", "pull"),
+            ("buy", "sell"), ("give", "take"), ("start", "finish"), ("day", "night"), ("black", "white")]
+WORDS = ["cat", "dog", "tree", "house", "car", "book", "sun", "moon", "fish", "bird", "river", "stone", "apple",
+         "table", "chair", "door", "window", "road", "city", "cloud", "rain", "snow", "fire", "water", "horse", "cow",
+         "bread", "milk", "ship", "train", "girl", "boy", "king", "queen", "ring", "song", "game", "lamp", "hill",
+         "lake", "bell", "coat"]
+TASKS = {
+    "capital": CAPITALS,
+    "antonym": ANTONYMS,
+    "made-up suffix": [(w, w + "zo") for w in WORDS],  # a made-up word-formation rule
+    "uppercase": [(w, w.upper()) for w in WORDS],  # a format task
+}
+N_SHOT, N_TRAIN, N_HELD = 4, 16, 20
+
+
+def ids_of(tokenizer, text: str) -> torch.Tensor:
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+
+
+def last_logits(model, ids: torch.Tensor, patch: dict | None = None) -> torch.Tensor:
+    """Logits at the last position; ``patch`` ({name: delta}) added to the parameters while it runs."""
+    values = {n: model.get_parameter(n) + d for n, d in (patch or {}).items()}
+    with torch.no_grad(), swapped_parameters(model, values):
+        return model(input_ids=ids, use_cache=False).logits[0, -1]
+
+
+def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    p, q = F.log_softmax(p_logits, -1), F.log_softmax(q_logits, -1)
+    return float((p.exp() * (p - q)).sum())
+
+
+def mean_patch(patches: list[dict]) -> dict:
+    return {n: sum(p[n] for p in patches) / len(patches) for n in patches[0]}
+
+
+def lora_gd(model, prefix, train_ids: torch.Tensor, rank: int, steps: int) -> tuple[dict, float]:
+    """A PEFT LoRA of ``rank`` on every gate/up/down projection, trained by context distillation; its dense delta
+    (in the model's float64) and the final loss."""
+    import peft
+
+    student = copy.deepcopy(model).float()
+    with torch.no_grad():
+        targets = [F.log_softmax(model(input_ids=torch.cat([prefix, q[None]], 1), use_cache=False)
+                                 .logits[0, -q.shape[0]:].float(), -1) for q in train_ids]
+    config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=["gate_proj", "up_proj", "down_proj"],
+                             lora_dropout=0.0, init_lora_weights=True)
+    student = peft.get_peft_model(student, config)
+    optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-3)
+    loss = torch.tensor(0.0)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = sum(F.kl_div(F.log_softmax(student(input_ids=q[None], use_cache=False).logits[0], -1), t,
+                            log_target=True, reduction="batchmean") for q, t in zip(train_ids, targets, strict=True))
+        loss.backward()
+        optimizer.step()
+    delta = {}
+    for name, module in student.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            key = name.removeprefix("base_model.model.") + ".weight"
+            delta[key] = (b @ a * module.scaling["default"]).detach().double()
+    return delta, float(loss)
+
+
+def first_gradient_cosine(model, prefix, q: torch.Tensor, patch: dict) -> float:
+    """Cosine between the implicit update ``patch`` and minus the gradient of the distillation loss (the full model's
+    distribution at q's positions against the model's on q alone) at the unpatched weights."""
+    with torch.no_grad():
+        full = model(input_ids=torch.cat([prefix, q[None]], 1), use_cache=False).logits[0, -q.shape[0]:]
+        target = F.log_softmax(full, -1)
+    params = {n: model.get_parameter(n) for n in patch}
+    saved = {n: p.requires_grad for n, p in params.items()}
+    for p in params.values():
+        p.requires_grad_(True)
+    try:
+        loss = F.kl_div(F.log_softmax(model(input_ids=q[None], use_cache=False).logits[0], -1), target,
+                        log_target=True, reduction="batchmean")
+        grads = torch.autograd.grad(loss, list(params.values()))
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(saved[n])
+    g = torch.cat([x.flatten() for x in grads])
+    d = torch.cat([patch[n].flatten() for n in params])
+    return float(-(g @ d) / (g.norm() * d.norm()))
+
+
+def run_task(model, tokenizer, name: str, pairs: list, steps: int) -> dict:
+    shots, rest = pairs[:N_SHOT], pairs[N_SHOT:]
+    # the prefix ends with the newline, so the queries share no first token (stacked rows must be independent)
+    prefix = ids_of(tokenizer, "".join(f"{x} -> {y}\n" for x, y in shots))
+    queries = [(ids_of(tokenizer, f"{x} ->")[0], ids_of(tokenizer, f" {y}")[0, 0]) for x, y in rest]
+    lengths = [q.shape[0] for q, _ in queries]
+    k = max(set(lengths), key=lengths.count)  # stacking needs one query length: the most common one
+    train = [q for q, _ in queries if q.shape[0] == k][:N_TRAIN]
+    train_ids = set(id(q) for q in train)
+    held = [(q, a) for q, a in queries if id(q) not in train_ids][:N_HELD]
+    singles = [absorb_continuation(model, prefix, q, dtype=torch.float64, output="matrix").patch() for q in train[:4]]
+    conditions = {"one other": singles[0], "mean of 4": mean_patch(singles)}
+    for n in (4, 16):
+        if len(train) >= n:
+            conditions[f"stacked {n}"] = absorb_continuation(model, prefix, torch.stack(train[:n]),
+                                                             dtype=torch.float64).patch()
+    start = time.perf_counter()
+    conditions["LoRA (GD)"], lora_loss = lora_gd(model, prefix, torch.stack(train[:4]), 4 * k, steps)
+    lora_seconds = time.perf_counter() - start
+    rows = {c: {"agree": 0, "correct": 0, "kl": 0.0} for c in ["full", "zero-shot", *conditions]}
+    for q, answer in held:
+        full = last_logits(model, torch.cat([prefix, q[None]], 1))
+        outs = {"full": full, "zero-shot": last_logits(model, q[None])}
+        outs |= {c: last_logits(model, q[None], patch) for c, patch in conditions.items()}
+        for c, logits in outs.items():
+            rows[c]["agree"] += int(logits.argmax() == full.argmax())
+            rows[c]["correct"] += int(logits.argmax() == answer)
+            rows[c]["kl"] += kl(full, logits)
+    for r in rows.values():
+        r["agree"], r["correct"], r["kl"] = r["agree"] / len(held), r["correct"] / len(held), r["kl"] / len(held)
+    cosine = first_gradient_cosine(model, prefix, train[0], singles[0])
+    return {"task": name, "k": k, "n_train": len(train), "n_held_out": len(held), "rows": rows,
+            "cosine_update_vs_first_gradient_step": cosine, "lora": {"rank": 4 * k, "steps": steps, "lr": 1e-3,
+                                                                      "final_loss": lora_loss, "seconds": lora_seconds}}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--task", action="append", choices=list(TASKS), help="repeatable; default: all four")
+    parser.add_argument("--steps", type=int, default=100, help="LoRA gradient steps (the GD budget)")
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args(argv)
+    from implicit_updates.loading import load_tokenizer
+    from implicit_updates.pretrained import load_pretrained, prepare
+
+    torch.manual_seed(0)
+    model = load_pretrained(args.model, "hf", dtype=torch.float64)
+    tokenizer = load_tokenizer(prepare(args.model))
+    out = {"model": args.model, "dtype": "float64", "tasks": []}
+    for name in args.task or list(TASKS):
+        start = time.perf_counter()
+        result = run_task(model, tokenizer, name, TASKS[name], args.steps)
+        result["seconds"] = time.perf_counter() - start
+        out["tasks"].append(result)
+        print(f"{name} (K = {result['k']}, {result['n_held_out']} held-out, {result['seconds']:.0f} s): "
+              f"cos(update, -grad) {result['cosine_update_vs_first_gradient_step']:+.3f}")
+        for c, r in result["rows"].items():
+            print(f"  {c:>12}: agree {r['agree']:.2f}  correct {r['correct']:.2f}  KL {r['kl']:.3f}")
+    write_json(args.json, out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
