@@ -152,6 +152,10 @@ def run_task(model, tokenizer, name: str, pairs: list, steps: int) -> dict:
     start = time.perf_counter()
     conditions["LoRA (GD)"], lora_loss = lora_gd(model, prefix, torch.stack(train[:4]), 4 * k, steps)
     lora_seconds = time.perf_counter() - start
+    # the machinery's own check: the stacked update on its training queries alone gives the full model's logits
+    stacked = conditions.get("stacked 4", singles[0])
+    exact = max(float((last_logits(model, q[None], stacked) - last_logits(model, torch.cat([prefix, q[None]], 1)))
+                      .abs().max()) for q in train[:4 if "stacked 4" in conditions else 1])
     rows = {c: {"agree": 0, "correct": 0, "kl": 0.0} for c in ["full", "zero-shot", *conditions]}
     for q, answer in held:
         full = last_logits(model, torch.cat([prefix, q[None]], 1))
@@ -165,6 +169,7 @@ def run_task(model, tokenizer, name: str, pairs: list, steps: int) -> dict:
         r["agree"], r["correct"], r["kl"] = r["agree"] / len(held), r["correct"] / len(held), r["kl"] / len(held)
     cosine = first_gradient_cosine(model, prefix, train[0], singles[0])
     return {"task": name, "k": k, "n_train": len(train), "n_held_out": len(held), "rows": rows,
+            "max_abs_logit_diff_on_training_queries": exact,
             "cosine_update_vs_first_gradient_step": cosine, "lora": {"rank": 4 * k, "steps": steps, "lr": 1e-3,
                                                                       "final_loss": lora_loss, "seconds": lora_seconds}}
 
@@ -189,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["seconds"] = time.perf_counter() - start
         out["tasks"].append(result)
         print(f"{name} (K = {result['k']}, {result['n_held_out']} held-out, {result['seconds']:.0f} s): "
-              f"cos(update, -grad) {result['cosine_update_vs_first_gradient_step']:+.3f}")
+              f"cos(update, -grad) {result['cosine_update_vs_first_gradient_step']:+.3f}; stacked update on its own "
+              f"training queries: max |logit diff| {result['max_abs_logit_diff_on_training_queries']:.1e}")
         for c, r in result["rows"].items():
             print(f"  {c:>12}: agree {r['agree']:.2f}  correct {r['correct']:.2f}  KL {r['kl']:.3f}")
     write_json(args.json, out)
