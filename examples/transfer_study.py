@@ -78,10 +78,6 @@ def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     return float((p.exp() * (p - q)).sum())
 
 
-def mean_patch(patches: list[dict]) -> dict:
-    return {n: sum(p[n] for p in patches) / len(patches) for n in patches[0]}
-
-
 def lora_gd(model, prefix, train_ids: torch.Tensor, rank: int, steps: int) -> tuple[dict, float]:
     """A PEFT LoRA of ``rank`` on every gate/up/down projection, trained by context distillation; its dense delta
     (in the model's float64) and the final loss."""
@@ -143,31 +139,42 @@ def run_task(model, tokenizer, name: str, pairs: list, steps: int) -> dict:
     train = [q for q, _ in queries if q.shape[0] == k][:N_TRAIN]
     train_ids = set(id(q) for q in train)
     held = [(q, a) for q, a in queries if id(q) not in train_ids][:N_HELD]
-    singles = [absorb_continuation(model, prefix, q, dtype=torch.float64, output="matrix").patch() for q in train[:4]]
-    conditions = {"one other": singles[0], "mean of 4": mean_patch(singles)}
+    fulls = [last_logits(model, torch.cat([prefix, q[None]], 1)) for q, _ in held]
+    rows: dict[str, dict] = {}
+
+    def evaluate(condition: str, patch: dict | None) -> None:  # one condition's patch alive at a time (~0.6 GB)
+        r = rows[condition] = {"agree": 0.0, "correct": 0.0, "kl": 0.0}
+        for (q, answer), full in zip(held, fulls, strict=True):
+            logits = full if condition == "full" else last_logits(model, q[None], patch)
+            r["agree"] += float(logits.argmax() == full.argmax()) / len(held)
+            r["correct"] += float(logits.argmax() == answer) / len(held)
+            r["kl"] += kl(full, logits) / len(held)
+
+    evaluate("full", None)
+    evaluate("zero-shot", {})
+    first = absorb_continuation(model, prefix, train[0], dtype=torch.float64, output="matrix").patch()
+    evaluate("one other", first)
+    cosine = first_gradient_cosine(model, prefix, train[0], first)
+    total = first
+    for q in train[1:4]:
+        for n, d in absorb_continuation(model, prefix, q, dtype=torch.float64, output="matrix").patch().items():
+            total[n] = total[n] + d
+    evaluate("mean of 4", {n: d / 4 for n, d in total.items()})
+    del first, total
+    exact = float("nan")
     for n in (4, 16):
         if len(train) >= n:
-            conditions[f"stacked {n}"] = absorb_continuation(model, prefix, torch.stack(train[:n]),
-                                                             dtype=torch.float64).patch()
+            stacked = absorb_continuation(model, prefix, torch.stack(train[:n]), dtype=torch.float64).patch()
+            evaluate(f"stacked {n}", stacked)
+            if n == 4:  # the machinery's own check: exact on its own training queries alone
+                exact = max(float((last_logits(model, q[None], stacked)
+                                   - last_logits(model, torch.cat([prefix, q[None]], 1))).abs().max())
+                            for q in train[:4])
+            del stacked
     start = time.perf_counter()
-    conditions["LoRA (GD)"], lora_loss = lora_gd(model, prefix, torch.stack(train[:4]), 4 * k, steps)
+    lora, lora_loss = lora_gd(model, prefix, torch.stack(train[:4]), 4 * k, steps)
     lora_seconds = time.perf_counter() - start
-    # the machinery's own check: the stacked update on its training queries alone gives the full model's logits
-    stacked = conditions.get("stacked 4", singles[0])
-    exact = max(float((last_logits(model, q[None], stacked) - last_logits(model, torch.cat([prefix, q[None]], 1)))
-                      .abs().max()) for q in train[:4 if "stacked 4" in conditions else 1])
-    rows = {c: {"agree": 0, "correct": 0, "kl": 0.0} for c in ["full", "zero-shot", *conditions]}
-    for q, answer in held:
-        full = last_logits(model, torch.cat([prefix, q[None]], 1))
-        outs = {"full": full, "zero-shot": last_logits(model, q[None])}
-        outs |= {c: last_logits(model, q[None], patch) for c, patch in conditions.items()}
-        for c, logits in outs.items():
-            rows[c]["agree"] += int(logits.argmax() == full.argmax())
-            rows[c]["correct"] += int(logits.argmax() == answer)
-            rows[c]["kl"] += kl(full, logits)
-    for r in rows.values():
-        r["agree"], r["correct"], r["kl"] = r["agree"] / len(held), r["correct"] / len(held), r["kl"] / len(held)
-    cosine = first_gradient_cosine(model, prefix, train[0], singles[0])
+    evaluate("LoRA (GD)", lora)
     return {"task": name, "k": k, "n_train": len(train), "n_held_out": len(held), "rows": rows,
             "max_abs_logit_diff_on_training_queries": exact,
             "cosine_update_vs_first_gradient_step": cosine, "lora": {"rank": 4 * k, "steps": steps, "lr": 1e-3,
