@@ -164,6 +164,9 @@ def expert_output_updates(delta_b: Tensor, fix: OutputCorrection) -> list[RankOn
     squared = torch.stack([p.pow(2).sum(-1) for p in hidden], dim=-1)  # [batch, pos, n_experts]
     carriers = (routing_weights > 0) & (squared > 0)  # routed experts whose hidden can carry an update
     if not torch.all(carriers.any(-1)):
+        if len(names) == 1:  # a dense MLP without output bias, carried as one "expert" of weight 1
+            raise ValueError(f"{names[0]}: the MLP's hidden activation is exactly zero at some position and the MLP "
+                             "has no output bias, so no update of its output layer can change the MLP output there")
         raise ValueError(f"expert outputs {names[0]}...: every routed expert's hidden activation is exactly zero at "
                          "some position, so no update of their output matrices can move the mixture there")
     total = (routing_weights * carriers).sum(-1, keepdim=True)
