@@ -32,12 +32,12 @@ from contextlib import contextmanager
 import torch
 from einops import einsum, rearrange
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from implicit_updates.adapters.modules import _close, _save_input, _save_output, _unflatten, unwrap
 from implicit_updates.attribution import AttentionCapture
 from implicit_updates.dispatch import loaded_parameter
 from implicit_updates.errors import UnsupportedArchitectureError
+from implicit_updates.precision import KeepPrecision
 
 VALUE_NAMES = ("v", "v_proj")  # a bridge's canonical component, then the HF name
 OUTPUT_NAMES = ("o", "o_proj", "c_proj", "dense", "out_proj")
@@ -105,32 +105,8 @@ def eager_attention(adapter) -> Iterator[None]:
 
 # -- the norms as exact functions ----------------------------------------------------------------------------------
 
-class _KeepPrecision(TorchFunctionMode):
-    """Casts of a ``dtype`` tensor to a less precise floating dtype (``x.float()``, ``x.to(torch.float32)``) keep
-    ``dtype``: the module's own formula, evaluated without its float32 detour."""
-
-    CASTS = {torch.Tensor.to, torch.Tensor.type, torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16}
-
-    def __init__(self, dtype: torch.dtype):
-        super().__init__()
-        self.dtype = dtype
-
-    def _lower(self, d) -> bool:
-        return isinstance(d, torch.dtype) and d.is_floating_point and torch.finfo(d).eps > torch.finfo(self.dtype).eps
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func in self.CASTS and args and isinstance(args[0], Tensor) and args[0].dtype == self.dtype:
-            if func in (torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16):
-                return args[0]
-            args = tuple(self.dtype if self._lower(a) else a for a in args)
-            if self._lower(kwargs.get("dtype")):
-                kwargs["dtype"] = self.dtype
-        return func(*args, **kwargs)
-
-
 class ExactNorm(nn.Module):
-    """A private, hook-free copy of a norm module computing in ``dtype`` throughout (see :class:`_KeepPrecision`)."""
+    """A private, hook-free copy of a norm module computing in ``dtype`` throughout (:class:`KeepPrecision`)."""
 
     def __init__(self, module: nn.Module, dtype: torch.dtype):
         from implicit_updates.adapters.attribution_hooks import own_copy
@@ -140,7 +116,7 @@ class ExactNorm(nn.Module):
         self.dtype = dtype
 
     def forward(self, x: Tensor) -> Tensor:
-        with _KeepPrecision(self.dtype):
+        with KeepPrecision(self.dtype):
             return self.inner(x)
 
 

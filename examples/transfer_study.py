@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from implicit_updates.cli import write_json
 from implicit_updates.continuation import absorb_continuation
 from implicit_updates.hooks import swapped_parameters
+from implicit_updates.precision import exact_formula
 
 CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"),
             ("Russia", "Moscow"), ("China", "Beijing"), ("Egypt", "Cairo"), ("Greece", "Athens"),
@@ -69,7 +70,8 @@ def ids_of(tokenizer, text: str) -> torch.Tensor:
 def last_logits(model, ids: torch.Tensor, patch: dict | None = None) -> torch.Tensor:
     """Logits at the last position; ``patch`` ({name: delta}) added to the parameters while it runs."""
     values = {n: model.get_parameter(n) + d for n, d in (patch or {}).items()}
-    with torch.no_grad(), swapped_parameters(model, values):
+    # the forward the updates are exact in (Gemma reads its norm scales through float32 casts: kept in float64)
+    with torch.no_grad(), swapped_parameters(model, values), exact_formula(model, torch.float64):
         return model(input_ids=ids, use_cache=False).logits[0, -1]
 
 

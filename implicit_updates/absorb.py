@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from implicit_updates.decompose import Decomposition, decompose, torch_module, untouched, working_model
 from implicit_updates.dispatch import inside_forward, is_dispatched
-from implicit_updates.precision import computed_in
+from implicit_updates.precision import computed_in, exact_formula
 
 
 def absorb(model: nn.Module, prompt, dtype: torch.dtype | str | None = None,
@@ -96,7 +96,7 @@ def compare_absorbed(model: nn.Module, prompt, dtype=None, k: int = 5) -> Absorb
             absorbed = adapter.logits(alone)[0, -1]
     else:
         patched = absorbed_model(result)
-        with untouched(patched):
+        with untouched(patched), exact_formula(adapter.model, result.dtype):
             absorbed = type(adapter)(patched).logits(alone)[0, -1]
     logp = {name: torch.log_softmax(t.double(), -1) for name, t in
             (("full", full), ("absorbed", absorbed), ("control", control))}

@@ -34,6 +34,7 @@ from implicit_updates.lowrank import (  # noqa: F401 (re-exported: the public na
     positive_solution,
     post_norm_target,
 )
+from implicit_updates.precision import exact_formula
 
 Output = Literal["auto", "matrix"]
 
@@ -81,11 +82,12 @@ class ContinuationAbsorption:
         return copy_
 
     def patched_logits(self, model: nn.Module | None = None) -> Tensor:
-        """``[K, d_vocab]``: the patched copy (or ``model``, e.g. a loaded LoRA) run on the continuation alone."""
+        """``[K, d_vocab]``: the patched copy (or ``model``, e.g. a loaded LoRA) run on the continuation alone, in the
+        forward the update is exact in (:func:`~implicit_updates.precision.exact_formula` of the absorbed model)."""
         from implicit_updates.adapters import adapter_for
 
         model = self.patched() if model is None else model
-        with untouched(model):
+        with untouched(model), exact_formula(self.model, self.dtype):
             if hasattr(model, "peft_config"):  # a PeftModel: its own forward applies the adapter
                 logits = model(input_ids=self.continuation, use_cache=False).logits
             else:

@@ -1,7 +1,8 @@
 """Layer-streamed precision: a model computes in float64 (or float32) without a float64 copy of itself.
 
-Each module with parameters gets them upcast just before it runs and put back just after (a TransformerBridge
-component also its wrapped module's, which it may read without calling it), so at most one module's
+Each module with parameters gets them upcast just before it runs and put back just after (a module made of leaf
+modules, such as an attention of projections, its children's with its own; a TransformerBridge component also its
+wrapped module's, which it may read without calling it), so at most one module's
 upcast parameters exist at a time (a block's attention or MLP, never the whole model). Upcasting a float32 value to
 float64 is exact, so the forward sees the very numbers an upcast deep copy (``copy.deepcopy(model).to(float64)``)
 holds: results equal the whole-copy path's. A module's floating buffers are upcast with its parameters, as the copy's
@@ -10,27 +11,166 @@ the float64 table, so an embedding's output is cast instead (Gemma's scaled embe
 dtype, as the upcast copy does). The user's ``Parameter`` objects are put back on every exit, exceptions included.
 On a model dispatched by accelerate (``device_map``, offload) the upcast runs inside each module's accelerate hook,
 after it loaded the offloaded parameters and before it offloads them (:mod:`implicit_updates.dispatch`).
+
+``transformers`` writes ``x.float()`` in norms and routers as an upcast from half precision; in a float64 computation
+it is a float32 detour. Where a parameter takes it (Gemma's ``1 + weight.float()``, a router's
+``F.linear(m.float(), w.float())``), a float64 weight patch would be rounded, so for such a model every cast to a less
+precise dtype keeps float64 (:func:`exact_formula`). Other models compute as written: a Llama's float32 RMSNorm
+statistics round the same way with and without context, and the decomposition is exact against them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
-from implicit_updates.dispatch import inside_forward
+from implicit_updates.dispatch import execution_device, inside_forward
 
 
 def needs_upcast(model: nn.Module, dtype: torch.dtype) -> bool:
     return any(p.dtype != dtype for p in model.parameters())
 
 
+class KeepPrecision(TorchFunctionMode):
+    """A cast of a ``dtype`` tensor to a less precise floating dtype keeps ``dtype`` (``x.float()``, ``x.half()``,
+    ``x.to(torch.float32)``, ``x.type(torch.float32)``, ``x.type_as(y)`` with a float32 ``y``, and a
+    ``dtype=torch.float32`` argument of an operation on it, as in ``softmax(x, dim, dtype=torch.float32)``); a matrix
+    product of a ``dtype`` tensor with a less precise one computes in ``dtype`` (a float64 rotary frequency table
+    times float32 positions), as elementwise operations promote. Casts of other tensors, and tensors made from
+    nothing, are left alone (a library's loading code, such as accelerate reading an offloaded weight, runs as
+    written)."""
+
+    DROPPED = {torch.Tensor.float: torch.float32, torch.Tensor.half: torch.float16,
+               torch.Tensor.bfloat16: torch.bfloat16}
+    CASTS = {torch.Tensor.to, torch.Tensor.type, torch.Tensor.type_as}
+    PRODUCTS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.mm,
+                torch.Tensor.mm, torch.bmm, torch.Tensor.bmm, F.linear}
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def _lower(self, d) -> bool:
+        if isinstance(d, str):  # x.type("torch.FloatTensor")
+            d = {"torch.FloatTensor": torch.float32, "torch.HalfTensor": torch.float16,
+                 "torch.BFloat16Tensor": torch.bfloat16}.get(d)
+        return isinstance(d, torch.dtype) and d.is_floating_point and torch.finfo(d).eps > torch.finfo(self.dtype).eps
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if args and isinstance(args[0], Tensor) and args[0].dtype == self.dtype:
+            if func in self.DROPPED:
+                return args[0]
+            if func in self.CASTS:
+                args = (args[0], *(self._kept(a) for a in args[1:]))
+            if self._lower(kwargs.get("dtype")):
+                kwargs = {**kwargs, "dtype": self.dtype}
+        if func in self.PRODUCTS and any(isinstance(a, Tensor) and a.dtype == self.dtype for a in args):
+            args = tuple(a.to(self.dtype) if isinstance(a, Tensor) and self._lower(a.dtype) else a for a in args)
+        return func(*args, **kwargs)
+
+    def _kept(self, arg):
+        if isinstance(arg, Tensor) and arg.is_floating_point() and self._lower(arg.dtype):  # x.to(other)
+            return torch.empty(0, dtype=self.dtype, device=arg.device)
+        return self.dtype if self._lower(arg) else arg
+
+
+class _ParameterCasts(KeepPrecision):
+    """Records whether a forward reads a parameter through a cast to a less precise dtype; changes nothing."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__(dtype)
+        self.seen = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        first = args[0] if args else None
+        lowered = ((func in self.DROPPED and self._lower(self.DROPPED[func])) or self._lower(kwargs.get("dtype"))
+                   or (func in self.CASTS and any(self._lower(self._dtype_of(a)) for a in args[1:])))
+        if isinstance(first, nn.Parameter) and first.dtype == self.dtype and lowered:
+            self.seen = True
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _dtype_of(arg):
+        return arg.dtype if isinstance(arg, Tensor) else arg
+
+
+_CASTS_PARAMETERS: WeakKeyDictionary[nn.Module, dict[torch.dtype, bool]] = WeakKeyDictionary()
+
+
+def casts_parameters(model: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether ``model`` computing in float64 reads one of its parameters through a float32 cast (Gemma's
+    ``1 + weight.float()``, a router's ``F.linear(m.float(), w.float())``), where a float64 weight patch would be
+    rounded. Probed once per model by a forward of two tokens (RNG state kept); ``False`` for other dtypes and for a
+    model the probe cannot run (its casts, if any, then round as written)."""
+    if dtype != torch.float64:
+        return False
+    known = _CASTS_PARAMETERS.setdefault(model, {})
+    if dtype not in known:
+        probe = _ParameterCasts(dtype)
+        try:
+            ids = torch.zeros((1, 2), dtype=torch.long, device=execution_device(model))
+            with torch.no_grad(), torch.random.fork_rng(devices=[]), _no_trace(model), _upcast(model, dtype), probe:
+                if any(c.__name__ == "PreTrainedModel" for c in type(model).__mro__):  # Hugging Face
+                    model(input_ids=ids, use_cache=False)
+                else:  # TransformerLens
+                    model(ids)
+        except Exception:  # noqa: BLE001 - not a token model (a toy block stack): nothing to lift
+            probe.seen = False
+        known[dtype] = probe.seen
+    return known[dtype]
+
+
+@contextmanager
+def _no_trace(model: nn.Module) -> Iterator[None]:
+    """The probe's forward leaves the model as it found it: transformers installs output-capturing hooks on a model's
+    first forward (and marks it so); those are removed and the mark put back."""
+    mark = "_output_capturing_hooks_installed"
+    before = {m: (set(m._forward_hooks), set(m._forward_pre_hooks), m.__dict__.get(mark)) for m in model.modules()}
+    try:
+        yield
+    finally:
+        for m, (hooks, pre_hooks, marked) in before.items():
+            for key in set(m._forward_hooks) - hooks:
+                del m._forward_hooks[key]
+                m._forward_hooks_with_kwargs.pop(key, None)
+                m._forward_hooks_always_called.pop(key, None)
+            for key in set(m._forward_pre_hooks) - pre_hooks:
+                del m._forward_pre_hooks[key]
+                m._forward_pre_hooks_with_kwargs.pop(key, None)
+            if marked is None:
+                m.__dict__.pop(mark, None)
+            else:
+                m.__dict__[mark] = marked
+
+
+@contextmanager
+def exact_formula(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """The forward every decomposition of ``model`` in ``dtype`` computes and verifies: the model's own, except that
+    where it reads a parameter through a float32 cast (:func:`casts_parameters`) every cast to a less precise dtype
+    keeps ``dtype`` (:class:`KeepPrecision`). ``with exact_formula(model, torch.float64): model(ids)`` is the
+    reference to compare a decomposition or an absorbed model with."""
+    with KeepPrecision(dtype) if casts_parameters(model, dtype) else nullcontext():
+        yield
+
+
 @contextmanager
 def computed_in(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
-    """Inside the block every forward of ``model``'s modules computes in ``dtype``, one module upcast at a time."""
+    """Inside the block every forward of ``model``'s modules computes in ``dtype``, one module upcast at a time,
+    in its :func:`exact_formula`."""
+    with exact_formula(model, dtype), _upcast(model, dtype):
+        yield
+
+
+@contextmanager
+def _upcast(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
     if not needs_upcast(model, dtype):
         yield
         return
@@ -52,8 +192,8 @@ def computed_in(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
 
     hooks = []
     for module in model.modules():
-        own = [p for owner in _owners(module) for p in owner.parameters(recurse=False)
-               if p.is_floating_point() and p.dtype != dtype]
+        own = [p for owner in _owners(module) for p in (*owner.parameters(recurse=False), *owner.buffers(False))
+               if p.is_floating_point() and p.dtype != dtype]  # a rotary table's buffer too, as the copy has it
         if not own:
             continue
         if _is_lookup(module):
@@ -86,11 +226,17 @@ def _put_back(originals: list[tuple[nn.Module, str, Tensor]]) -> None:
 
 
 def _owners(module: nn.Module) -> list[nn.Module]:
-    """Whose parameters a module's forward reads: its own, and for a TransformerLens bridge component (which may
-    reimplement the wrapped Hugging Face module's forward with its weights) the wrapped module's too; a bridge's
-    attention or MLP reads its projections' weights before calling them (to match their dtype), so all of them."""
+    """Whose parameters a module's forward reads: its own; for a module made only of leaf modules (an attention or
+    MLP of projections) its children's too; and for a TransformerLens bridge component (which may reimplement the
+    wrapped Hugging Face module's forward with its weights) the wrapped module's too; a bridge's attention or MLP
+    reads its projections' weights before calling them (to match their dtype), so all of them."""
     wrapped = getattr(module, "original_component", None)
     if not isinstance(wrapped, nn.Module):
+        children = list(module.children())
+        if not module._parameters and children and not any(True for c in children for _ in c.children()):
+            # an attention or MLP of leaf projections may read one's dtype before calling it (GLM-DSA's indexer:
+            # ``weights_proj(h.to(weights_proj.weight.dtype))``): all of them, as the upcast copy has them
+            return [module, *(c for c in children if not _is_lookup(c))]
         return [module]
     name = type(module).__name__
     if name.endswith("Bridge") and any(part in name for part in ("Attention", "MLP", "MoE")):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from test_hf import tiny_hf, tokens
 import implicit_updates as iu
 from implicit_updates.cli import main
 from implicit_updates.continuation import absorb_continuation
+from implicit_updates.precision import casts_parameters, exact_formula
 
 STORIES = Path(__file__).resolve().parents[2] / "shared/models/stories260K"
 STORY = "Once upon a time, there was a little bird named Bob. Bob lived in a tree. One day,"
@@ -111,24 +113,34 @@ def test_refusals_hf():
 
 @pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
 def test_post_mlp_norm(kind, monkeypatch, tmp_path):
-    """Gemma's RMSNorm after the MLP, ``(1 + w) z(h)``: one scale for K positions (max-entropy construction).
-    transformers computes it in float32 whatever the model's dtype, so the result is exact to that (warned); with
-    the same norm computing in float64 it is exact to float64 rounding."""
+    """Gemma's RMSNorm after the MLP, ``(1 + w) z(h)``: one scale for K positions (the analytic centre).
+    transformers computes it as ``(1 + w.float())`` in float32 whatever the model's dtype, so the model is absorbed in
+    its float64 formula (``precision.exact_formula``): exact there, and within float32 rounding of the model as
+    written. A norm rounding its activations in float32 (no parameter cast: nothing lifted) is absorbed to that
+    precision, warned."""
     model = tiny_hf(kind)
     prefix, continuation = tokens(10), tokens(3, seed=1)
-    with pytest.warns(UserWarning, match="lower precision"):
+    assert casts_parameters(model, torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
         absorption = absorb_continuation(model, prefix, continuation, dtype=torch.float64)
-    full, edited, _ = full_and_edited(model, absorption, prefix, continuation)
-    assert float((edited - full).abs().max()) <= 1e-6  # measured 4e-8
+    with exact_formula(model, torch.float64):
+        full, edited, _ = full_and_edited(model, absorption, prefix, continuation)
+    assert float((edited - full).abs().max()) <= 1e-9 and float((absorption.full_logits - full).abs().max()) <= 1e-12
+    full, edited, _ = full_and_edited(model, absorption, prefix, continuation)  # the model as written
+    assert 1e-12 < float((edited - full).abs().max()) <= 1e-6
     names = {u[0] for b in absorption.blocks for u in b.updates if not hasattr(u, "rows")}
     assert names == {f"model.layers.{b}.post_feedforward_layernorm.weight" for b in range(3)}
     with pytest.raises(iu.UnsupportedArchitectureError, match="modules_to_save"):
         absorption.save_lora(tmp_path)
     norm = getattr(transformers.models, kind).__dict__[f"modeling_{kind}"].__dict__[f"{kind.capitalize()}RMSNorm"]
-    monkeypatch.setattr(norm, "forward", lambda self, x: self._norm(x) * (1.0 + self.weight))
-    absorption = absorb_continuation(model, prefix, continuation, dtype=torch.float64)
+    monkeypatch.setattr(norm, "forward", lambda self, x: self._norm(x.float()).type_as(x) * (1.0 + self.weight))
+    model = tiny_hf(kind)
+    assert not casts_parameters(model, torch.float64)
+    with pytest.warns(UserWarning, match="lower precision"):
+        absorption = absorb_continuation(model, prefix, continuation, dtype=torch.float64)
     full, edited, _ = full_and_edited(model, absorption, prefix, continuation)
-    assert float((edited - full).abs().max()) <= 1e-9 and float((absorption.full_logits - full).abs().max()) <= 1e-12
+    assert float((edited - full).abs().max()) <= 1e-6
 
 
 needs_stories = pytest.mark.skipif(not STORIES.is_dir(), reason=f"stories260K not found at {STORIES}")
@@ -224,6 +236,37 @@ def test_smollm2_lora_loaded_by_peft_reproduces_the_logits(tmp_path):
     loaded = peft.PeftModel.from_pretrained(model, str(tmp_path))  # (injects into this model: the test's own copy)
     lora = plain_logits(loaded, continuation)
     assert float((lora - full).abs().max()) <= 1e-9 and float((control - full).abs().max()) > 1
+
+
+def test_gemma3_270m_continuation_hf():
+    """The other pretrained model through Hugging Face: Gemma-3-270M (18 blocks, a post-MLP RMSNorm whose scale takes
+    the correction, read by transformers through a float32 cast) as a float32 model computed in float64 one module at
+    a time; a 4-token continuation after a few-shot prompt. The literal edit: the dense patched parameters swapped
+    into the model, run by its own forward in its float64 formula (``computed_in``: ``exact_formula`` + upcast)."""
+    from implicit_updates import pretrained
+    from implicit_updates.hooks import swapped_parameters
+    from implicit_updates.precision import computed_in
+
+    why = pretrained.missing("gemma-3-270m")
+    if why:
+        pytest.skip(why)
+    model = pretrained.load_pretrained("gemma-3-270m", "hf", dtype=torch.float32)
+    ids = model.tokenizer("France: Paris\nJapan: Tokyo\nItaly: Rome\nSpain:", return_tensors="pt").input_ids
+    prefix, continuation = ids[:, :-4], ids[:, -4:]
+    with assert_untouched(model):
+        absorption = absorb_continuation(model, prefix, continuation, dtype=torch.float64)
+    assert [b.rank for b in absorption.blocks] == [4] * 18
+
+    def logits(tokens: torch.Tensor, patch: dict | None = None) -> torch.Tensor:
+        values = {n: model.get_parameter(n).detach().double() + d for n, d in (patch or {}).items()}
+        with torch.no_grad(), computed_in(model, torch.float64), swapped_parameters(model, values):
+            return model(input_ids=tokens, use_cache=False).logits[0, -4:]
+
+    full = logits(ids)
+    assert float((absorption.full_logits - full).abs().max()) <= 1e-12
+    edited, control = logits(continuation, absorption.patch()), logits(continuation)
+    assert float((edited - full).abs().max()) <= 1e-9 < 1 < float((control - full).abs().max())
+    assert bool((edited.argmax(-1) == full.argmax(-1)).all())
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "hooked"])

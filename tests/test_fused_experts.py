@@ -13,13 +13,16 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import assert_untouched, hook_count, rel_err
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_hf import context_outputs, literal_edit_output
 from test_zoo import tiny
+from torch.overrides import TorchFunctionMode
 
 import implicit_updates as iu
+from implicit_updates.precision import casts_parameters, exact_formula
 from implicit_updates.updates import RankOneUpdate
 
 F64 = torch.float64
@@ -92,11 +95,46 @@ def test_verify_finds_a_corrupted_expert_update_where_it_is(block, position, sta
             assert b.max_rel_err <= EXACT, b
 
 
-def test_a_router_read_through_a_float32_cast_is_refused_by_name(one_thread):
-    model = tiny("glm4_moe")  # its router computes F.linear(m.float(), weight.float()): no update acts exactly
+def test_a_router_read_through_a_float32_cast_is_exact_in_float64(one_thread, monkeypatch):
+    """GLM-4-MoE's router computes ``F.linear(m.float(), weight.float())``: the model is decomposed in its float64
+    formula (``precision.exact_formula``: those casts keep float64), where its literal edit is exact; a router reading
+    its weight other than by a linear call (here a copy) is refused by the parameter's name."""
+    model = tiny("glm4_moe")
+    assert casts_parameters(model, F64)
+    with assert_untouched(model):
+        result = iu.decompose(model, IDS, dtype=F64)
+        assert result.verify().max_rel_err <= EXACT
+    with exact_formula(model, F64):
+        targets = context_outputs(model, IDS, F64)
+        for block in range(2):
+            assert rel_err(literal_edit_output(model, result, block, 6), targets[block][0, 6]) <= EXACT
+    plain = context_outputs(model, IDS, F64)  # the model as written rounds its routers in float32
+    assert 1e-12 < max(rel_err(p, t) for p, t in zip(plain, targets, strict=True)) <= 1e-6
+    router = type(model.model.layers[1].mlp.gate)
+    forward = router.forward
+    monkeypatch.setattr(router, "forward", lambda self, h: _einsum_linear(self.weight, forward, self, h))
+    model = tiny("glm4_moe")
     with assert_untouched(model), pytest.raises(iu.UnsupportedArchitectureError, match=r"mlp\.gate\.weight"):
         iu.decompose(model, IDS, dtype=F64)
     assert hook_count(model) == 0
+
+
+class _EinsumLinear(TorchFunctionMode):
+    """Inside a router's forward: its linear call on ``weight`` made an einsum (a read no update is known for)."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = weight
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.linear and args[1] is self.weight:
+            return torch.einsum("...d,ed->...e", args[0], args[1])
+        return func(*args, **(kwargs or {}))
+
+
+def _einsum_linear(weight, forward, module, h):
+    with _EinsumLinear(weight):
+        return forward(module, h)
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])

@@ -16,12 +16,12 @@ from conftest import assert_untouched, hook_count, rel_err
 
 import implicit_updates as iu
 from implicit_updates.adapters import adapter_for
+from implicit_updates.precision import casts_parameters, exact_formula
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 # transformers computes Gemma's RMSNorm in float32 whatever the model's dtype (``x.float()``, then
 # ``(1 + weight.float())``), so a float64 edit of the post-MLP norm's scale is rounded to float32 on its way in.
 GEMMA_FLOAT64_TOL = 1e-6
-GEMMA_FLOAT64_LOGIT_TOL = 1e-5  # the same rounding, through every block and the soft-capped logits
 SMALL = dict(vocab_size=61, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
              max_position_embeddings=64)
 CONFIGS = {
@@ -152,11 +152,15 @@ def check_literal_edits(model, ids, dtype, tol: float, positions=(0, 4, 10)) -> 
     assert max(b.factored_max_rel_err for b in report.blocks) <= TOL[dtype]
     assert report.max_rel_err <= max(tol, TOL[dtype])
     assert [b.rank for b in report.blocks] == [1] * len(report.blocks)
-    targets = context_outputs(model, ids, dtype)
-    for block in range(len(targets)):
-        for position in positions:
-            out = literal_edit_output(model, result, block, position)
-            assert rel_err(out, targets[block][0, position]) <= tol, (block, position)
+    with exact_formula(model, dtype):  # the model's own forward (Gemma's float32 norm casts kept in float64)
+        targets = context_outputs(model, ids, dtype)
+        for block in range(len(targets)):
+            for position in positions:
+                out = literal_edit_output(model, result, block, position)
+                assert rel_err(out, targets[block][0, position]) <= tol, (block, position)
+    if casts_parameters(model, dtype):  # and as written, float32 casts and all, within float32 rounding of it
+        plain = context_outputs(model, ids, dtype)
+        assert 1e-12 < max(rel_err(p, t) for p, t in zip(plain, targets, strict=True)) <= GEMMA_FLOAT64_TOL
     return result
 
 
@@ -164,8 +168,8 @@ def check_literal_edits(model, ids, dtype, tol: float, positions=(0, 4, 10)) -> 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
 def test_literal_weight_edit_every_layout(kind, dtype):
     model = tiny_hf(kind)
-    tol = GEMMA_FLOAT64_TOL if kind.startswith("gemma") and dtype == torch.float64 else TOL[dtype]
-    result = check_literal_edits(model, tokens(11), dtype, tol)
+    assert casts_parameters(model, torch.float64) == kind.startswith("gemma")  # (1 + weight.float()) in its norms
+    result = check_literal_edits(model, tokens(11), dtype, TOL[dtype])
     update = result.block(1)  # not vacuous: the context moved the residual and the MLP input
     assert update.delta_b[0, :-1].abs().max() > 1e-3
     assert max(u.column[0, :-1].abs().max() for u in update.first_layer) > 1e-3
@@ -176,8 +180,7 @@ def test_absorbed_model_matches_full_logits(kind):
     model = tiny_hf(kind)
     with assert_untouched(model):
         report = iu.compare_absorbed(model, tokens(12, seed=1), dtype=torch.float64)
-    tol = GEMMA_FLOAT64_LOGIT_TOL if kind.startswith("gemma") else 1e-9
-    assert report.max_abs_logit_diff <= tol and report.top1_agree
+    assert report.max_abs_logit_diff <= 1e-9 and report.top1_agree
     assert report.max_abs_logit_diff_control > 1e-3  # the context mattered
 
 
