@@ -182,7 +182,8 @@ def mlp_params(mlp: nn.Module, names: dict[int, str]) -> list[Param]:
 
 
 def token_rows(x: Tensor, m: Tensor) -> Tensor | None:
-    """For each row of ``x`` the index of a bit-identical row of ``m`` ``[T, d]``, or None if one has none.
+    """For each row of ``x`` the index of a bit-identical row of ``m`` ``[T, d]``, or None if one has none; rows of
+    ``m`` equal to each other all map to one of them (the same one for every ``x``).
 
     Rows are keyed by an exact integer hash of their bits (no floating-point rounding), then compared exactly."""
     if x.shape[-1] != m.shape[-1] or x.dtype != m.dtype:
@@ -280,6 +281,10 @@ def read_flow(calls: list[Call], params: list[Param], m: Tensor, routing: tuple[
         x = call.x.reshape(-1, call.x.shape[-1])
         h = hidden.setdefault(call.expert, x.new_zeros(n_tokens, x.shape[-1]))
         h[tokens] = x
+    # tokens are matched to one representative of bit-identical rows of m (the same token at the same position in
+    # two sequences of a batch): every copy has that row's hidden activation, as it has its routing
+    representative = token_rows(m, m)
+    hidden = {e: h[representative] for e, h in hidden.items()}
     if not stacked_out:
         return MLPFlow(list(first.values()), param, 0, outputs[name][0][0].transposed, hidden,
                        m.new_ones(n_tokens, 1))

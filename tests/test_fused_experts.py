@@ -165,3 +165,19 @@ def test_grouped_mm_experts_run_their_eager_loop_while_watched(one_thread):
     assert report.max_rel_err <= EXACT
     assert model.config._experts_implementation == "grouped_mm"
     assert model.model.layers[0].mlp.experts.config._experts_implementation == "grouped_mm"
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "glm4_moe"])
+def test_a_batch_whose_sequences_share_a_token(kind, one_thread):
+    """Two sequences starting with the same token: bit-identical rows of m at every block's position 0, matched to one
+    representative row; each copy must get its own hidden activation (once, the second got zeros: refused as a dead
+    hidden). GLM-4-MoE's dense first block goes through the same matching."""
+    model = model_of(kind)
+    ids = torch.tensor([[5, 7, 9, 11, 13, 15], [5, 8, 10, 12, 14, 15]])
+    with assert_untouched(model):
+        result = iu.decompose(model, ids, query="self", dtype=F64)
+        assert result.verify().max_rel_err <= EXACT
+    with exact_formula(model, F64):  # and a literal edit of sequence 0's position 0 (the representative or not)
+        target = context_outputs(model, ids, F64)
+        for block in range(2):
+            assert rel_err(literal_edit_output(model, result, block, 0), target[block][0, 0]) <= EXACT
