@@ -214,18 +214,24 @@ def test_cli_continuation_errors(tmp_path, capsys):
     assert "numerically dependent" in error("--continuation", "7,7,7", "--dtype", "float64")
 
 
+def few_shot_pretrained(name: str, dtype: torch.dtype) -> tuple:
+    """A pretrained model as a Hugging Face model (skipped when its package is missing), the few-shot prompt's ids,
+    and that prompt split into a prefix and its last 4 tokens."""
+    from implicit_updates import pretrained
+
+    why = pretrained.missing(name)
+    if why:
+        pytest.skip(why)
+    model = pretrained.load_pretrained(name, "hf", dtype=dtype)
+    ids = model.tokenizer("France: Paris\nJapan: Tokyo\nItaly: Rome\nSpain:", return_tensors="pt").input_ids
+    return model, ids, ids[:, :-4], ids[:, -4:]
+
+
 def test_smollm2_lora_loaded_by_peft_reproduces_the_logits(tmp_path):
     """A really pretrained model: SmolLM2-135M (Llama, 30 blocks) as a float64 Hugging Face model, a 4-token
     continuation after a few-shot prompt, the LoRA written and loaded by peft onto the same model."""
     peft = pytest.importorskip("peft", reason="peft is not installed (pip install peft)")
-    from implicit_updates import pretrained
-
-    why = pretrained.missing("smollm2-135m")
-    if why:
-        pytest.skip(why)
-    model = pretrained.load_pretrained("smollm2-135m", "hf", dtype=torch.float64)
-    ids = model.tokenizer("France: Paris\nJapan: Tokyo\nItaly: Rome\nSpain:", return_tensors="pt").input_ids
-    prefix, continuation = ids[:, :-4], ids[:, -4:]
+    model, ids, prefix, continuation = few_shot_pretrained("smollm2-135m", torch.float64)
     full = plain_logits(model, ids)[-4:]
     with assert_untouched(model):
         absorption = absorb_continuation(model, prefix, continuation, output="matrix")
@@ -243,16 +249,10 @@ def test_gemma3_270m_continuation_hf():
     the correction, read by transformers through a float32 cast) as a float32 model computed in float64 one module at
     a time; a 4-token continuation after a few-shot prompt. The literal edit: the dense patched parameters swapped
     into the model, run by its own forward in its float64 formula (``computed_in``: ``exact_formula`` + upcast)."""
-    from implicit_updates import pretrained
     from implicit_updates.hooks import swapped_parameters
     from implicit_updates.precision import computed_in
 
-    why = pretrained.missing("gemma-3-270m")
-    if why:
-        pytest.skip(why)
-    model = pretrained.load_pretrained("gemma-3-270m", "hf", dtype=torch.float32)
-    ids = model.tokenizer("France: Paris\nJapan: Tokyo\nItaly: Rome\nSpain:", return_tensors="pt").input_ids
-    prefix, continuation = ids[:, :-4], ids[:, -4:]
+    model, ids, prefix, continuation = few_shot_pretrained("gemma-3-270m", torch.float32)
     with assert_untouched(model):
         absorption = absorb_continuation(model, prefix, continuation, dtype=torch.float64)
     assert [b.rank for b in absorption.blocks] == [4] * 18
