@@ -1,7 +1,8 @@
 """How weight-like is in-context learning? The implicit update of a few-shot prompt, transferred to held-out queries.
 
 For each task (a few-shot prefix P of lines "x -> y" and queries "{x} ->"), on a pretrained model in float64:
-- ``full``: the model on P + q' (what in-context learning gives); ``zero-shot``: q' alone;
+- ``full``: the model on P + q' (what in-context learning gives; P starts with the tokenizer's special tokens, Gemma's
+  ``<bos>``); ``zero-shot``: q' alone, as the updated models run it (and ``zero-shot + BOS`` where there is one);
 - ``one other``: the exact update absorbed from P for one training query q (``absorb_continuation(model, P, q)``,
   exact on q's tokens), applied as a weight edit to the model on a held-out q' alone;
 - ``mean of 4``: the mean of four such updates; ``stacked n``: one update exact on n training queries at once
@@ -134,7 +135,11 @@ def first_gradient_cosine(model, prefix, q: torch.Tensor, patch: dict) -> float:
 def run_task(model, tokenizer, name: str, pairs: list, steps: int) -> dict:
     shots, rest = pairs[:N_SHOT], pairs[N_SHOT:]
     # the prefix ends with the newline, so the queries share no first token (stacked rows must be independent)
-    prefix = ids_of(tokenizer, "".join(f"{x} -> {y}\n" for x, y in shots))
+    # the prefix starts the text, with the tokenizer's special tokens (Gemma's <bos>: without it Gemma-3-270M's full
+    # 4-shot prompt answers 0 of 20 capitals, with it 18); the queries continue it, without
+    text = "".join(f"{x} -> {y}\n" for x, y in shots)
+    prefix = tokenizer(text, return_tensors="pt").input_ids
+    specials = prefix[0, : prefix.shape[1] - ids_of(tokenizer, text).shape[1]]  # what a text start gets: [<bos>] or []
     queries = [(ids_of(tokenizer, f"{x} ->")[0], ids_of(tokenizer, f" {y}")[0, 0]) for x, y in rest]
     lengths = [q.shape[0] for q, _ in queries]
     k = max(set(lengths), key=lengths.count)  # stacking needs one query length: the most common one
@@ -147,13 +152,18 @@ def run_task(model, tokenizer, name: str, pairs: list, steps: int) -> dict:
     def evaluate(condition: str, patch: dict | None) -> None:  # one condition's patch alive at a time (~0.6 GB)
         r = rows[condition] = {"agree": 0.0, "correct": 0.0, "kl": 0.0}
         for (q, answer), full in zip(held, fulls, strict=True):
-            logits = full if condition == "full" else last_logits(model, q[None], patch)
+            if condition == "zero-shot + BOS":
+                logits = last_logits(model, torch.cat([specials, q])[None])
+            else:
+                logits = full if condition == "full" else last_logits(model, q[None], patch)
             r["agree"] += float(logits.argmax() == full.argmax()) / len(held)
             r["correct"] += float(logits.argmax() == answer) / len(held)
             r["kl"] += kl(full, logits) / len(held)
 
     evaluate("full", None)
     evaluate("zero-shot", {})
+    if len(specials):  # q' alone as a text of its own; the implicit updates run q' alone, as "zero-shot" does
+        evaluate("zero-shot + BOS", None)
     first = absorb_continuation(model, prefix, train[0], dtype=torch.float64, output="matrix").patch()
     evaluate("one other", first)
     cosine = first_gradient_cosine(model, prefix, train[0], first)
