@@ -108,10 +108,10 @@ _CASTS_PARAMETERS: WeakKeyDictionary[nn.Module, dict[torch.dtype, bool]] = WeakK
 def casts_parameters(model: nn.Module, dtype: torch.dtype) -> bool:
     """Whether ``model`` computing in float64 reads one of its parameters through a float32 cast (Gemma's
     ``1 + weight.float()``, a router's ``F.linear(m.float(), w.float())``), where a float64 weight patch would be
-    rounded. Probed once per model by a forward of two tokens (RNG state kept); ``False`` for other dtypes and for a
-    model the probe cannot run (its casts, if any, then round as written)."""
-    if dtype != torch.float64:
-        return False
+    rounded. Probed once per model by a forward of two tokens (RNG state kept); ``False`` for other dtypes, for a
+    HookedTransformer, and for a model the probe cannot run (its casts, if any, then round as written)."""
+    if dtype != torch.float64 or any(c.__name__ == "HookedTransformer" for c in type(model).__mro__):
+        return False  # (TransformerLens's own modules compute in cfg.dtype throughout)
     known = _CASTS_PARAMETERS.setdefault(model, {})
     if dtype not in known:
         probe = _ParameterCasts(dtype)
