@@ -51,6 +51,15 @@ def is_nnsight(model) -> bool:
     return envoy is not None and isinstance(model, envoy)
 
 
+def is_module_based(adapter) -> bool:
+    """A plain Hugging Face model's or a TransformerBridge's adapter (hooks on the live modules), not nnsight's
+    (traces) nor the HookedTransformer's or toy model's."""
+    from implicit_updates.adapters.bridge import BridgeAdapter
+    from implicit_updates.adapters.hf import HFAdapter
+
+    return type(adapter) in (HFAdapter, BridgeAdapter)
+
+
 def torch_module(model) -> nn.Module:
     """The torch module ``model`` computes with: the one an nnsight model wraps, else ``model`` itself."""
     if is_nnsight(model):

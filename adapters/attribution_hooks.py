@@ -17,6 +17,7 @@ import torch
 from einops import einsum, rearrange
 from torch import Tensor, nn
 
+from implicit_updates.adapters import is_module_based
 from implicit_updates.adapters.hooked_transformer import POST_NORM_ARCHITECTURES, HookedTransformerAdapter, exact_alibi
 from implicit_updates.attribution import AttentionCapture
 from implicit_updates.errors import UnsupportedArchitectureError
@@ -25,7 +26,7 @@ from implicit_updates.hooks import module_hooks
 
 def check_supported(adapter) -> None:
     """Raise :class:`UnsupportedArchitectureError` (one line, what to do) where attribution cannot read attention."""
-    if _module_based(adapter):
+    if is_module_based(adapter):
         from implicit_updates.adapters.attribution_hf import check_supported_modules
 
         check_supported_modules(adapter)
@@ -41,7 +42,7 @@ def check_supported(adapter) -> None:
 def capture_attention(adapter, inputs: Tensor, blocks: list[int], query: str) -> list[AttentionCapture]:
     """One :class:`AttentionCapture` per block: one with-context forward, then each block on its query alone."""
     check_supported(adapter)
-    if _module_based(adapter):
+    if is_module_based(adapter):
         from implicit_updates.adapters.attribution_hf import capture_modules
 
         return capture_modules(adapter, inputs, blocks, query)
@@ -51,18 +52,11 @@ def capture_attention(adapter, inputs: Tensor, blocks: list[int], query: str) ->
 def attention_readable(adapter) -> AbstractContextManager:
     """Where the whole attribution (its decomposition too) must run: with eager attention on Hugging Face models and
     bridges, so the decomposed forward is the one whose pattern is split (sdpa rounds its softmax differently)."""
-    if _module_based(adapter):
+    if is_module_based(adapter):
         from implicit_updates.adapters.attribution_hf import eager_attention
 
         return eager_attention(adapter)
     return nullcontext()
-
-
-def _module_based(adapter) -> bool:
-    """A plain Hugging Face model or a TransformerBridge (``BridgeAdapter`` is an ``HFAdapter``), not nnsight's."""
-    from implicit_updates.adapters.hf import HFAdapter
-
-    return isinstance(adapter, HFAdapter) and type(adapter).__name__ != "NNsightAdapter"
 
 
 class _HookedAttention:

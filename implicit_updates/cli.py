@@ -94,13 +94,21 @@ def parse_prompt(model, prompt: str | None, seq_len: int, seed: int) -> str | to
         return torch.randint(0, adapter_for(model).d_vocab, (1, seq_len), generator=gen).to(device)
     if not prompt.strip():
         raise UsageError("--prompt is empty: give text or comma-separated token ids (two or more for a context)")
-    parts = [p.strip() for p in prompt.split(",")]
-    if all(re.fullmatch(r"[+-]?\d+", p) for p in parts):  # range-checked by decompose against the vocabulary
-        return torch.tensor([[int(p) for p in parts]], device=device)
+    ids = token_ids(prompt, device)  # range-checked by decompose against the vocabulary
+    if ids is not None:
+        return ids
     if getattr(model, "tokenizer", None) is None:
         raise UsageError(f"this model has no tokenizer and {prompt!r} is not a list of token ids: give --prompt as "
                          f"comma-separated integers in [0, {adapter_for(model).d_vocab}), or use --seq-len")
     return prompt
+
+
+def token_ids(text: str, device) -> torch.Tensor | None:
+    """``[1, n]`` ids when ``text`` is a comma list of integers (``"1,2,3"``), else None (text to tokenize)."""
+    parts = [p.strip() for p in text.split(",")]
+    if all(re.fullmatch(r"[+-]?\d+", p) for p in parts):
+        return torch.tensor([[int(p) for p in parts]], device=device)
+    return None
 
 
 def write_json(path: str | None, payload: dict) -> None:

@@ -9,13 +9,12 @@ import argparse
 import importlib.util
 import math
 import os
-import re
 import time
 from pathlib import Path
 
 import torch
 
-from implicit_updates.cli import UsageError, load, parse_prompt, token_labels, write_json
+from implicit_updates.cli import UsageError, load, parse_prompt, token_ids, token_labels, write_json
 
 
 def check_lora_dir(path: str | None) -> None:
@@ -40,9 +39,9 @@ def check_lora_dir(path: str | None) -> None:
 def parse_continuation(model, text: str) -> torch.Tensor:
     """``[1, K]`` token ids: comma-separated integers, or text tokenized without special tokens (no BOS)."""
     device = next(model.parameters()).device
-    parts = [p.strip() for p in text.split(",")]
-    if all(re.fullmatch(r"[+-]?\d+", p) for p in parts):
-        return torch.tensor([[int(p) for p in parts]], device=device)
+    ids = token_ids(text, device)
+    if ids is not None:
+        return ids
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise UsageError(f"this model has no tokenizer and {text!r} is not a list of token ids: give --continuation "

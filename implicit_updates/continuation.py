@@ -30,6 +30,7 @@ from implicit_updates.lowrank import (  # noqa: F401 (re-exported: the public na
     checked_pinv,
     default_rcond,
     first_layer_updates,
+    output_correction,
     output_update,
     positive_solution,
     post_norm_target,
@@ -142,12 +143,13 @@ def absorb_continuation(model: nn.Module, prefix: Tensor, continuation: Tensor,
     # n stacked continuations [n, K], each run after the prefix: one update exact on all n * K positions
     full = torch.cat([prefix.expand(continuation.shape[0], -1), continuation.to(prefix.device)], dim=1)
     with prepared(model, full, None, dtype) as (adapter, block_ids, inputs):
+        from implicit_updates.adapters import is_module_based
         from implicit_updates.adapters.hooked_transformer import HookedTransformerAdapter
 
         rcond = default_rcond(adapter.compute_dtype) if rcond is None else rcond
         if isinstance(adapter, HookedTransformerAdapter):
             blocks, full_logits = _hooked_blocks(adapter, inputs, block_ids, continuation.shape[1], rcond, output)
-        elif _module_backend(adapter):
+        elif is_module_based(adapter):
             from implicit_updates.continuation_modules import module_blocks
 
             blocks, full_logits = module_blocks(adapter, inputs, block_ids, continuation.shape[1], rcond, output)
@@ -187,8 +189,7 @@ def _hooked_blocks(adapter, inputs: Tensor, block_ids: list[int], k: int, rcond:
             norm = getattr(model_.blocks[b], adapter.output_norm)
             h = at_continuation(store[f"{p}.mlp.output"], k)
             wanted = at_continuation(store[f"{p}.hook_resid_post"], k) - r_alone
-            target, scale_delta = post_norm_target(wanted, h, norm.eps,
-                                                   norm.w)
+            target, scale_delta = post_norm_target(wanted, h, norm.eps, norm.w)
             change = target - h
             updates.append((f"{p}.{adapter.output_norm}.w", scale_delta))
         if adapter.kind == "MoE":
@@ -201,25 +202,14 @@ def _hooked_blocks(adapter, inputs: Tensor, block_ids: list[int], k: int, rcond:
             d_mlp = experts["expert_hidden"][0].shape[-1]
             updates += [LowRankUpdate(name, pinv_q[e * d_mlp:(e + 1) * d_mlp], change, transposed=True)
                         for e, name in enumerate(experts["names"])]
-        elif m.shape[0] == 1 and not adapter.output_norm and output == "auto":
-            updates.append((f"{p}.mlp.b_out", change[0]))
-            cond_p = float("inf")
         else:
-            hidden = at_continuation(store[f"{p}.mlp.hook_post"], k)
-            update, cond_p = output_update(hidden, change, f"{p}.mlp.W_out", False,
-                                           rcond, f"block {b}: the with-context hidden activations")
+            bias = f"{p}.mlp.b_out" if output == "auto" and not adapter.output_norm else None
+            update, cond_p = output_correction(at_continuation(store[f"{p}.mlp.hook_post"], k), change,
+                                               f"{p}.mlp.W_out", False, bias, rcond, b)
             updates.append(update)
         blocks.append(BlockContinuation(b, tuple(updates), cond_m, cond_p, m.shape[0]))
         x = store[f"{p}.hook_resid_post"][:, -k:]  # the next block's input, which this block's patch reproduces
     return blocks, full_logits
-
-
-def _module_backend(adapter) -> bool:
-    """A plain Hugging Face model or a TransformerBridge (not a subclass such as the nnsight adapter)."""
-    from implicit_updates.adapters.bridge import BridgeAdapter
-    from implicit_updates.adapters.hf import HFAdapter
-
-    return type(adapter) in (HFAdapter, BridgeAdapter)
 
 
 def _ids(tokens: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ from implicit_updates.adapters.modules import (
 )
 from implicit_updates.dispatch import loaded_parameter, own_forward
 from implicit_updates.errors import UnsupportedArchitectureError
-from implicit_updates.lowrank import at_continuation, first_layer_updates, output_update, post_norm_target
+from implicit_updates.lowrank import at_continuation, first_layer_updates, output_correction, post_norm_target
 
 
 def module_blocks(adapter, inputs: Tensor, block_ids: list[int], k: int, rcond: float, output: str) -> tuple:
@@ -67,14 +67,10 @@ def module_blocks(adapter, inputs: Tensor, block_ids: list[int], k: int, rcond: 
             target, scale_delta, err = _post_norm(p.post_norm[1], wanted / p.residual_scale, h, b)
             change, norm_err = target - h, max(norm_err, err)
             updates.append((p.post_norm[0], scale_delta))
-        if m.shape[0] == 1 and p.out_bias is not None and output == "auto":
-            updates.append((p.out_bias, change[0]))
-            cond_p = float("inf")
-        else:
-            update, cond_p = output_update(at_continuation(store[f"{b}.hidden"], k), change, p.out_weight,
-                                           isinstance(unwrap(p.out), nn.Linear), rcond,
-                                           f"block {b}: the with-context hidden activations")
-            updates.append(update)
+        update, cond_p = output_correction(at_continuation(store[f"{b}.hidden"], k), change, p.out_weight,
+                                           isinstance(unwrap(p.out), nn.Linear),
+                                           p.out_bias if output == "auto" else None, rcond, b)
+        updates.append(update)
         blocks.append(BlockContinuation(b, tuple(updates), cond_m, cond_p, m.shape[0]))
     if norm_err > 1e3 * torch.finfo(m.dtype).eps:
         warnings.warn(f"the norms after the MLP compute in a lower precision than {m.dtype} (their output is up to "

@@ -71,6 +71,16 @@ def output_update(hidden: Tensor, change: Tensor, name: str, transposed: bool, r
     return LowRankUpdate(name, pinv, change, transposed), cond
 
 
+def output_correction(hidden: Tensor, change: Tensor, name: str, transposed: bool, bias: str | None, rcond: float,
+                      block: int) -> tuple[LowRankUpdate | tuple[str, Tensor], float]:
+    """What carries the output change ``D``: the output bias ``bias`` (``(bias, D[0])``, Dherin et al. Thm A.2) when
+    there is one position and a bias is offered, else :func:`output_update`; with ``D``'s condition number (inf for
+    the bias)."""
+    if change.shape[0] == 1 and bias is not None:
+        return (bias, change[0]), float("inf")
+    return output_update(hidden, change, name, transposed, rcond, f"block {block}: the with-context hidden activations")
+
+
 def post_norm_target(wanted: Tensor, mlp_output: Tensor, eps: float, weight: Tensor) -> tuple[Tensor, Tensor]:
     """MLP outputs ``h'_k`` and a scale patch ``delta_w`` with ``(w + delta_w) * z(h'_k) = wanted_k`` for every k,
     for an RMSNorm ``z(h) = h / sqrt(mean(h^2) + eps)`` after the MLP whose scale ``w`` is shared by all positions.

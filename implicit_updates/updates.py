@@ -141,13 +141,17 @@ def post_norm_updates(output: Tensor, query_residual: Tensor, fix: OutputCorrect
     squared = fix.hidden.pow(2).sum(-1, keepdim=True)
     dead = squared == 0  # a hidden of exact zeros (ReLU): no output-matrix update reaches the output there
     if dead.any() and fix.output_bias is None:
-        raise ValueError(f"{fix.output_weight}: the MLP's hidden activation is exactly zero at some position and the "
-                         "MLP has no output bias, so no update of its output layer can change the MLP output there")
+        raise ValueError(dead_hidden(fix.output_weight))
     row = torch.where(dead, torch.zeros_like(fix.hidden), fix.hidden / squared.where(~dead, torch.ones_like(squared)))
     updates = [RankOneUpdate(fix.output_weight, row, move.where(~dead, torch.zeros_like(move)), fix.output_transposed)]
     if dead.any():  # there the output bias moves the MLP output instead
         updates.append(AdditiveUpdate(fix.output_bias, move.where(dead, torch.zeros_like(move))))
     return [*updates, scale]
+
+
+def dead_hidden(output_weight: str) -> str:
+    return (f"{output_weight}: the MLP's hidden activation is exactly zero at some position and the MLP has no output "
+            "bias, so no update of its output layer can change the MLP output there")
 
 
 def expert_output_updates(delta_b: Tensor, fix: OutputCorrection) -> list[RankOneUpdate]:
@@ -165,8 +169,7 @@ def expert_output_updates(delta_b: Tensor, fix: OutputCorrection) -> list[RankOn
     carriers = (routing_weights > 0) & (squared > 0)  # routed experts whose hidden can carry an update
     if not torch.all(carriers.any(-1)):
         if len(names) == 1:  # a dense MLP without output bias, carried as one "expert" of weight 1
-            raise ValueError(f"{names[0]}: the MLP's hidden activation is exactly zero at some position and the MLP "
-                             "has no output bias, so no update of its output layer can change the MLP output there")
+            raise ValueError(dead_hidden(names[0]))
         raise ValueError(f"expert outputs {names[0]}...: every routed expert's hidden activation is exactly zero at "
                          "some position, so no update of their output matrices can move the mixture there")
     total = (routing_weights * carriers).sum(-1, keepdim=True)
