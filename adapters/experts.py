@@ -12,7 +12,7 @@ slice of one), with its input; the MLP's structure is then read from the data, n
 - an expert's hidden activation is the input of its call on a stacked parameter that does not read m (its down
   projection), matched to tokens through the same expert's first-layer call (whose rows are rows of m); with the
   routing weights the experts module is called with, these carry the output correction (Goldwaser et al. 2025's
-  per-expert output updates, :func:`~implicit_updates.updates.expert_output_updates`). A dense MLP (no stacked
+  per-expert output updates, :func:`~implicit_updates.math.updates.expert_output_updates`). A dense MLP (no stacked
   parameter) carries it on its one output map, with routing weight 1.
 
 For the factored verification the same mode adds ``(x . row) column`` to each patched call's output, one position

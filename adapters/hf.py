@@ -14,7 +14,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from implicit_updates.adapters.experts import LinearCalls, mlp_params
-from implicit_updates.adapters.modules import BlockParts, ModuleAdapter, unwrap
+from implicit_updates.adapters.module_hooks import unwrap
+from implicit_updates.adapters.modules import BlockParts, ModuleAdapter
 from implicit_updates.adapters.structure import BlockStructure, structure_of_hf
 from implicit_updates.errors import UnsupportedArchitectureError
 
@@ -73,6 +74,13 @@ def block_parts(model: nn.Module, structure: BlockStructure, names: dict[int, st
 
 class HFAdapter(ModuleAdapter):
     """Adapter for a ``transformers`` causal LM (``PreTrainedModel`` with a known block layout)."""
+
+    backend = "Hugging Face"
+    capabilities = frozenset({"decompose", "copy", "absorbed", "attribution", "continuation", "lora"})
+    limits = {
+        "prefix_onepass": "not ported to Hugging Face models yet; use method='naive'",
+        "suffix_removal": "not ported to Hugging Face models yet",
+    }
 
     def __init__(self, model: nn.Module, hf_model: nn.Module | None = None):
         self.model = model

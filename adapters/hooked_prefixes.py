@@ -45,12 +45,7 @@ from einops import rearrange, reduce
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from implicit_updates.adapters.hooked_transformer import (
-    HookedTransformerAdapter,
-    _expert_rows,
-    alibi_table,
-    exact_alibi,
-)
+from implicit_updates.adapters.tl_common import alibi_table, exact_alibi, expert_rows
 from implicit_updates.capture import BlockCapture
 from implicit_updates.errors import UnsupportedArchitectureError
 
@@ -58,14 +53,10 @@ OLMO_QK_NORM = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")  # q
 
 
 def check_prefix_support(adapter, n_tokens: int | None = None) -> None:
-    """Raise unless ``adapter`` is a HookedTransformer adapter of a causal model the one-pass can run exactly.
+    """Raise unless the HookedTransformer behind ``adapter`` is a causal model the one pass can run exactly.
 
     ``n_tokens`` (the prompt length, when known) checks Qwen-1's length-dependent rotary/query scalings.
     """
-    if not isinstance(adapter, HookedTransformerAdapter):
-        raise UnsupportedArchitectureError(
-            f"the one-pass prefix dynamics needs a TransformerLens HookedTransformer (got {type(adapter).__name__}); "
-            "use method='naive' (one decompose per prefix) for other frameworks")
     cfg = adapter.model.cfg
     if getattr(cfg, "attention_dir", "causal") != "causal":
         raise UnsupportedArchitectureError(
@@ -96,7 +87,7 @@ def check_prefix_support(adapter, n_tokens: int | None = None) -> None:
 # -- the context, once --------------------------------------------------------------------------------------------
 
 
-def context_keys_values(adapter: HookedTransformerAdapter, inputs: Tensor, n_blocks: int
+def context_keys_values(adapter, inputs: Tensor, n_blocks: int
                         ) -> list[tuple[Tensor, Tensor]]:
     """Run the context ``inputs[:, :-1]`` (batch 1) once through blocks ``0..n_blocks-1``; per block the keys and
     values ``[n, kv_heads, d_head]`` as the attention scores and z use them (keys rotated at positions ``0..n-1``)."""
@@ -241,7 +232,7 @@ def replaced_forward(module: nn.Module, forward: Callable[..., Tensor]) -> Itera
             module.forward = before
 
 
-def query_block0_input(adapter: HookedTransformerAdapter, inputs: Tensor, mask: Tensor
+def query_block0_input(adapter, inputs: Tensor, mask: Tensor
                        ) -> tuple[Tensor, Tensor | None]:
     """Block 0's input for the query rows (``[rows, 1, d_model]``) and the shortformer positional embedding.
 
@@ -264,7 +255,7 @@ def query_block0_input(adapter: HookedTransformerAdapter, inputs: Tensor, mask: 
 # -- all prefixes ---------------------------------------------------------------------------------------------------
 
 
-def capture_prefixes(adapter: HookedTransformerAdapter, inputs: Tensor, blocks: list[int], chunk_size: int = 64,
+def capture_prefixes(adapter, inputs: Tensor, blocks: list[int], chunk_size: int = 64,
                      progress: bool | None = None) -> list[BlockCapture]:
     """Per block in ``blocks``, a :class:`BlockCapture` whose N "positions" are the N prefixes ``[c_1..c_i, x]``.
 
@@ -304,11 +295,11 @@ def capture_prefixes(adapter: HookedTransformerAdapter, inputs: Tensor, blocks: 
     for b in blocks:
         ctx = _merge(adapter, b, parts[b])
         alone = adapter.run_block_alone(b, ctx[f"blocks.{b}.hook_resid_pre"])  # every query row at once
-        captures.append(adapter._block_capture(b, ctx, alone, ctx[f"blocks.{b}.hook_resid_pre"]))
+        captures.append(adapter.block_capture(b, ctx, alone, ctx[f"blocks.{b}.hook_resid_pre"]))
     return captures
 
 
-def _densify_experts(adapter: HookedTransformerAdapter, b: int, store: dict[str, Tensor]) -> dict[str, Tensor]:
+def _densify_experts(adapter, b: int, store: dict[str, Tensor]) -> dict[str, Tensor]:
     """Per-token rows ``[rows, d_mlp]`` (zero where unrouted) for each expert's ``hook_post``, so chunks concatenate."""
     if adapter.kind != "MoE":
         return store
@@ -317,17 +308,17 @@ def _densify_experts(adapter: HookedTransformerAdapter, b: int, store: dict[str,
     out = dict(store)
     for e in range(mlp.num_experts):
         dense = indices.new_zeros(indices.shape[0], mlp.d_mlp, dtype=store[f"blocks.{b}.hook_resid_pre"].dtype)
-        rows = _expert_rows(indices, e, mlp.num_experts)
+        rows = expert_rows(indices, e, mlp.num_experts)
         if rows.numel():
             dense[rows] = store[f"{p}.experts.{e}.hook_post"]
         out[f"{p}.experts.{e}.hook_post"] = dense
     return out
 
 
-def _merge(adapter: HookedTransformerAdapter, b: int, parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+def _merge(adapter, b: int, parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     """Concatenate chunk stores: ``[rows, 1, ...]`` activations -> ``[1, N, ...]``; per-token rows along dim 0.
 
-    Experts' ``hook_post`` go back to the MoE's own sparse order (``_expert_rows`` over all N query tokens).
+    Experts' ``hook_post`` go back to the MoE's own sparse order (``expert_rows`` over all N query tokens).
     """
     merged: dict[str, Tensor] = {}
     for key in parts[0]:
@@ -341,5 +332,5 @@ def _merge(adapter: HookedTransformerAdapter, b: int, parts: list[dict[str, Tens
         indices = merged[f"{p}.hook_expert_indices"]
         for e in range(mlp.num_experts):
             merged[f"{p}.experts.{e}.hook_post"] = merged[f"{p}.experts.{e}.hook_post"][
-                _expert_rows(indices, e, mlp.num_experts)]
+                expert_rows(indices, e, mlp.num_experts)]
     return merged

@@ -6,23 +6,21 @@ each block on its query-only input, and runs a block with factored updates added
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+import contextlib
+from collections.abc import Callable
+from contextlib import ExitStack
 from functools import partial
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from implicit_updates.capture import BlockCapture, FirstLayerMap, OutputCorrection, captures_per_block
+from implicit_updates.adapters.assemble import assemble
+from implicit_updates.adapters.tl_common import POST_NORM_ARCHITECTURES, exact_alibi, expert_rows
+from implicit_updates.capture import BlockCapture, FirstLayerMap, OutputCorrection
 from implicit_updates.errors import UnsupportedArchitectureError
-from implicit_updates.hooks import module_hooks
-from implicit_updates.updates import BlockUpdate, RankOneUpdate
-
-try:  # TransformerLens >= 3.8 names its post-norm (OLMo 2/3) architectures
-    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
-except ImportError:  # pragma: no cover - older TransformerLens
-    POST_NORM_ARCHITECTURES = set()
+from implicit_updates.math.updates import BlockUpdate, RankOneUpdate
+from implicit_updates.runtime.hooks import module_hooks
 
 
 class HookPointCapture:
@@ -38,6 +36,14 @@ class HookPointCapture:
         return next(self.model.parameters()).device
 
     @property
+    def user_model(self) -> nn.Module:
+        return self.model
+
+    def rebind(self, model: nn.Module):
+        """The same adapter over ``model`` (a patched copy)."""
+        return type(self)(model)
+
+    @property
     def d_model(self) -> int:
         return self.model.cfg.d_model
 
@@ -47,7 +53,7 @@ class HookPointCapture:
     def _forward_to(self, inputs: Tensor, stop: int) -> None:
         raise NotImplementedError
 
-    def _block_capture(self, b: int, ctx: dict[str, Tensor], alone: dict[str, Tensor],
+    def block_capture(self, b: int, ctx: dict[str, Tensor], alone: dict[str, Tensor],
                        query_input: Tensor) -> BlockCapture:
         raise NotImplementedError
 
@@ -61,7 +67,7 @@ class HookPointCapture:
         store: dict[str, Tensor] = {}
         with self._capturing(blocks, store):
             self._forward_to(inputs, max(blocks) + 1)
-        return captures_per_block(self, store, lambda b: f"blocks.{b}.hook_resid_pre", blocks, query, query_inputs,
+        return assemble(self, store, lambda b: f"blocks.{b}.hook_resid_pre", blocks, query, query_inputs,
                                   progress)
 
     def run_block_alone(self, block: int, query_input: Tensor) -> dict[str, Tensor]:
@@ -84,6 +90,12 @@ class HookPointCapture:
 
 class HookedTransformerAdapter(HookPointCapture):
     """Adapter for ``transformer_lens.HookedTransformer`` (and ``HookedRootModule`` models with its hook names)."""
+
+    backend = "HookedTransformer"
+    capabilities = frozenset({"decompose", "copy", "absorbed", "attribution", "continuation", "prefix_onepass",
+                              "suffix_removal"})
+    limits = {"lora": "a PEFT LoRA attaches to Hugging Face modules, and this is not a Hugging Face model or a "
+                      "TransformerBridge: apply the update with absorption.patched() (a copy with the weights edited)"}
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -202,7 +214,7 @@ class HookedTransformerAdapter(HookPointCapture):
             return store[f"{p}.hook_resid_pre"] + store[f"{p}.hook_attn_out"]
         return store[f"{p}.hook_resid_mid"]
 
-    def _block_capture(self, b: int, ctx: dict[str, Tensor], alone: dict[str, Tensor],
+    def block_capture(self, b: int, ctx: dict[str, Tensor], alone: dict[str, Tensor],
                        query_input: Tensor) -> BlockCapture:
         p = f"blocks.{b}"
         return BlockCapture(
@@ -257,7 +269,7 @@ class HookedTransformerAdapter(HookPointCapture):
                                         ctx[f"{p}.hook_resid_pre"].dtype)
         hidden = []
         for e in range(mlp.num_experts):
-            rows = _expert_rows(indices, e, mlp.num_experts)
+            rows = expert_rows(indices, e, mlp.num_experts)
             h = ctx[f"{p}.hook_resid_pre"].new_zeros(batch * pos, mlp.d_mlp)
             if rows.numel():
                 h[rows] = ctx[f"{p}.mlp.experts.{e}.hook_post"]
@@ -272,6 +284,60 @@ class HookedTransformerAdapter(HookPointCapture):
         if mlp.cfg.norm_topk_prob:
             top = top / top.sum(-1, keepdim=True)
         return torch.zeros(probs.shape, dtype=dtype, device=probs.device).scatter(-1, indices, top.to(dtype))
+
+    # -- optional capabilities (adapters/base.py) -------------------------------------------------------------------
+
+    def prefix_captures(self, inputs: Tensor, blocks: list[int], chunk_size: int = 64,
+                        progress: bool | None = None) -> list[BlockCapture]:
+        """Every prefix in one pass: the context with TransformerLens's KV cache, the query paths as one batch."""
+        from implicit_updates.adapters.hooked_prefixes import capture_prefixes
+
+        return capture_prefixes(self, inputs, blocks, chunk_size=chunk_size, progress=progress)
+
+    def continuation_blocks(self, inputs: Tensor, blocks: list[int], k: int, rcond: float, output: str):
+        """Each block's rank-K update over the last ``k`` tokens (:mod:`.hooked_continuation`)."""
+        from implicit_updates.adapters.hooked_continuation import hooked_blocks
+
+        return hooked_blocks(self, inputs, blocks, k, rcond, output)
+
+    def attention_readable(self):
+        from implicit_updates.adapters.attribution_hooks import check_hooked
+
+        check_hooked(self)
+        return contextlib.nullcontext()
+
+    def capture_attention(self, inputs: Tensor, blocks: list[int], query: str):
+        from implicit_updates.adapters.attribution_hooks import HookedAttention, check_hooked
+
+        check_hooked(self)
+        return HookedAttention(self).capture(inputs, blocks, query)
+
+    def suffix_runs(self, inputs: Tensor, block: int) -> dict:
+        """Block ``block`` run alone on each suffix ``(c_{i+1..n}, x)`` of its with-context input sequence (Dherin et
+        al. Appendix B): per suffix the query's MLP input and residual, the maps, and the full run's correction.
+        Truncating the sequence keeps relative positions (rotary, ALiBi, none); absolute positions are already in
+        the residual; shortformer positions are re-added to keys by each block, so they are refused."""
+        if self.model.cfg.positional_embedding_type == "shortformer":
+            raise UnsupportedArchitectureError(
+                "shortformer positions are added to each block's keys, not to its input, so a truncated input "
+                "sequence would lose them; suffix removal supports rotary, ALiBi, absolute and no positions")
+        if self.kind == "MoE":
+            raise UnsupportedArchitectureError(
+                "suffix removal needs an output bias (or post-MLP norm scale) for the residual steps; a mixture of "
+                "experts without one is not supported")
+        stop = dict(start_at_layer=0) if inputs.is_floating_point() else {}
+        sequence = self.model(inputs, stop_at_layer=block, **stop) if block > 0 or not stop else inputs
+        runs = []
+        for i in range(inputs.shape[1]):
+            store: dict[str, Tensor] = {}
+            with self._capturing([block], store):
+                out = self.model.blocks[block](sequence[:, i:])
+            residual = self._residual(store, block)
+            store = {k: v[:, -1:] if v.dim() >= 3 else v for k, v in store.items()}
+            runs.append({"mlp_input": store[f"blocks.{block}.mlp.input"][0, -1], "residual": residual[0, -1],
+                         "output": out[0, -1], "store": store})
+        return {"sequence": sequence, "runs": runs, "maps": self._first_layer_maps(block),
+                "correction": self._correction(block, runs[0]["store"])}
 
     # -- verification ----------------------------------------------------------------------------------------------
 
@@ -340,50 +406,6 @@ class HookedTransformerAdapter(HookPointCapture):
         parts = module_path.split(".")
         expert = int(parts[parts.index("experts") + 1]) if "experts" in parts else None
         return module, expert
-
-
-def alibi_table(n_heads: int, length: int, dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
-    """TransformerLens's ALiBi bias ``m_h (j - i)`` (``AbstractAttention.create_alibi_bias``) computed in ``dtype``
-    (TransformerLens computes it in float32): ``[heads, length, length]``."""
-    from transformer_lens.components import AbstractAttention
-
-    start = 2 ** (-8 / n_heads)
-    multipliers = start * start ** torch.arange(n_heads, device=device, dtype=dtype)
-    return multipliers[:, None, None] * AbstractAttention.create_alibi_slope(length, device).to(dtype)
-
-
-@contextmanager
-def exact_alibi(model: nn.Module) -> Iterator[None]:
-    """Every forward inside reads a fresh ALiBi table of exactly its key length, in the residual's dtype.
-
-    TransformerLens caches its float32 table on the module and reuses a larger one from an earlier, longer forward,
-    slicing its *last* rows: the bias then shifts by a per-row constant, which changes the output once attention
-    sinks or a float32 rounding make it count, so a model's logits for one prompt depend on what it ran before. Here
-    each forward sees what a model with fresh tables computes, in the compute dtype; the modules' own tables are put
-    back on exit.
-    """
-    if model.cfg.positional_embedding_type != "alibi":
-        yield
-        return
-    attentions = [block.attn for block in model.blocks]
-    saved = [attn.alibi for attn in attentions]
-    tables: dict[tuple, Tensor] = {}
-
-    def fresh(module, args, kwargs):
-        query = kwargs["query_input"] if "query_input" in kwargs else args[0]
-        entry = kwargs.get("past_kv_cache_entry")
-        length = query.shape[1] + (entry.past_keys.shape[1] if entry is not None else 0)
-        key = (length, query.dtype, query.device)  # the residual's dtype: parameters may be upcast only later
-        if key not in tables:
-            tables[key] = alibi_table(module.cfg.n_heads, length, query.dtype, query.device)
-        module.alibi = tables[key]
-
-    try:
-        with module_hooks([(attn, "pre_kw", fresh) for attn in attentions]):
-            yield
-    finally:
-        for attn, table in zip(attentions, saved, strict=True):
-            attn.alibi = table
 
 
 def refuse_unexact_output_norm(cfg, block: nn.Module, output_norm: str | None) -> None:
@@ -467,15 +489,9 @@ def _add_rank_one_at_linear(live: dict, row: Tensor, column: Tensor, expert: int
         if expert is None:
             rows = torch.arange(inp.shape[0], device=inp.device)
         else:
-            rows = _expert_rows(live["idx"], expert, mlp.num_experts)
+            rows = expert_rows(live["idx"], expert, mlp.num_experts)
         return out + (inp * row[rows]).sum(-1, keepdim=True) * column[rows]
 
     return hook
 
-
-def _expert_rows(indices: Tensor, expert: int, num_experts: int) -> Tensor:
-    """Token rows routed to ``expert``, ordered as TransformerLens's ``MoE.forward`` processes them."""
-    mask = torch.nn.functional.one_hot(indices, num_classes=num_experts).permute(2, 1, 0)
-    _, rows = torch.where(mask[expert])
-    return rows
 

@@ -12,8 +12,6 @@ prompt would, and layers after l never run. Every hook is removed on any exit (`
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -21,12 +19,31 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from implicit_updates.adapters.assemble import assemble
 from implicit_updates.adapters.experts import Patch, eager_experts, read_flow, stacked_view
-from implicit_updates.capture import BlockCapture, FirstLayerMap, OutputCorrection, captures_per_block
-from implicit_updates.dispatch import execution_device, loaded_parameter, own_forward
+from implicit_updates.adapters.module_hooks import (
+    Stop,
+    add,
+    add_first,
+    add_rank_one,
+    add_scaled,
+    close,
+    normalized,
+    raise_stop,
+    run_post_norm,
+    save_hidden,
+    save_input,
+    save_output,
+    substitute,
+    unflatten,
+    unwrap,
+    weight_view,
+)
+from implicit_updates.capture import BlockCapture, FirstLayerMap, OutputCorrection
 from implicit_updates.errors import UnsupportedArchitectureError
-from implicit_updates.hooks import module_hooks
-from implicit_updates.updates import BlockUpdate, RankOneUpdate
+from implicit_updates.math.updates import BlockUpdate, RankOneUpdate
+from implicit_updates.runtime.dispatch import execution_device
+from implicit_updates.runtime.hooks import module_hooks
 
 
 @dataclass(frozen=True)
@@ -57,45 +74,6 @@ class BlockParts:
     whole: bool = False  # an MLP located as a whole module (mixtures of experts): ``mlp`` is it, ``first`` empty
 
 
-class _Stop(Exception):
-    """Raised after the last layer a run needs, so the layers after it do not run."""
-
-
-def hidden_states_arg(args: tuple, kwargs: dict) -> Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def first_tensor(output) -> Tensor:
-    return output if isinstance(output, Tensor) else output[0]
-
-
-def substitute(x: Tensor) -> Callable:
-    """A ``pre_kw`` hook that replaces a layer's hidden-states input by ``x``."""
-
-    def hook(module, args, kwargs):
-        if args:
-            return (x, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": x}
-
-    return hook
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The Hugging Face module inside a TransformerBridge wrapper (the module itself for plain HF models)."""
-    while isinstance(getattr(module, "original_component", None), nn.Module):
-        module = module.original_component
-    return module
-
-
-def weight_view(name: str, module: nn.Module) -> FirstLayerMap:
-    """``m @ weight`` view of a map: ``nn.Linear`` stores ``[d_out, d_in]``, GPT-2's ``Conv1D`` ``[d_in, d_out]``."""
-    module = unwrap(module)
-    weight = loaded_parameter(module, "weight")  # an accelerate-offloaded map's weight is on meta until loaded
-    if isinstance(module, nn.Linear):
-        return FirstLayerMap(name, weight.T, transposed=True)
-    return FirstLayerMap(name, weight)
-
-
 class ModuleAdapter:
     """Same interface as ``HookedTransformerAdapter``; subclasses give ``parts`` (one :class:`BlockParts` per
     block), ``_forward(ids)`` (the model's own forward on token ids) and the model facts."""
@@ -114,6 +92,38 @@ class ModuleAdapter:
     def device(self) -> torch.device:
         return execution_device(self.model)  # accelerate-dispatched: where its hooks run the first layer
 
+    @property
+    def user_model(self) -> nn.Module:
+        return self.model
+
+    def rebind(self, model: nn.Module):
+        """The same adapter over ``model`` (a patched copy; a bridge's copy drops hooks bound to the original)."""
+        return type(self)(model)
+
+    # -- optional capabilities (adapters/base.py) -----------------------------------------------------------------
+
+    def continuation_blocks(self, inputs: Tensor, blocks: list[int], k: int, rcond: float, output: str):
+        """Each block's rank-K update over the last ``k`` tokens (:mod:`.module_continuation`)."""
+        from implicit_updates.adapters.module_continuation import module_blocks
+
+        return module_blocks(self, inputs, blocks, k, rcond, output)
+
+    def attention_readable(self):
+        """Eager attention while attribution runs (both captures), after checking every block can be read."""
+        from implicit_updates.adapters.attribution_hf import check_supported_modules, eager_attention
+
+        check_supported_modules(self)
+        return eager_attention(self)
+
+    def capture_attention(self, inputs: Tensor, blocks: list[int], query: str):
+        from implicit_updates.adapters.attribution_hf import capture_modules
+
+        return capture_modules(self, inputs, blocks, query)
+
+    def peft_base(self) -> nn.Module:
+        """The Hugging Face model a PEFT LoRA attaches to (a bridge's ``original_model``)."""
+        return self.hf
+
     # -- running ---------------------------------------------------------------------------------------------
 
     def _run(self, inputs: Tensor, hooks: list, stop_after: int | None = None):
@@ -127,7 +137,7 @@ class ModuleAdapter:
             ids = torch.zeros(inputs.shape[:2], dtype=torch.long, device=inputs.device)
             hooks.insert(0, (self.parts[0].layer, "pre_kw", substitute(inputs)))  # before hooks that read it
         if stop_after is not None:
-            hooks.append((self.parts[stop_after].layer, "fwd", _raise_stop))
+            hooks.append((self.parts[stop_after].layer, "fwd", raise_stop))
         calls = getattr(self, "linear_calls", None)
         experts: set[nn.Module] = set()
         if calls is not None:  # fused experts: see and patch the linear calls inside whole MLPs (experts.py)
@@ -141,7 +151,7 @@ class ModuleAdapter:
         try:
             with module_hooks(hooks), eager_experts(experts), calls if calls is not None else contextlib.nullcontext():
                 return self._forward(ids)
-        except _Stop:
+        except Stop:
             return None
 
     def logits(self, inputs: Tensor) -> Tensor:
@@ -153,7 +163,7 @@ class ModuleAdapter:
         if inputs.is_floating_point():
             return inputs[:, -1:]
         store: dict[str, Tensor] = {}
-        self._run(inputs[:, -1:], [(self.parts[0].layer, "pre_kw", _save_hidden(store, "x"))], stop_after=0)
+        self._run(inputs[:, -1:], [(self.parts[0].layer, "pre_kw", save_hidden(store, "x"))], stop_after=0)
         return store["x"]
 
     # -- capture ---------------------------------------------------------------------------------------------
@@ -162,19 +172,19 @@ class ModuleAdapter:
         hooks = []
         for b in blocks:
             p = self.parts[b]
-            hooks += [(p.layer, "pre_kw", _save_hidden(store, f"{b}.resid_pre")),
-                      (p.layer, "fwd", _save_output(store, f"{b}.resid_post")),
-                      (p.mlp, "pre", _save_input(store, f"{b}.m")),
-                      (p.attention, "fwd", _save_output(store, f"{b}.attn_out")),
-                      (p.out, "fwd", _save_output(store, f"{b}.mlp_out"))]
+            hooks += [(p.layer, "pre_kw", save_hidden(store, f"{b}.resid_pre")),
+                      (p.layer, "fwd", save_output(store, f"{b}.resid_post")),
+                      (p.mlp, "pre", save_input(store, f"{b}.m")),
+                      (p.attention, "fwd", save_output(store, f"{b}.attn_out")),
+                      (p.out, "fwd", save_output(store, f"{b}.mlp_out"))]
             if p.mlp_norm is not None:
-                hooks += [(p.mlp_norm, "pre", _save_input(store, f"{b}.r")),
-                          (p.mlp_norm, "fwd", _save_output(store, f"{b}.mlp_norm_out"))]
+                hooks += [(p.mlp_norm, "pre", save_input(store, f"{b}.r")),
+                          (p.mlp_norm, "fwd", save_output(store, f"{b}.mlp_norm_out"))]
             if p.post_norm is not None:
-                hooks += [(p.post_norm[1], "pre", _save_input(store, f"{b}.h")),  # the MLP output
-                          (p.post_norm[1], "fwd", _save_output(store, f"{b}.post_out"))]
+                hooks += [(p.post_norm[1], "pre", save_input(store, f"{b}.h")),  # the MLP output
+                          (p.post_norm[1], "fwd", save_output(store, f"{b}.post_out"))]
             if (p.post_norm is not None or p.out_bias is None) and not p.whole:
-                hooks.append((p.out, "pre", _save_input(store, f"{b}.hidden")))
+                hooks.append((p.out, "pre", save_input(store, f"{b}.hidden")))
         return hooks
 
     def _residual(self, store: dict[str, Tensor], b: int) -> Tensor:
@@ -193,14 +203,14 @@ class ModuleAdapter:
         m, y = store[f"{b}.m"], store[f"{b}.resid_post"]
         if not (torch.isfinite(m).all() and torch.isfinite(y).all()):
             return  # non-finite activations: decompose names the block (NonFiniteActivationError)
-        if p.mlp_norm is not None and not _close(store[f"{b}.mlp_norm_out"], m, m):
+        if p.mlp_norm is not None and not close(store[f"{b}.mlp_norm_out"], m, m):
             raise UnsupportedArchitectureError(
                 f"block {b} ({type(unwrap(p.layer)).__name__}): the MLP input is not the output of its pre-MLP norm "
                 f"{type(unwrap(p.mlp_norm)).__name__} as the block structure says (a post-LN block?), so no exact "
                 "update through it is known")
         added = p.residual_scale * store[f"{b}.post_out" if p.post_norm is not None else f"{b}.mlp_out"]
         r = self._residual(store, b)
-        if not _close(r + added, y, r.abs() + added.abs()):
+        if not close(r + added, y, r.abs() + added.abs()):
             where = "input + attention + MLP" if p.parallel else "residual + MLP"
             raise UnsupportedArchitectureError(
                 f"block {b} ({type(unwrap(p.layer)).__name__}): its output is not {where} output"
@@ -218,10 +228,10 @@ class ModuleAdapter:
                                    b, self.parts[b].out_bias if self.parts[b].post_norm is None else None)
                       for b in blocks if self.parts[b].whole}
         self.flat_mlps = {b for b in blocks if store[f"{b}.m"].dim() == 2}  # OPT's MLP reads [batch * pos, d]
-        _unflatten(store, store[f"{blocks[0]}.resid_pre"].shape[:2])
+        unflatten(store, store[f"{blocks[0]}.resid_pre"].shape[:2])
         for b in blocks:
             self.check_structure(store, b)
-        return captures_per_block(self, store, lambda b: f"{b}.resid_pre", blocks, query, query_inputs, progress)
+        return assemble(self, store, lambda b: f"{b}.resid_pre", blocks, query, query_inputs, progress)
 
     def run_block_alone(self, block: int, query_input: Tensor, hooks: list | None = None) -> dict[str, Tensor]:
         """Run layer ``block`` on each query residual as its own one-token sequence; return its quantities."""
@@ -231,14 +241,14 @@ class ModuleAdapter:
                      *(hooks or [])]
         dummy = torch.zeros(rows.shape[0], 1, dtype=torch.long, device=rows.device)
         self._run(dummy, all_hooks, stop_after=block)
-        _unflatten(store, rows.shape[:2])
+        unflatten(store, rows.shape[:2])
         return {k: rearrange(v, "(b q) 1 ... -> b q ...", b=query_input.shape[0]) for k, v in store.items()}
 
     def run_block_output(self, block: int, query_input: Tensor) -> Tensor:
         """Layer ``block``'s output on each query residual alone, run by the model's own code: ``[batch, q, d]``."""
         return self.run_block_alone(block, query_input)[f"{block}.resid_post"]
 
-    def _block_capture(self, b: int, ctx: dict[str, Tensor], alone: dict[str, Tensor],
+    def block_capture(self, b: int, ctx: dict[str, Tensor], alone: dict[str, Tensor],
                        query_input: Tensor) -> BlockCapture:
         return BlockCapture(
             block=b, query_input=query_input, mlp_input=ctx[f"{b}.m"], query_mlp_input=alone[f"{b}.m"],
@@ -262,7 +272,7 @@ class ModuleAdapter:
             norm, h = p.post_norm[1], ctx[f"{b}.h"]
             return OutputCorrection("scale", p.post_norm[0], normalized=normalized(norm, h), output_weight=p.out_weight,
                                     output_transposed=isinstance(unwrap(p.out), nn.Linear), hidden=ctx[f"{b}.hidden"],
-                                    mlp_output=h, post_norm=partial(_run_post_norm, norm), residual_scale=scale)
+                                    mlp_output=h, post_norm=partial(run_post_norm, norm), residual_scale=scale)
         if p.out_bias is not None:
             return OutputCorrection("bias", p.out_bias, residual_scale=scale)
         # No bias (Llama, Gemma, Qwen): the output projection itself takes r_i - r_x as a rank-one update through
@@ -289,7 +299,7 @@ class ModuleAdapter:
             return OutputCorrection("expert_out", **experts)
         norm, h = p.post_norm[1], ctx[f"{b}.h"]
         return OutputCorrection("scale", p.post_norm[0], normalized=normalized(norm, h), mlp_output=h,
-                                post_norm=partial(_run_post_norm, norm), **experts)
+                                post_norm=partial(run_post_norm, norm), **experts)
 
     # -- verification ----------------------------------------------------------------------------------------
 
@@ -315,14 +325,14 @@ class ModuleAdapter:
         hooks = []
         for u in update.updates:
             if isinstance(u, RankOneUpdate):
-                hooks.append((modules[u.name], "fwd", _add_rank_one(rows(u.row), rows(u.column))))
+                hooks.append((modules[u.name], "fwd", add_rank_one(rows(u.row), rows(u.column))))
             elif update.correction == "scale":
-                hooks.append((p.post_norm[1], "fwd", _add_scaled(rows(u.delta), p.post_norm[1])))
+                hooks.append((p.post_norm[1], "fwd", add_scaled(rows(u.delta), p.post_norm[1])))
             else:
-                hooks.append((p.out, "fwd", _add(rows(u.delta))))
+                hooks.append((p.out, "fwd", add(rows(u.delta))))
         x = update.query_input if fan_out else rows(update.query_input)  # [rows, 1, d_model] either way
         store: dict[str, Tensor] = {}
-        hooks += [(p.layer, "pre_kw", substitute(x)), (p.layer, "fwd", _save_output(store, "out"))]
+        hooks += [(p.layer, "pre_kw", substitute(x)), (p.layer, "fwd", save_output(store, "out"))]
         self._run(torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device), hooks, stop_after=update.block)
         out = store["out"]
         return out if fan_out else rearrange(out, "(b n) 1 d -> b n d", b=batch)
@@ -345,12 +355,12 @@ class ModuleAdapter:
                     if isinstance(u, RankOneUpdate):
                         patches.setdefault(u.name, []).append(Patch(at(u.row), at(u.column), u.experts, u.expert))
                     elif update.correction == "scale":  # the post-MLP norm's scale
-                        hooks.append((p.post_norm[1], "fwd", _add_scaled(at(u.delta)[None, None], p.post_norm[1])))
+                        hooks.append((p.post_norm[1], "fwd", add_scaled(at(u.delta)[None, None], p.post_norm[1])))
                     else:  # the mixture's own output bias
-                        hooks.append((p.out, "fwd", _add_first(at(u.delta)[None, None])))
+                        hooks.append((p.out, "fwd", add_first(at(u.delta)[None, None])))
                 store: dict[str, Tensor] = {}
                 hooks += [(p.layer, "pre_kw", substitute(at(update.query_input)[None, None])),
-                          (p.layer, "fwd", _save_output(store, "out"))]
+                          (p.layer, "fwd", save_output(store, "out"))]
                 self.linear_calls.patches = patches
                 try:
                     self._run(torch.zeros(1, 1, dtype=torch.long, device=self.device), hooks, stop_after=update.block)
@@ -360,115 +370,3 @@ class ModuleAdapter:
         return torch.stack(out).reshape(update.target_output.shape[0], -1, out[0].shape[-1])
 
 
-def _unflatten(store: dict[str, Tensor], leading: torch.Size) -> None:
-    """Tensors an MLP saw flattened to ``[batch * pos, d]`` (OPT), back to ``[batch, pos, d]``."""
-    for key, value in store.items():
-        if value.dim() == 2:
-            store[key] = value.reshape(*leading, value.shape[-1])
-
-
-def _like(t: Tensor, ref: Tensor) -> Tensor:
-    """``t`` ``[rows, 1, d]`` shaped like a module's flattened ``[rows, d]`` input or output."""
-    return t.reshape(*ref.shape[:-1], t.shape[-1]) if t.dim() != ref.dim() else t
-
-
-def _raise_stop(module, args, output):
-    raise _Stop
-
-
-def _save_hidden(store: dict, key: str) -> Callable:
-    def hook(module, args, kwargs):
-        store[key] = hidden_states_arg(args, kwargs).detach()
-
-    return hook
-
-
-def _save_input(store: dict, key: str) -> Callable:
-    def hook(module, args):
-        store[key] = args[0].detach().clone()  # a copy: model code may modify it in place later
-
-    return hook
-
-
-def _save_output(store: dict, key: str) -> Callable:
-    def hook(module, args, output):
-        store[key] = first_tensor(output).detach().clone()  # Falcon adds attention into the MLP output in place
-
-    return hook
-
-
-def _close(a: Tensor, b: Tensor, size: Tensor) -> bool:
-    """``a == b`` up to rounding: per position, ``||a - b|| <= 1e4 eps ||size||`` (size: the summands' scale)."""
-    tol = 1e4 * torch.finfo(a.dtype).eps
-    return bool(((a - b).norm(dim=-1) <= tol * size.norm(dim=-1) + torch.finfo(a.dtype).tiny).all())
-
-
-@contextmanager
-def _norm_params(norm: nn.Module, dtype: torch.dtype, weight: float | None = None) -> Iterator[nn.Module]:
-    """``norm`` with its parameters in ``dtype`` (the compute dtype: a model computing layer-streamed in float64
-    keeps float32 parameters outside each module's own forward), or with its scale set to ``weight`` everywhere
-    and its bias to 0; restored on exit."""
-    module = unwrap(norm)
-    saved = dict(module._parameters)
-    try:
-        for key, value in ((k, v) for k, v in saved.items() if v is not None and v.is_floating_point()):
-            value = loaded_parameter(module, key)  # an accelerate-offloaded norm's scale is on meta until loaded
-            new = value.to(dtype) if weight is None else torch.full(value.shape, weight if key == "weight"
-                                                                             else 0.0, dtype=dtype,
-                                                                             device=value.device)
-            module._parameters[key] = nn.Parameter(new, requires_grad=False)
-        yield norm
-    finally:
-        module._parameters.update(saved)
-
-
-def normalized(norm: nn.Module, x: Tensor) -> Tensor:
-    """What a norm multiplies by its scale: its own forward on ``x`` with the scale set to 1 (and bias 0), or to 0
-    for norms computing ``(1 + weight)`` (Gemma: detected by a nonzero output at weight 0). Either way a scale patch
-    ``delta`` changes the norm's output by exactly ``delta * normalized``, in the precision the module computes."""
-    with _norm_params(norm, x.dtype, 0.0) as zero:
-        base = own_forward(zero)(x)
-    if torch.any(base != 0):  # (1 + weight) * z: at weight 0 the output is z itself
-        return base
-    with _norm_params(norm, x.dtype, 1.0) as one:
-        return own_forward(one)(x)
-
-
-def _run_post_norm(norm: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """The post-MLP norm's ``(normalized, output)`` on ``x``, as the module computes them in ``x``'s dtype."""
-    with _norm_params(norm, x.dtype) as upcast:
-        return normalized(norm, x), own_forward(upcast)(x)
-
-
-def _add_rank_one(row: Tensor, column: Tensor) -> Callable:
-    """Forward hook adding ``(input . row) column``: a module's output under ``W + outer(row, column)``."""
-
-    def hook(module, args, output: Tensor) -> Tensor:
-        return output + (args[0] * _like(row, args[0])).sum(-1, keepdim=True) * _like(column, output)
-
-    return hook
-
-
-def _add(delta: Tensor) -> Callable:
-    def hook(module, args, output: Tensor) -> Tensor:
-        return output + _like(delta, output)
-
-    return hook
-
-
-def _add_first(delta: Tensor) -> Callable:
-    """Forward hook adding ``delta`` to a module's output, or to the first tensor of a tuple output."""
-
-    def hook(module, args, output):
-        if isinstance(output, Tensor):
-            return output + _like(delta, output)
-        return (output[0] + _like(delta, output[0]), *output[1:])
-
-    return hook
-
-
-def _add_scaled(delta: Tensor, norm: nn.Module) -> Callable:
-    def hook(module, args, output: Tensor) -> Tensor:
-        return output + delta * normalized(norm, args[0])
-
-    return hook

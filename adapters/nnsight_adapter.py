@@ -23,10 +23,11 @@ from torch import Tensor, nn
 
 from implicit_updates.adapters import nnsight_ops
 from implicit_updates.adapters.hf import HFAdapter
-from implicit_updates.adapters.modules import BlockParts, _unflatten
-from implicit_updates.dispatch import is_dispatched
+from implicit_updates.adapters.module_hooks import unflatten
+from implicit_updates.adapters.modules import BlockParts
 from implicit_updates.errors import UnsupportedArchitectureError
-from implicit_updates.updates import BlockUpdate, RankOneUpdate
+from implicit_updates.math.updates import BlockUpdate, RankOneUpdate
+from implicit_updates.runtime.dispatch import is_dispatched
 
 REMOTE = (False, True, "local")
 # what the traced forward is called with (as the HF adapter's forward): no KV cache, no output-capturing hooks
@@ -44,6 +45,19 @@ def wrapped_module(model) -> nn.Module:
 class NNsightAdapter(HFAdapter):
     """Adapter for an nnsight model over a ``transformers`` causal LM; ``model`` is the HF model it wraps (what
     ``decompose`` guards: parameters, hooks, mode), ``nnsight_model`` the nnsight model the traces run through."""
+
+    backend = "nnsight"
+    options = ("remote",)
+    capabilities = frozenset({"decompose", "absorbed"})
+    limits = {
+        "copy": "in a copy of a model nnsight wraps the modules' forwards still run the original's: use "
+                "`with implicit_updates.absorbed(model, prompt):`, which patches the model itself while it runs",
+        "attribution": "not ported to nnsight traces yet; attribute the Hugging Face model itself (model._module)",
+        "continuation": "not ported to nnsight traces yet; absorb into the Hugging Face model itself (model._module)",
+        "lora": "not ported to nnsight traces yet; export from the Hugging Face model itself (model._module)",
+        "prefix_onepass": "not ported to nnsight traces yet; use method='naive'",
+        "suffix_removal": "not ported to nnsight traces yet",
+    }
 
     def __init__(self, nnsight_model, remote: bool | str = False):
         if remote not in REMOTE:
@@ -73,6 +87,10 @@ class NNsightAdapter(HFAdapter):
                 "post_norm": None, "hidden": p.out_bias is None,
                 "first": [paths[id(module)] for _, module in p.first]}
 
+    @property
+    def user_model(self):
+        return self.nnsight_model
+
     def tokenize(self, text: str) -> Tensor:
         tokenizer = getattr(self.nnsight_model, "tokenizer", None)
         if tokenizer is None:
@@ -91,14 +109,14 @@ class NNsightAdapter(HFAdapter):
         store = dict(store)
         self.returns_tuple = {b: bool(store.pop(f"{b}.returns_tuple")) for b in blocks}
         self.flat_mlps = {b for b in blocks if store[f"{b}.m"].dim() == 2}  # OPT's MLP reads [batch * pos, d]
-        _unflatten(store, store[f"{blocks[0]}.resid_pre"].shape[:2])
+        unflatten(store, store[f"{blocks[0]}.resid_pre"].shape[:2])
         for b in blocks:
             self.check_structure(store, b)
         query_inputs = query_inputs or {}
         queries = {b: query_inputs.get(b, store[f"{b}.resid_pre"][:, -1:] if query == "last"
                                        else store[f"{b}.resid_pre"]) for b in blocks}
         alone = self.run_blocks_alone(queries)
-        return [self._block_capture(b, store, alone[b], queries[b]) for b in blocks]
+        return [self.block_capture(b, store, alone[b], queries[b]) for b in blocks]
 
     def run_blocks_alone(self, queries: dict[int, Tensor]) -> dict[int, dict[str, Tensor]]:
         """Each block on its query residuals ``[batch, q, d_model]`` alone (one-token sequences), all blocks in one
@@ -114,7 +132,7 @@ class NNsightAdapter(HFAdapter):
         out = {}
         for b, x in zip(order, rows, strict=True):
             mine = {k: v for k, v in store.items() if k.split(".")[0] == str(b)}
-            _unflatten(mine, x.shape[:2])
+            unflatten(mine, x.shape[:2])
             out[b] = {k: rearrange(v, "(b q) 1 ... -> b q ...", b=queries[b].shape[0]) for k, v in mine.items()}
         return out
 

@@ -5,7 +5,7 @@ nnsight ships the body of a ``with model.trace(...)`` block and the functions it
 would see it). This module is registered with ``nnsight.register`` and shipped by value; it imports nothing but
 torch and reads only module paths, tensors and plain dicts. It saves activations (the with-context run, the
 query-alone runs of many blocks in one batch) and adds the factored updates where the patched maps act; the math
-that turns those activations into updates runs where the caller is (:mod:`implicit_updates.updates`).
+that turns those activations into updates runs where the caller is (:mod:`implicit_updates.math.updates`).
 
 A block plan is a dict of module paths from the model root (``layer``, ``attention``, ``mlp``, ``out``,
 ``mlp_norm``, ``post_norm``; the last two may be None) and ``hidden`` (save the output projection's input). The keys

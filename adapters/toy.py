@@ -1,4 +1,4 @@
-"""Adapter for :class:`implicit_updates.toy.ToyTransformer`, the seed papers' own model (same interface as
+"""Adapter for :class:`implicit_updates.models.toy.ToyTransformer`, the seed papers' own model (same interface as
 :class:`~implicit_updates.adapters.hooked_transformer.HookedTransformerAdapter`).
 
 It captures by the toy model's hook points; the first-layer map is ``mlp.layers.0.weight`` (an ``nn.Linear``, so
@@ -19,14 +19,24 @@ from implicit_updates.adapters.hooked_transformer import (
     _add_rank_one_at_hook,
 )
 from implicit_updates.capture import BlockCapture, FirstLayerMap, OutputCorrection
-from implicit_updates.toy import ToyTransformer
-from implicit_updates.updates import BlockUpdate, RankOneUpdate
+from implicit_updates.math.updates import BlockUpdate, RankOneUpdate
+from implicit_updates.models.toy import ToyTransformer
 
 HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_in", "hook_resid_post")
 
 
 class ToyAdapter(HookPointCapture):
     """Runs a :class:`ToyTransformer` with context and each block on its query alone; patches in factored form."""
+
+    backend = "toy"
+    capabilities = frozenset({"decompose", "copy", "absorbed"})
+    limits = {
+        "attribution": "not ported to the toy model yet (its attention has no per-head hook points here)",
+        "continuation": "a continuation is token ids, and the toy model reads continuous inputs",
+        "lora": "a PEFT LoRA attaches to Hugging Face modules",
+        "prefix_onepass": "the toy model has no KV cache; use method='naive'",
+        "suffix_removal": "not ported to the toy model yet",
+    }
 
     def __init__(self, model: ToyTransformer):
         self.model = model
@@ -65,7 +75,7 @@ class ToyAdapter(HookPointCapture):
     def _forward_to(self, inputs: Tensor, stop: int) -> None:
         self.model(self._continuous(inputs), stop_at_layer=stop)
 
-    def _block_capture(self, b: int, ctx: dict[str, Tensor], alone: dict[str, Tensor],
+    def block_capture(self, b: int, ctx: dict[str, Tensor], alone: dict[str, Tensor],
                        query_input: Tensor) -> BlockCapture:
         p, mlp = f"blocks.{b}", self.model.blocks[b].mlp
         last = len(mlp.layers) - 1

@@ -22,8 +22,8 @@ import warnings
 
 import torch
 
-from implicit_updates.cli import write_json
-from implicit_updates.dynamics import max_relative_difference, prefix_decomposition
+from implicit_updates.analyses.dynamics import max_relative_difference, prefix_decomposition
+from implicit_updates.cli.common import write_json
 from implicit_updates.models import random_model
 
 SIZES = (64, 128, 256, 512)

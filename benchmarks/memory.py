@@ -3,7 +3,8 @@
     python benchmarks/memory.py [--model gemma-3-270m --model smollm2-135m] [--json PATH]
 
 Every row is one child process (``python benchmarks/memory.py --child MODEL PATH``) that loads the model as a
-float32 HookedTransformer (``implicit_updates.pretrained``, as ``implicit-updates verify --model NAME`` does), runs
+float32 HookedTransformer (``implicit_updates.models.pretrained``, as ``implicit-updates verify --model NAME`` does),
+runs
 one workload on the prompt ``PROMPT`` in float64 and reports its peak RSS (VmHWM from /proc/self/status: the
 high-water mark of the whole process, loading included; this driver imports no torch, so the peak a child inherits
 across exec is the driver's ~20 MB). Paths:
@@ -53,8 +54,8 @@ def child(model_name: str, path: str) -> dict:
     import torch
 
     import implicit_updates as iu
-    from implicit_updates.precision import computed_in
-    from implicit_updates.pretrained import load_pretrained
+    from implicit_updates.models.pretrained import load_pretrained
+    from implicit_updates.runtime.precision import computed_in
 
     torch.set_grad_enabled(False)
     model = load_pretrained(model_name, "hooked")

@@ -40,8 +40,8 @@ import torch
 from torch.func import functional_call
 
 import implicit_updates as iu
-from implicit_updates import core
-from implicit_updates.cli import write_json
+from implicit_updates.cli.common import write_json
+from implicit_updates.math import core
 from implicit_updates.models import random_model
 
 PRESET = "gpt2-small"

@@ -15,7 +15,7 @@ import warnings
 import torch
 
 import implicit_updates as iu
-from implicit_updates.cli import write_json
+from implicit_updates.cli.common import write_json
 
 PROMPTS = [
     "hot -> cold\nbig -> small\nfast -> slow\nup -> down\nhappy ->",

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 import implicit_updates as iu
-from implicit_updates import plots
-from implicit_updates.cli import write_json
+from implicit_updates.cli.common import write_json
+from implicit_updates.views import plots
 
 STORIES = Path(__file__).resolve().parents[2] / "shared/models/stories260K"
 CASES = {
@@ -109,12 +109,12 @@ def run_case(model, tokenizer, kind: str, prompt: str, answer: str, blocks: list
 
 
 def load(name: str):
-    from implicit_updates.loading import load_local, load_tokenizer
+    from implicit_updates.models.loading import load_local, load_tokenizer
 
     if name == "stories260k":
         model = load_local(STORIES, "hooked", dtype=torch.float64)
         return model, load_tokenizer(STORIES)
-    from implicit_updates.pretrained import load_pretrained, prepare
+    from implicit_updates.models.pretrained import load_pretrained, prepare
 
     return load_pretrained(name, "hooked", dtype=torch.float64), load_tokenizer(prepare(name))
 

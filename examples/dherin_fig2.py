@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import trange  # noqa: E402
 
-from implicit_updates import icl, seeds  # noqa: E402
+from implicit_updates.experiments import icl, seeds  # noqa: E402
 
 N_PROMPTS = 100
 

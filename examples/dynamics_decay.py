@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from implicit_updates import icl, plots
-from implicit_updates.dynamics import prefix_decomposition, prefix_dynamics
+from implicit_updates.analyses.dynamics import prefix_decomposition, prefix_dynamics
+from implicit_updates.experiments import icl
+from implicit_updates.views import plots
 
 FIGURES = Path(__file__).parent / "figures"
 

@@ -13,8 +13,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from implicit_updates import decompose, icl, seeds  # noqa: E402
-from implicit_updates.toy import ToyTransformer  # noqa: E402
+from implicit_updates import decompose  # noqa: E402
+from implicit_updates.experiments import icl, seeds
+from implicit_updates.models.toy import ToyTransformer  # noqa: E402
 
 
 def measure(model: ToyTransformer, tasks: icl.RegressionTasks) -> dict:

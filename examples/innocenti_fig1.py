@@ -14,8 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from implicit_updates import seeds  # noqa: E402
-from implicit_updates.toy import ToyTransformer  # noqa: E402
+from implicit_updates.experiments import seeds  # noqa: E402
+from implicit_updates.models.toy import ToyTransformer  # noqa: E402
 
 
 def main() -> None:

@@ -17,8 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from implicit_updates import icl, seeds  # noqa: E402
-from implicit_updates.toy import ToyTransformer  # noqa: E402
+from implicit_updates.experiments import icl, seeds  # noqa: E402
+from implicit_updates.models.toy import ToyTransformer  # noqa: E402
 
 EVERY = 10
 BASE = {"n_tasks": 128, "seq_len": 50, "input_dim": 2, "n_heads": 3, "layer_norm": False, "causal": True}

@@ -18,8 +18,8 @@ import torch
 
 import implicit_updates as iu
 from implicit_updates.adapters import adapter_for
-from implicit_updates.cli import write_json
-from implicit_updates.loading import load_local, load_tokenizer
+from implicit_updates.cli.common import write_json
+from implicit_updates.models.loading import load_local, load_tokenizer
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared/models/stories260K"
 CASES = [  # (what the context teaches, prompt, continuation)

@@ -11,11 +11,11 @@ import time
 
 import torch
 
-from implicit_updates import plots
-from implicit_updates.cli import write_json
-from implicit_updates.dynamics import prefix_dynamics
-from implicit_updates.loading import load_tokenizer
-from implicit_updates.pretrained import MODELS, load_pretrained, prepare
+from implicit_updates.analyses.dynamics import prefix_dynamics
+from implicit_updates.cli.common import write_json
+from implicit_updates.models.loading import load_tokenizer
+from implicit_updates.models.pretrained import MODELS, load_pretrained, prepare
+from implicit_updates.views import plots
 
 PROMPT = ("France: Paris\nJapan: Tokyo\nItaly: Rome\nSpain: Madrid\nEgypt: Cairo\nChina: Beijing\nKenya: Nairobi\n"
           "Germany:")

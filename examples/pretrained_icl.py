@@ -16,10 +16,10 @@ import torch
 
 import implicit_updates as iu
 from implicit_updates.adapters import adapter_for
-from implicit_updates.cli import write_json
-from implicit_updates.loading import load_tokenizer
+from implicit_updates.cli.common import write_json
 from implicit_updates.models import _default_backend
-from implicit_updates.pretrained import MODELS, load_pretrained, prepare
+from implicit_updates.models.loading import load_tokenizer
+from implicit_updates.models.pretrained import MODELS, load_pretrained, prepare
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"  # SmolLM2-Instruct's chat template
 CASES = [  # (kind, prompt, answer, models it applies to)

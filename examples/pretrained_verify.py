@@ -18,11 +18,11 @@ import time
 import torch
 
 import implicit_updates as iu
-from implicit_updates.absorb import absorbed_model, decompose_for_absorb
-from implicit_updates.cli import write_json
-from implicit_updates.loading import load_tokenizer
+from implicit_updates.analyses.absorb import absorbed_model, decompose_for_absorb
+from implicit_updates.cli.common import write_json
 from implicit_updates.models import _default_backend
-from implicit_updates.pretrained import MODELS, load_pretrained, prepare
+from implicit_updates.models.loading import load_tokenizer
+from implicit_updates.models.pretrained import MODELS, load_pretrained, prepare
 
 PROMPT = "France: Paris\nJapan: Tokyo\nItaly: Rome\nGermany:"  # few-shot; 16 tokens with Gemma's BOS, 15 SmolLM2
 

@@ -28,10 +28,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from implicit_updates.cli import write_json
-from implicit_updates.continuation import absorb_continuation
-from implicit_updates.hooks import swapped_parameters
-from implicit_updates.precision import exact_formula
+from implicit_updates.analyses.continuation import absorb_continuation
+from implicit_updates.cli.common import write_json
+from implicit_updates.runtime.hooks import swapped_parameters
+from implicit_updates.runtime.precision import exact_formula
 
 CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"),
             ("Russia", "Moscow"), ("China", "Beijing"), ("Egypt", "Cairo"), ("Greece", "Athens"),
@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=100, help="LoRA gradient steps (the GD budget)")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
-    from implicit_updates.loading import load_tokenizer
-    from implicit_updates.pretrained import load_pretrained, prepare
+    from implicit_updates.models.loading import load_tokenizer
+    from implicit_updates.models.pretrained import load_pretrained, prepare
 
     torch.manual_seed(0)
     model = load_pretrained(args.model, "hf", dtype=torch.float64)

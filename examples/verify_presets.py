@@ -11,7 +11,7 @@ import time
 import torch
 
 import implicit_updates as iu
-from implicit_updates.cli import write_json
+from implicit_updates.cli.common import write_json
 from implicit_updates.models import PRESETS, random_model
 
 parser = argparse.ArgumentParser()

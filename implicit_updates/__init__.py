@@ -3,12 +3,12 @@
 Dherin et al. 2025 ("Learning without training"), Innocenti & Achour 2025, Goldwaser et al. 2025.
 """
 
-from implicit_updates.absorb import AbsorbReport, absorb, absorbed, compare_absorbed
-from implicit_updates.attribution import Attribution, attribute
-from implicit_updates.core import ZeroQueryNormError
-from implicit_updates.decompose import Decomposition, decompose
+from implicit_updates.analyses.absorb import AbsorbReport, absorb, absorbed, compare_absorbed
+from implicit_updates.analyses.attribution import Attribution, attribute
+from implicit_updates.analyses.decompose import Decomposition, decompose
+from implicit_updates.analyses.verify import BlockReport, VerifyReport
 from implicit_updates.errors import NonFiniteActivationError, UnsupportedArchitectureError
-from implicit_updates.verify import BlockReport, VerifyReport
+from implicit_updates.math.core import ZeroQueryNormError
 
 __all__ = [
     "Attribution",

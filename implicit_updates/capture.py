@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
 from torch import Tensor
 
@@ -79,34 +79,3 @@ class BlockCapture:
     query_attention_output: Tensor
     maps: list[FirstLayerMap] = field(default_factory=list)
     correction: OutputCorrection = field(default_factory=lambda: OutputCorrection("none"))
-
-
-def captures_per_block(adapter, store: dict[str, Tensor], resid_pre: Callable[[int], str], blocks: list[int],
-                       query: str, query_inputs: dict[int, Tensor] | None, progress: bool | None
-                       ) -> list[BlockCapture]:
-    """After the with-context forward filled ``store``, run each block on its query alone and build its capture.
-
-    The query input is the block's input at the last position (``query="last"``), at every position (``"self"``),
-    or what ``query_inputs`` gives for that block. ``resid_pre(b)`` names block b's input in ``store``.
-    """
-    from tqdm.auto import tqdm
-
-    query_inputs = query_inputs or {}
-    captures = []
-    for b in tqdm(blocks, desc="decompose", disable=not progress, leave=False):
-        x = store[resid_pre(b)]
-        query_input = query_inputs.get(b, x[:, -1:] if query == "last" else x)
-        alone = adapter.run_block_alone(b, query_input)
-        captures.append(adapter._block_capture(b, store, alone, query_input))
-    return captures
-
-
-class Adapter(Protocol):
-    """What the core needs from a framework."""
-
-    model: object
-    n_blocks: int
-
-    def capture(self, inputs: Tensor, blocks: list[int], query: str) -> list[BlockCapture]: ...
-
-    def run_patched_block(self, update: object) -> Tensor: ...

@@ -24,8 +24,8 @@ import torch
 from IPython.display import display
 
 import implicit_updates as iu
-from implicit_updates import plots
-from implicit_updates.pretrained import load_pretrained
+from implicit_updates.models.pretrained import load_pretrained
+from implicit_updates.views import plots
 
 model = load_pretrained("smollm2-135m", dtype=torch.float64)  # a HookedTransformer (attribution needs one)
 prompt, answer = "hot -> cold\nbig -> small\nup -> down\nfast ->", " slow"
@@ -53,7 +53,8 @@ print(f"p({answer!r}):", ", ".join(f"{run} {p:.4f}" if p else f"{run} not in its
 # %% [markdown]
 # Without a copy, `with iu.absorbed(model, prompt):` patches the model itself while it runs (see the quickstart).
 # The absorbed model is exact for the one query token it was built for. To reproduce `K` tokens of a continuation,
-# `implicit_updates.continuation.absorb_continuation(model, prefix, continuation)` builds a rank-`K` update per block.
+# `implicit_updates.analyses.continuation.absorb_continuation(model, prefix, continuation)` builds a rank-`K` update
+# per block.
 #
 # ## Which context tokens wrote the update?
 #

@@ -36,7 +36,7 @@ import torch
 from IPython.display import display
 
 import implicit_updates as iu
-from implicit_updates.pretrained import load_pretrained
+from implicit_updates.models.pretrained import load_pretrained
 
 torch.manual_seed(0)
 model = load_pretrained("smollm2-135m", dtype=torch.float64)

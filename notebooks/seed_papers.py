@@ -14,7 +14,8 @@
 # Both seed papers test their theory on **in-context linear regression**: a prompt `(x_1, y_1, ..., x_N, y_N, x_q)`
 # with `y = <w, x>` for a `w` drawn per prompt, each example one token `[x_i; y_i]` and the query `[x_q; 0]`; the
 # model predicts `y_q` as the last coordinate of the query's output. Here we train the papers' own small models
-# (`implicit_updates.toy.ToyTransformer`, a TransformerLens `HookedRootModule`) and reproduce, in miniature and in
+# (`implicit_updates.models.toy.ToyTransformer`, a TransformerLens `HookedRootModule`) and reproduce, in miniature
+# and in
 # well under a minute on 2 CPU cores:
 #
 # 1. Innocenti & Achour (2025), Fig. 1: theory (the query alone through the patched blocks) and experiment (the
@@ -32,8 +33,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from implicit_updates import decompose, icl, plots, seeds
-from implicit_updates.toy import ToyTransformer
+from implicit_updates import decompose
+from implicit_updates.experiments import icl, seeds
+from implicit_updates.models.toy import ToyTransformer
+from implicit_updates.views import plots
 
 torch.set_num_threads(1)  # these models are tiny: one thread is faster than two
 plt.rcParams.update({"figure.dpi": 72, "font.size": 9})

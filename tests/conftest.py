@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-from implicit_updates.loading import hooked_classes
+from implicit_updates.models.loading import hooked_classes
 
 warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*")
 
@@ -171,7 +171,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check_onepass(model, prompt, blocks=None, chunk_size: int = 64, atol: float = 0.0) -> None:
     """The one-pass prefix dynamics equals the naive one (one decompose per prefix) in float64, and verifies."""
-    from implicit_updates.dynamics import max_relative_difference, prefix_decomposition
+    from implicit_updates.analyses.dynamics import max_relative_difference, prefix_decomposition
 
     with assert_untouched(model):
         one = prefix_decomposition(model, prompt, blocks=blocks, dtype=torch.float64, chunk_size=chunk_size)

@@ -86,7 +86,7 @@ def configs(draw) -> dict:
 
 def build_model(cfg: dict):
     """The model of ``cfg`` with every parameter perturbed (biases, norm scales and sinks too), in eval mode."""
-    from implicit_updates.loading import hooked_classes
+    from implicit_updates.models.loading import hooked_classes
 
     HookedTransformer, HookedTransformerConfig = hooked_classes()
     model = HookedTransformer(HookedTransformerConfig(**cfg))
@@ -118,7 +118,7 @@ def check(cfg: dict, seq_len: int = 7, onepass: bool = False, absorb: bool = Tru
     from conftest import assert_untouched, rel_err
 
     import implicit_updates as iu
-    from implicit_updates.adapters.hooked_transformer import exact_alibi
+    from implicit_updates.adapters.tl_common import exact_alibi
 
     model = build_model(cfg)
     gen = torch.Generator().manual_seed(cfg["seed"] + 1)

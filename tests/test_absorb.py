@@ -11,8 +11,8 @@ from conftest import ARCHITECTURES, assert_untouched, build
 
 import implicit_updates as iu
 from implicit_updates.cli import main
-from implicit_updates.loading import hooked_classes
 from implicit_updates.models import PRESETS, random_model
+from implicit_updates.models.loading import hooked_classes
 
 SMALL_PRESETS = sorted(set(PRESETS) - {"gpt2-small"})
 

@@ -16,9 +16,9 @@ import torch
 from conftest import rel_err
 
 import implicit_updates as iu
-from implicit_updates import pretrained
-from implicit_updates.dynamics import max_relative_difference, prefix_decomposition
-from implicit_updates.precision import computed_in
+from implicit_updates.analyses.dynamics import max_relative_difference, prefix_decomposition
+from implicit_updates.models import pretrained
+from implicit_updates.runtime.precision import computed_in
 
 accelerate = pytest.importorskip("accelerate", reason="accelerate is not installed (pip install accelerate)")
 transformers = pytest.importorskip("transformers")

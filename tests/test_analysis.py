@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import implicit_updates as iu
-from implicit_updates import analysis, plots
+from implicit_updates.math import analysis
+from implicit_updates.views import plots
 
 F64 = torch.float64
 

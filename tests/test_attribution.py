@@ -11,9 +11,8 @@ import torch
 from conftest import ARCHITECTURES, assert_untouched, build
 
 import implicit_updates as iu
-from implicit_updates.adapters.attribution_hooks import capture_attention
-from implicit_updates.attribution import EXTRAS, attribute_block
-from implicit_updates.decompose import prepared, untouched
+from implicit_updates.analyses.attribution import EXTRAS, attribute_block
+from implicit_updates.analyses.decompose import prepared, untouched
 from implicit_updates.models import PRESETS, random_model
 
 TOL = 1e-12
@@ -89,7 +88,7 @@ def corrupted_errors(model, corrupt) -> dict[int, torch.Tensor]:
     inputs = tokens()
     result = iu.attribute(model, inputs, dtype=torch.float64)
     with prepared(model, inputs, None, torch.float64) as (adapter, blocks, ids), untouched(model):
-        captures = capture_attention(adapter, ids, blocks, "last")
+        captures = adapter.capture_attention(ids, blocks, "last")
     out = {}
     for cap in captures:
         corrupt(cap)
@@ -143,7 +142,7 @@ def test_bad_arguments_one_line():
 @pytest.mark.skipif(not STORIES.is_dir(), reason=f"stories260K not found at {STORIES}")
 @pytest.mark.parametrize("backend", ["hooked", "bridge", "hf"])
 def test_stories260k(one_thread, backend):
-    from implicit_updates.loading import load_local
+    from implicit_updates.models.loading import load_local
 
     model = load_local(STORIES, backend)
     story = "Once upon a time, there was a little bird named Bob. Bob lived in a tree. One day, Bob"
@@ -157,7 +156,7 @@ def test_cli_writes_the_json(one_thread, tmp_path):
     import json
 
     from implicit_updates.cli import main
-    from implicit_updates.loading import hooked_classes
+    from implicit_updates.models.loading import hooked_classes
 
     hooked_classes()  # random:PRESET is a HookedTransformer: the CLI exits 2 on TL 4.x; conftest skips on this
 

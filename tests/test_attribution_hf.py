@@ -144,7 +144,7 @@ def test_mixture_of_experts_refused_by_name():
 
 @pytest.mark.skipif(not STORIES.is_dir(), reason=f"stories260K not found at {STORIES}")
 def test_stories260k_hf_bridge_and_hooked_agree(one_thread):
-    from implicit_updates.loading import load_local
+    from implicit_updates.models.loading import load_local
 
     results = {}
     for backend in ("hf", "bridge"):

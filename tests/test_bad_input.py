@@ -195,7 +195,7 @@ def test_float64_inputs_into_a_float32_model_warn_where_the_user_called(model):
 @pytest.mark.skipif(not STORIES.is_dir(), reason=f"stories260K not found at {STORIES}")
 def test_text_of_special_tokens_only_is_an_empty_prompt():
     """stories260K's tokenizer adds BOS: '' used to run on BOS alone; '<s>' is [BOS, BOS]. Both are empty prompts."""
-    from implicit_updates.loading import load_local
+    from implicit_updates.models.loading import load_local
 
     stories = load_local(STORIES, "hf")
     for text in ("", "<s>", ["<s>"]):

@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import implicit_updates as iu
-from implicit_updates.dynamics import max_relative_difference, prefix_decomposition
-from implicit_updates.updates import AdditiveUpdate, RankOneUpdate
+from implicit_updates.analyses.dynamics import max_relative_difference, prefix_decomposition
+from implicit_updates.math.updates import AdditiveUpdate, RankOneUpdate
 
 F64 = torch.float64
 N = 7  # tokens per prompt
@@ -37,7 +37,7 @@ CHECK = settings(max_examples=8, deadline=None, suppress_health_check=[HealthChe
 # (Gemma-style pre+post norms, OLMo 2's post-norm), one rank-one update per expert (a mixture without output bias)
 CORRECTED = ["layernorm", "gated", "parallel-neox", "pre-post-norm-gemma", "post-norm-olmo2", "moe-mixtral"]
 SMOOTH = ["layernorm", "gated", "gqa-rotary", "pre-post-norm-gemma", "moe-mixtral"]  # no ReLU: a column always acts
-absorb_module = importlib.import_module("implicit_updates.absorb")  # the package exports the function absorb
+absorb_module = importlib.import_module("implicit_updates.analyses.absorb")  # the package exports the function absorb
 DECOMPOSE_FOR_ABSORB = absorb_module.decompose_for_absorb
 
 
@@ -325,7 +325,7 @@ def test_onepass_vs_naive_reports_the_corrupted_factor(name, field, block, prefi
 
 def test_check_onepass_fails_on_a_corrupted_onepass(monkeypatch):
     """conftest's check_onepass (one pass == naive, and verify) fails when the one pass is off at one prefix."""
-    import implicit_updates.dynamics as dynamics
+    import implicit_updates.analyses.dynamics as dynamics
 
     model, toks, _ = case("gated")
     check_onepass(model, toks)

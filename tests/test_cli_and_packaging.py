@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from implicit_updates import icl
 from implicit_updates.cli import main
-from implicit_updates.loading import hooked_classes
+from implicit_updates.experiments import icl
 from implicit_updates.models import PRESETS
+from implicit_updates.models.loading import hooked_classes
 
 
 @pytest.fixture

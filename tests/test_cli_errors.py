@@ -19,10 +19,10 @@ import pytest
 import torch
 
 import implicit_updates as iu
-from implicit_updates import cli, pretrained
-from implicit_updates.cli import main, raised_by_us
-from implicit_updates.loading import hooked_classes
-from implicit_updates.models import random_model
+from implicit_updates.cli import commands, common
+from implicit_updates.cli.commands import main, raised_by_us
+from implicit_updates.models import pretrained, random_model
+from implicit_updates.models.loading import hooked_classes
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
@@ -119,10 +119,11 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys, monkey
     assert "--json" in line and "does not exist" in line
     line = run_error(["dynamics", "--model", "random:nope", "--plot", str(tmp_path)], capsys)
     assert "--plot" in line and "is a directory" in line
-    monkeypatch.setattr("implicit_updates.demo.run_demo", lambda **kw: pytest.fail("the demo ran before the check"))
+    monkeypatch.setattr("implicit_updates.experiments.demo.run_demo",
+                        lambda **kw: pytest.fail("the demo ran before the check"))
     assert "does not exist" in run_error(["demo", "--json", f"{tmp_path}/missing/demo.json"], capsys)
     ok = tmp_path / "ok.json"
-    cli.check_writable(str(ok), "--json")
+    common.check_writable(str(ok), "--json")
     assert not ok.exists()
 
 
@@ -182,7 +183,7 @@ def test_raised_by_us_tells_our_checks_from_slips_and_libraries(hooked):
         iu.decompose(model, torch.tensor([[1, 2, 9999]]))
     assert raised_by_us(ours.value)
     with pytest.raises(AttributeError) as slip:  # an error inside our code, but from no raise statement
-        cli.one_line(None)
+        commands.one_line(None)
     assert not raised_by_us(slip.value)
     with pytest.raises(IndexError) as library:
         torch.zeros(2)[5]

@@ -7,7 +7,7 @@ import torch
 from conftest import ARCHITECTURES, assert_untouched, build
 
 import implicit_updates as iu
-from implicit_updates.continuation import absorb_continuation
+from implicit_updates.analyses.continuation import absorb_continuation
 from implicit_updates.models import random_model
 
 
@@ -67,7 +67,7 @@ def test_refusals():
 
 
 def test_positive_solution_finds_one_or_says_none():
-    from implicit_updates.continuation import positive_solution
+    from implicit_updates.analyses.continuation import positive_solution
 
     gen = torch.Generator().manual_seed(9)
     a = torch.rand(4, 30, generator=gen, dtype=torch.float64)

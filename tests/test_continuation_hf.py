@@ -20,9 +20,9 @@ from conftest import assert_untouched, build
 from test_hf import tiny_hf, tokens
 
 import implicit_updates as iu
+from implicit_updates.analyses.continuation import absorb_continuation
 from implicit_updates.cli import main
-from implicit_updates.continuation import absorb_continuation
-from implicit_updates.precision import casts_parameters, exact_formula
+from implicit_updates.runtime.precision import casts_parameters, exact_formula
 
 STORIES = Path(__file__).resolve().parents[2] / "shared/models/stories260K"
 STORY = "Once upon a time, there was a little bird named Bob. Bob lived in a tree. One day,"
@@ -149,7 +149,7 @@ needs_stories = pytest.mark.skipif(not STORIES.is_dir(), reason=f"stories260K no
 @needs_stories
 @pytest.mark.parametrize("backend", ["hf", "bridge", "hooked"])
 def test_stories260k_every_backend(backend, tmp_path):
-    from implicit_updates.loading import load_local
+    from implicit_updates.models.loading import load_local
 
     model = load_local(STORIES, backend)
     hf = load_local(STORIES, "hf")
@@ -188,7 +188,7 @@ def test_cli_continuation_json_and_lora(tmp_path, capsys):
 
 
 def test_cli_continuation_errors(tmp_path, capsys):
-    from implicit_updates.loading import hooked_classes
+    from implicit_updates.models.loading import hooked_classes
 
     hooked_classes()  # random:llama is a HookedTransformer (skipped on TransformerLens 4)
 
@@ -217,7 +217,7 @@ def test_cli_continuation_errors(tmp_path, capsys):
 def few_shot_pretrained(name: str, dtype: torch.dtype) -> tuple:
     """A pretrained model as a Hugging Face model (skipped when its package is missing), the few-shot prompt's ids,
     and that prompt split into a prefix and its last 4 tokens."""
-    from implicit_updates import pretrained
+    from implicit_updates.models import pretrained
 
     why = pretrained.missing(name)
     if why:
@@ -249,8 +249,8 @@ def test_gemma3_270m_continuation_hf():
     the correction, read by transformers through a float32 cast) as a float32 model computed in float64 one module at
     a time; a 4-token continuation after a few-shot prompt. The literal edit: the dense patched parameters swapped
     into the model, run by its own forward in its float64 formula (``computed_in``: ``exact_formula`` + upcast)."""
-    from implicit_updates.hooks import swapped_parameters
-    from implicit_updates.precision import computed_in
+    from implicit_updates.runtime.hooks import swapped_parameters
+    from implicit_updates.runtime.precision import computed_in
 
     model, ids, prefix, continuation = few_shot_pretrained("gemma-3-270m", torch.float32)
     with assert_untouched(model):

@@ -1,4 +1,4 @@
-"""Property tests of the pure math in implicit_updates.core (float64, random shapes)."""
+"""Property tests of the pure math in implicit_updates.math.core (float64, random shapes)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from implicit_updates import core
+from implicit_updates.math import core
 
 dims = st.integers(min_value=1, max_value=12)
 seeds = st.integers(min_value=0, max_value=2**31 - 1)
@@ -84,7 +84,7 @@ def test_numerical_rank_tolerance_at_its_boundary(size, top, side, scaled):
 def test_block_summed_rank_tolerance_uses_the_larger_dimension_and_the_factors_scale(side, d_in, d_out):
     """``BlockUpdate.summed_rank`` (verify()'s rank): ``a e1 f1^T + b e2 f2^T`` has singular values a and b exactly;
     b just below / above ``max(sigma_max, ||rows|| ||columns||) * max(d_in, d_out) * eps`` is dropped / counted."""
-    from implicit_updates.updates import BlockUpdate, RankOneUpdate
+    from implicit_updates.math.updates import BlockUpdate, RankOneUpdate
 
     a = 2.0
     scale = 2**0.5 * a  # ||rows|| ||columns|| (b's share is far below float64 rounding)
@@ -205,7 +205,9 @@ def test_shape_annotations_are_valid_jaxtyping():
 
     from jaxtyping import AbstractArray
 
-    from implicit_updates import analysis, attribution, decompose, dynamics
+    from implicit_updates import decompose
+    from implicit_updates.analyses import attribution, dynamics
+    from implicit_updates.math import analysis
 
     annotated = 0
     for module in (core, analysis, attribution, decompose, dynamics):

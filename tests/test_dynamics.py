@@ -11,7 +11,7 @@ import torch
 from conftest import ARCHITECTURES, assert_untouched, build, check_onepass, rel_err
 
 import implicit_updates as iu
-from implicit_updates.dynamics import (
+from implicit_updates.analyses.dynamics import (
     block_dynamics,
     edited_block_output,
     prefix_decomposition,
@@ -19,9 +19,9 @@ from implicit_updates.dynamics import (
     suffix_removal,
 )
 from implicit_updates.errors import UnsupportedArchitectureError
-from implicit_updates.icl import regression_transformer, sample_tasks
+from implicit_updates.experiments.icl import regression_transformer, sample_tasks
+from implicit_updates.math.updates import RankOneUpdate
 from implicit_updates.models import PRESETS, random_model
-from implicit_updates.updates import RankOneUpdate
 
 F64 = torch.float64
 
@@ -256,7 +256,7 @@ def test_suffix_removal_errors():
 
 def test_cli_dynamics(tmp_path, capsys):
     from implicit_updates.cli import main
-    from implicit_updates.loading import hooked_classes
+    from implicit_updates.models.loading import hooked_classes
 
     hooked_classes()  # random:PRESET is a HookedTransformer: the CLI exits 2 on TL 4.x; conftest skips on this
 

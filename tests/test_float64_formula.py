@@ -14,7 +14,7 @@ from test_hf import tiny_hf, tokens
 from test_zoo import tiny
 
 import implicit_updates as iu
-from implicit_updates.precision import KeepPrecision, casts_parameters, exact_formula
+from implicit_updates.runtime.precision import KeepPrecision, casts_parameters, exact_formula
 
 F64, F32 = torch.float64, torch.float32
 
@@ -54,7 +54,7 @@ def test_probe_finds_parameter_casts_and_leaves_no_trace(build, casts):
 def test_formula_is_what_makes_a_float32_router_exact(monkeypatch):
     """With the formula switched off, GLM-4-MoE's float32 router is refused (no update of a weight read through a
     cast acts exactly) and Gemma 2 verifies only to float32 rounding: the formula is what the exactness rests on."""
-    import implicit_updates.precision as precision
+    import implicit_updates.runtime.precision as precision
 
     ids = tokens(9)
     gemma = tiny_hf("gemma2")

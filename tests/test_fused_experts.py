@@ -22,8 +22,8 @@ from test_zoo import tiny
 from torch.overrides import TorchFunctionMode
 
 import implicit_updates as iu
-from implicit_updates.precision import casts_parameters, exact_formula
-from implicit_updates.updates import RankOneUpdate
+from implicit_updates.math.updates import RankOneUpdate
+from implicit_updates.runtime.precision import casts_parameters, exact_formula
 
 F64 = torch.float64
 EXACT = 1e-10

@@ -14,7 +14,7 @@ from fuzz_configs import REFUSALS, check, configs
 from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
 
-from implicit_updates.loading import hooked_classes
+from implicit_updates.models.loading import hooked_classes
 
 try:
     hooked_classes()

@@ -16,7 +16,7 @@ from conftest import assert_untouched, hook_count, rel_err
 
 import implicit_updates as iu
 from implicit_updates.adapters import adapter_for
-from implicit_updates.precision import casts_parameters, exact_formula
+from implicit_updates.runtime.precision import casts_parameters, exact_formula
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 # transformers computes Gemma's RMSNorm in float32 whatever the model's dtype (``x.float()``, then

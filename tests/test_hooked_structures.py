@@ -10,7 +10,7 @@ from fuzz_configs import check
 
 import implicit_updates as iu
 from implicit_updates.adapters import hooked_transformer
-from implicit_updates.dynamics import prefix_dynamics
+from implicit_updates.analyses.dynamics import prefix_dynamics
 
 POST_NORM = dict(normalization_type="RMS", gated_mlp=True, act_fn="silu", original_architecture="Olmo2ForCausalLM",
                  positional_embedding_type="rotary", rotary_dim=8)

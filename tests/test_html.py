@@ -17,9 +17,11 @@ import torch
 from conftest import assert_untouched
 
 import implicit_updates as iu
-from implicit_updates import analysis, cli, html
-from implicit_updates.dynamics import prefix_dynamics
+from implicit_updates import cli
+from implicit_updates.analyses.dynamics import prefix_dynamics
+from implicit_updates.math import analysis
 from implicit_updates.models import random_model
+from implicit_updates.views import html
 
 EVIL = '</script><script>console.error("injected")</script>&amp;<b>x</b>'
 N_TOKENS = 8

@@ -22,7 +22,7 @@ from conftest import assert_untouched, rel_err
 from test_hf import context_outputs, literal_edit_output, tiny_hf, tokens
 
 import implicit_updates as iu
-from implicit_updates.dynamics import max_relative_difference, prefix_decomposition
+from implicit_updates.analyses.dynamics import max_relative_difference, prefix_decomposition
 from implicit_updates.errors import UnsupportedArchitectureError
 
 if importlib.util.find_spec("nnsight") is None:
@@ -30,7 +30,7 @@ if importlib.util.find_spec("nnsight") is None:
                 ".venv)", allow_module_level=True)
 
 from implicit_updates.cli import main  # noqa: E402
-from implicit_updates.loading import load_local, wrap_nnsight  # noqa: E402
+from implicit_updates.models.loading import load_local, wrap_nnsight  # noqa: E402
 
 STORIES = Path(__file__).resolve().parents[2] / "shared/models/stories260K"
 PROMPT = "Once upon a time there was a little girl named Lily. She liked to"
@@ -162,7 +162,7 @@ def test_failures_leave_the_model_clean(stories, monkeypatch):
 
 
 def test_smollm2_135m():
-    from implicit_updates import pretrained
+    from implicit_updates.models import pretrained
 
     spec = pretrained.MODELS["smollm2-135m"]
     if importlib.util.find_spec(spec.module) is None or importlib.util.find_spec("gguf") is None:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from implicit_updates import pretrained
-from implicit_updates.loading import hooked_classes
+from implicit_updates.models import pretrained
+from implicit_updates.models.loading import hooked_classes
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ["quickstart", "seed_papers", "absorb_and_attribute"]

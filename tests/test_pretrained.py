@@ -17,11 +17,10 @@ import torch
 from conftest import assert_untouched, check_onepass, rel_err
 
 import implicit_updates as iu
-from implicit_updates import pretrained
 from implicit_updates.cli import main
-from implicit_updates.loading import load_tokenizer
-from implicit_updates.models import load_model
-from implicit_updates.precision import computed_in
+from implicit_updates.models import load_model, pretrained
+from implicit_updates.models.loading import load_tokenizer
+from implicit_updates.runtime.precision import computed_in
 
 PROMPT = "France: Paris\nJapan: Tokyo\nItaly:"  # 10-11 tokens: the answer (" Rome") needs the context
 # Which parameters each model's patch touches (HookedTransformer names, block 0): the gated MLP's two first-layer

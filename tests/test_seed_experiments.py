@@ -10,8 +10,8 @@ import torch
 from conftest import assert_untouched
 
 import implicit_updates as iu
-from implicit_updates import icl, seeds
-from implicit_updates.toy import ToyTransformer
+from implicit_updates.experiments import icl, seeds
+from implicit_updates.models.toy import ToyTransformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 

@@ -17,7 +17,7 @@ from test_hf import context_outputs, literal_edit_output
 import implicit_updates as iu
 from implicit_updates.adapters import adapter_for
 from implicit_updates.cli import main
-from implicit_updates.loading import HookedTransformerUnavailable, hooked_classes, load_local
+from implicit_updates.models.loading import HookedTransformerUnavailable, hooked_classes, load_local
 
 MODEL = Path(__file__).resolve().parents[2] / "shared/models/stories260K"
 if not MODEL.is_dir():

@@ -7,9 +7,9 @@ import torch
 from conftest import ARCHITECTURES, assert_untouched, build
 
 import implicit_updates as iu
-from implicit_updates.dynamics import max_relative_difference, prefix_decomposition
+from implicit_updates.analyses.dynamics import max_relative_difference, prefix_decomposition
 from implicit_updates.models import PRESETS, random_model
-from implicit_updates.precision import computed_in
+from implicit_updates.runtime.precision import computed_in
 
 
 def tokens(vocab: int, n: int = 16, seed: int = 0) -> torch.Tensor:

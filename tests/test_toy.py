@@ -11,10 +11,10 @@ import torch
 from conftest import assert_untouched, literal_edit_output, rel_err
 
 import implicit_updates as iu
-from implicit_updates import icl
 from implicit_updates.adapters import adapter_for
 from implicit_updates.adapters.toy import ToyAdapter
-from implicit_updates.toy import ToyConfig, ToyTransformer, equinox_key
+from implicit_updates.experiments import icl
+from implicit_updates.models.toy import ToyConfig, ToyTransformer, equinox_key
 
 VARIANTS = {
     "innocenti-default": dict(),

@@ -36,7 +36,7 @@ from conftest import assert_untouched, rel_err
 from test_hf import context_outputs, literal_edit_output
 
 import implicit_updates as iu
-from implicit_updates.precision import casts_parameters, exact_formula
+from implicit_updates.runtime.precision import casts_parameters, exact_formula
 
 TOL = 1e-10
 FLOAT32_TOL = 1e-6  # where the model itself rounds in float32 inside a float64 model (test_hf.GEMMA_FLOAT64_TOL)

@@ -47,22 +47,22 @@ VERIFY_TESTS = [CHECKERS + t for t in ("test_verify_reports_a_corrupted_output_c
                                        "test_verify_report_table_and_json")]
 # module -> (the mutants' source file, the tests that run against them)
 SELECTIONS: dict[str, tuple[str, list[str]]] = {
-    "core": ("implicit_updates/core.py", CORE_TESTS + VERIFY_TESTS[:1] + ["tests/test_analysis.py"]),
-    "updates": ("implicit_updates/updates.py", CORE_TESTS + LITERAL + ["tests/test_analysis.py", STRUCTURES,
+    "core": ("implicit_updates/math/core.py", CORE_TESTS + VERIFY_TESTS[:1] + ["tests/test_analysis.py"]),
+    "updates": ("implicit_updates/math/updates.py", CORE_TESTS + LITERAL + ["tests/test_analysis.py", STRUCTURES,
                                                                       SCALED_AND_DEAD,
                                                                       "tests/test_hf.py::test_gemma_post_norm_exact",
                                                                       "tests/test_references.py::test_two_token"]),
-    "verify": ("implicit_updates/verify.py", VERIFY_TESTS + ["tests/test_html.py::test_repr"]),  # no browser
-    "decompose": ("implicit_updates/decompose.py", VERIFY_TESTS + LITERAL[:3] + ["tests/test_bad_input.py"]),
+    "verify": ("implicit_updates/analyses/verify.py", VERIFY_TESTS + ["tests/test_html.py::test_repr"]),  # no browser
+    "decompose": ("implicit_updates/analyses/decompose.py", VERIFY_TESTS + LITERAL[:3] + ["tests/test_bad_input.py"]),
     "capture": ("implicit_updates/capture.py", LITERAL[:3] + ["tests/test_references.py",
                                                               "tests/test_absorb.py::test_absorbed_model_other"]),
-    "absorb": ("implicit_updates/absorb.py", ["tests/test_absorb.py", CHECKERS + "test_absorbed_chain"]),
-    "dynamics": ("implicit_updates/dynamics.py", ["tests/test_dynamics.py::test_prop31",
+    "absorb": ("implicit_updates/analyses/absorb.py", ["tests/test_absorb.py", CHECKERS + "test_absorbed_chain"]),
+    "dynamics": ("implicit_updates/analyses/dynamics.py", ["tests/test_dynamics.py::test_prop31",
                                                   "tests/test_dynamics.py::test_step_with_row_change",
                                                   "tests/test_dynamics.py::test_naive_prefix",
                                                   "tests/test_dynamics.py::test_suffix_removal",
                                                   CHECKERS + "test_onepass_vs_naive"]),
-    "analysis": ("implicit_updates/analysis.py", ["tests/test_analysis.py"]),
+    "analysis": ("implicit_updates/math/analysis.py", ["tests/test_analysis.py"]),
     "hooked_transformer": ("adapters/hooked_transformer.py", LITERAL + ["tests/test_references.py", STRUCTURES]),
     "hooked_prefixes": ("adapters/hooked_prefixes.py", ["tests/test_dynamics.py::test_onepass_equals_naive_arch"]),
     "modules": ("adapters/modules.py", ["tests/test_hf.py::test_literal_weight_edit_every_layout",

@@ -10,7 +10,7 @@ are. Embedding tables are not upcast at all: a lookup of float32 rows cast to fl
 the float64 table, so an embedding's output is cast instead (Gemma's scaled embedding multiplies in the compute
 dtype, as the upcast copy does). The user's ``Parameter`` objects are put back on every exit, exceptions included.
 On a model dispatched by accelerate (``device_map``, offload) the upcast runs inside each module's accelerate hook,
-after it loaded the offloaded parameters and before it offloads them (:mod:`implicit_updates.dispatch`).
+after it loaded the offloaded parameters and before it offloads them (:mod:`implicit_updates.runtime.dispatch`).
 
 ``transformers`` writes ``x.float()`` in norms and routers as an upcast from half precision; in a float64 computation
 it is a float32 detour. Where a parameter takes it (Gemma's ``1 + weight.float()``, a router's
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from implicit_updates.dispatch import execution_device, inside_forward
+from implicit_updates.runtime.dispatch import execution_device, inside_forward
 
 
 def needs_upcast(model: nn.Module, dtype: torch.dtype) -> bool:

@@ -21,23 +21,21 @@ import torch
 from torch import Tensor, nn
 
 from implicit_updates.errors import UnsupportedArchitectureError
-from implicit_updates.lowrank import LowRankUpdate
+from implicit_updates.math.lowrank import LowRankUpdate
 
 PEFT_INSTALL = "pip install peft   (or the package's [lora] extra)"
 
 
 def hf_model_of(model: nn.Module) -> nn.Module:
     """The Hugging Face model a PEFT adapter attaches to: the model itself, or a TransformerBridge's
-    ``original_model``; a HookedTransformer has none (its update is applied by ``absorption.patched()``)."""
-    from implicit_updates.adapters import _is_bridge, _is_hf
+    ``original_model``; a backend without one (a HookedTransformer: its update is applied by
+    ``absorption.patched()``) is refused by its missing ``lora`` capability."""
+    from implicit_updates.adapters import adapter_for
+    from implicit_updates.adapters.base import require
 
-    if _is_bridge(model):
-        return model.original_model
-    if _is_hf(model):
-        return model
-    raise UnsupportedArchitectureError(
-        f"a PEFT LoRA attaches to Hugging Face modules, and {type(model).__name__} is not a Hugging Face model or a "
-        "TransformerBridge: apply the update with absorption.patched() (a copy with the weights edited)")
+    adapter = adapter_for(model)
+    require(adapter, "lora")
+    return adapter.peft_base()
 
 
 def lora_factors(absorption) -> dict[str, tuple[Tensor, Tensor, bool]]:

@@ -13,25 +13,25 @@ import argparse
 import ast
 import functools
 import importlib.util
-import json
-import re
 import sys
 import time
 import warnings
 from pathlib import Path
 
-import torch
-
 import implicit_updates
 import implicit_updates.adapters
+from implicit_updates.cli.common import (
+    UsageError,
+    check_writable,
+    load,
+    parse_prompt,
+    token_labels,
+    write_json,
+)
 
 # The exception types our input checks raise (UnsupportedArchitectureError and PretrainedUnavailable included).
 USER_ERRORS = (ValueError, IndexError, TypeError, OSError, ImportError)
 OUR_DIRS = tuple(Path(m.__file__).resolve().parent for m in (implicit_updates, implicit_updates.adapters))
-
-
-class UsageError(Exception):
-    """A command line the CLI refuses before computing anything; the message says what to do."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -65,72 +65,6 @@ def _raise_lines(path: str) -> frozenset[int]:
                      for line in range(node.lineno, (node.end_lineno or node.lineno) + 1))
 
 
-def check_writable(path: str | None, option: str) -> None:
-    """Fail before minutes of work, not after: ``path`` must be a file we can write in an existing folder."""
-    if path is None:
-        return
-    target = Path(path)
-    if target.is_dir():
-        raise UsageError(f"{option} {path} is a directory: give a file name")
-    if not target.parent.is_dir():
-        raise UsageError(f"{option} {path}: the folder {target.parent} does not exist; create it or choose another")
-    existed = target.exists()
-    try:
-        with open(target, "a"):
-            pass
-    except OSError as err:
-        raise UsageError(f"cannot write {option} {path}: {err.strerror or err}") from err
-    if not existed:
-        target.unlink()  # a failed run leaves no empty file behind
-
-
-def parse_prompt(model, prompt: str | None, seq_len: int, seed: int) -> str | torch.Tensor:
-    """Text, a comma list of token ids (``"1,2,3"``), or ``seq_len`` random token ids when no prompt is given."""
-    from implicit_updates.adapters import adapter_for
-
-    device = next(model.parameters()).device
-    if prompt is None:
-        gen = torch.Generator().manual_seed(seed)
-        return torch.randint(0, adapter_for(model).d_vocab, (1, seq_len), generator=gen).to(device)
-    if not prompt.strip():
-        raise UsageError("--prompt is empty: give text or comma-separated token ids (two or more for a context)")
-    ids = token_ids(prompt, device)  # range-checked by decompose against the vocabulary
-    if ids is not None:
-        return ids
-    if getattr(model, "tokenizer", None) is None:
-        raise UsageError(f"this model has no tokenizer and {prompt!r} is not a list of token ids: give --prompt as "
-                         f"comma-separated integers in [0, {adapter_for(model).d_vocab}), or use --seq-len")
-    return prompt
-
-
-def token_ids(text: str, device) -> torch.Tensor | None:
-    """``[1, n]`` ids when ``text`` is a comma list of integers (``"1,2,3"``), else None (text to tokenize)."""
-    parts = [p.strip() for p in text.split(",")]
-    if all(re.fullmatch(r"[+-]?\d+", p) for p in parts):
-        return torch.tensor([[int(p) for p in parts]], device=device)
-    return None
-
-
-def write_json(path: str | None, payload: dict) -> None:
-    if path:
-        with open(path, "w") as f:
-            json.dump(payload, f, indent=2)
-        print(f"wrote {path}")
-
-
-def load(args: argparse.Namespace):
-    """Check the output paths and the device, then load the model: bad options fail before any loading."""
-    from implicit_updates.models import check_device, load_model
-
-    check_writable(args.json, "--json")
-    check_writable(getattr(args, "plot", None), "--plot")
-    try:
-        check_device(args.device)
-    except ValueError as err:
-        raise UsageError(f"--device {args.device}: {err}") from err
-    return load_model(args.model, device=args.device, seed=args.seed, backend=args.backend)
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
     from implicit_updates import decompose
 
@@ -148,11 +82,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_absorb(args: argparse.Namespace) -> int:
-    from implicit_updates.absorb import compare_absorbed
     from implicit_updates.adapters import adapter_for
+    from implicit_updates.analyses.absorb import compare_absorbed
 
     if args.continuation is not None or args.lora is not None:  # rank K over a continuation (cli_continuation)
-        from implicit_updates.cli_continuation import cmd_absorb_continuation
+        from implicit_updates.cli.continuation import cmd_absorb_continuation
 
         return cmd_absorb_continuation(args)
     model = load(args)
@@ -177,7 +111,7 @@ def cmd_absorb(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     check_writable(args.json, "--json")  # before the import: the demo's modules take seconds to load
-    from implicit_updates.demo import run_demo
+    from implicit_updates.experiments.demo import run_demo
 
     payload = run_demo(steps=args.steps, seed=args.seed)
     write_json(args.json, payload)
@@ -191,7 +125,7 @@ def check_plot_backend(args: argparse.Namespace) -> None:
 
 
 def cmd_dynamics(args: argparse.Namespace) -> int:
-    from implicit_updates.dynamics import prefix_dynamics
+    from implicit_updates.analyses.dynamics import prefix_dynamics
 
     check_plot_backend(args)
     model = load(args)
@@ -204,19 +138,13 @@ def cmd_dynamics(args: argparse.Namespace) -> int:
     print(f"prefix dynamics ({args.method}): {seconds:.2f} s")
     write_json(args.json, {"model": args.model, **dyn.to_dict(), "seconds": seconds})
     if args.plot:
-        from implicit_updates import plots
+        from implicit_updates.views import plots
 
         curves = {f"block {b}": d.step_norms[None] for b, d in dyn.blocks.items()}
         ax = plots.decay_curves(curves, title=f"{args.model}: step norms of the implicit update")
         plots.save(ax, args.plot)
         print(f"wrote {args.plot}")
     return 0
-
-
-def token_labels(model, ids: torch.Tensor) -> list[str]:
-    """Each token id as its text where the model has a tokenizer (``repr``-quoted), else the id itself."""
-    decode = getattr(getattr(model, "tokenizer", None), "decode", None)
-    return [repr(decode([i])) if decode else str(i) for i in ids.tolist()]
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
@@ -252,7 +180,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     write_json(args.json, {"model": args.model, "dtype": dtype, "position": position, "tokens": tokens,
                            "blocks": blocks, "max_completeness_err": err, "seconds": seconds})
     if args.plot:
-        from implicit_updates import plots
+        from implicit_updates.views import plots
 
         ax = plots.attribution_heatmap(scores, tokens, [b.block for b in result.blocks],
                                        title=f"{args.model}: share of position {position}'s update per source token")

@@ -12,7 +12,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from implicit_updates import core
+from implicit_updates.math import core
 
 
 def alignment(u1: Float[Tensor, "*batch d_out"], v1: Float[Tensor, "*batch d_in"], u2: Float[Tensor, "*batch d_out"],

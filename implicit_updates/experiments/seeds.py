@@ -19,9 +19,10 @@ from torch import Tensor
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import trange
 
-from implicit_updates import core, icl
-from implicit_updates.decompose import Decomposition, decompose
-from implicit_updates.toy import ToyTransformer
+from implicit_updates.analyses.decompose import Decomposition, decompose
+from implicit_updates.experiments import icl
+from implicit_updates.math import core
+from implicit_updates.models.toy import ToyTransformer
 
 # Innocenti & Achour's default run: d = 2, 5 blocks, 3 heads of size 1, Equinox MLP(depth=2) 3 -> 12 -> 12 -> 3.
 INNOCENTI = dict(d_model=3, n_layers=5, n_heads=3, d_mlp=12, mlp_depth=2, mlp_skip=True, layer_norm=False,

@@ -317,32 +317,32 @@ def report_html(payload: dict) -> str:
 
 
 def decomposition_html(result) -> str:
-    from implicit_updates.report import decomposition_data
+    from implicit_updates.views.data import decomposition_data
 
     return fragment(f"<b>Decomposition</b> ({escape(model_name(result))})"
                     + decomposition_section(decomposition_data(result)))
 
 
 def verify_html(report) -> str:
-    from implicit_updates.report import verify_data
+    from implicit_updates.views.data import verify_data
 
     return fragment("<b>VerifyReport</b>" + verify_section(verify_data(report)))
 
 
 def dynamics_html(dyn) -> str:
-    from implicit_updates.report import dynamics_data
+    from implicit_updates.views.data import dynamics_data
 
     return fragment("<b>PrefixDynamics</b>" + dynamics_section(dynamics_data(dyn)))
 
 
 def absorb_html(report) -> str:
-    from implicit_updates.report import absorb_data
+    from implicit_updates.views.data import absorb_data
 
     return fragment("<b>AbsorbReport</b> (token ids; the report decodes them)" + absorb_section(absorb_data(report)))
 
 
 def attribution_html(att) -> str:
-    from implicit_updates.report import attribution_data
+    from implicit_updates.views.data import attribution_data
 
     return fragment("<b>Attribution</b>" + attribution_section(attribution_data(att)))
 

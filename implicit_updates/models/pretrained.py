@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from implicit_updates.loading import BACKENDS, hooked_classes, load_local, load_tokenizer
+from implicit_updates.models.loading import BACKENDS, hooked_classes, load_local, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -170,6 +170,7 @@ def load_pretrained(name: str, backend: str = "hooked", device: str = "cpu",
     return model.eval()
 
 
-if __name__ == "__main__":  # `python -m implicit_updates.pretrained`: build every cache (the Makefile's `models`)
+# `python -m implicit_updates.models.pretrained`: build every cache (the Makefile's `models`)
+if __name__ == "__main__":
     for model_name in MODELS:
         print(prepare(model_name))

@@ -15,8 +15,9 @@ import time
 
 import torch
 
-from implicit_updates import decompose, icl, seeds
-from implicit_updates.toy import ToyTransformer
+from implicit_updates import decompose
+from implicit_updates.experiments import icl, seeds
+from implicit_updates.models.toy import ToyTransformer
 
 
 def run_demo(steps: int = 100, seed: int = 0, n_test: int = 16) -> dict:

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from implicit_updates import core
 from implicit_updates.capture import BlockCapture, OutputCorrection
+from implicit_updates.math import core
 
 
 @dataclass

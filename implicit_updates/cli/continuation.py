@@ -1,5 +1,6 @@
 """``implicit-updates absorb --continuation TEXT [--lora DIR]``: the prompt absorbed into a rank-K update per block,
-exact on the K continuation tokens (:func:`implicit_updates.continuation.absorb_continuation`), optionally written
+exact on the K continuation tokens (:func:`implicit_updates.analyses.continuation.absorb_continuation`), optionally
+written
 as a PEFT LoRA adapter. Without ``--continuation`` the ``absorb`` command is the one-token absorption (``cli.py``).
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from implicit_updates.cli import UsageError, load, parse_prompt, token_ids, token_labels, write_json
+from implicit_updates.cli.common import UsageError, load, parse_prompt, token_ids, token_labels, write_json
 
 
 def check_lora_dir(path: str | None) -> None:
@@ -31,7 +32,7 @@ def check_lora_dir(path: str | None) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write --lora {path}: {folder} is not writable")
     if importlib.util.find_spec("peft") is None:
-        from implicit_updates.lora import PEFT_INSTALL
+        from implicit_updates.analyses.lora import PEFT_INSTALL
 
         raise UsageError(f"--lora writes a PEFT adapter and needs peft: {PEFT_INSTALL}")
 
@@ -59,10 +60,10 @@ def _finite(values: list[float]) -> list[float | None]:
 
 def cmd_absorb_continuation(args: argparse.Namespace) -> int:
     from implicit_updates.adapters import adapter_for
-    from implicit_updates.continuation import absorb_continuation
-    from implicit_updates.decompose import untouched
-    from implicit_updates.lora import hf_model_of
-    from implicit_updates.precision import computed_in
+    from implicit_updates.analyses.continuation import absorb_continuation
+    from implicit_updates.analyses.decompose import untouched
+    from implicit_updates.analyses.lora import hf_model_of
+    from implicit_updates.runtime.precision import computed_in
 
     if args.continuation is None:
         raise UsageError("--lora needs --continuation: the LoRA holds the update built for those tokens")

@@ -1,4 +1,5 @@
-"""The pure tensor math of a rank-K update per block, shared by every backend (:mod:`implicit_updates.continuation`).
+"""The pure tensor math of a rank-K update per block, shared by every backend
+(:mod:`implicit_updates.analyses.continuation`).
 
 With ``M'`` the K MLP inputs of a block run on the continuation alone and ``M`` the with-context ones, every
 first-layer map ``W`` (``m @ W``) gets ``delta_W = pinv(M') (M - M') W`` (Dherin et al. 2025, Eq. 8, with the
@@ -89,7 +90,7 @@ def post_norm_target(wanted: Tensor, mlp_output: Tensor, eps: float, weight: Ten
     ``mean(z_k^2) = 1 - eps/lam_k^2``: K linear equations ``mean(wanted_k^2 u) = 1 - eps/lam_k^2`` for ``u > 0``.
     ``lam_k = max(rms(h_k), 1)`` keeps ``h'_k`` as large as the MLP's own output, so the output-matrix update that
     produces it does not cancel down to a tiny vector (which would amplify rounding block after block, as the
-    single-token flattening in :func:`implicit_updates.updates.post_norm_updates` avoids too). ``u`` comes from
+    single-token flattening in :func:`implicit_updates.math.updates.post_norm_updates` avoids too). ``u`` comes from
     :func:`positive_solution`; where none is found no exact update of this form is offered (refused).
     """
     lam = mlp_output.pow(2).mean(-1).sqrt().clamp_min(1.0)  # [K]
@@ -154,3 +155,15 @@ def at_continuation(t: Tensor, k: int) -> Tensor:
     """The last ``k`` positions of every stacked sequence as rows: ``[n, pos, ...]`` -> ``[n * k, ...]`` (a
     continuation run alone, ``[n, k, ...]``, gives the same rows in the same order)."""
     return t[:, -k:].reshape(-1, *t.shape[2:])
+
+
+@dataclass(frozen=True)
+class BlockContinuation:
+    """One block's rank-K update: low-rank maps or ``(bias / norm scale name, delta)``, with the condition numbers
+    of the inputs it was solved through."""
+
+    block: int
+    updates: tuple[LowRankUpdate | tuple[str, Tensor], ...]  # low-rank maps, or (bias / norm scale name, delta)
+    cond_mlp_input: float  # condition number of M' (the S-alone MLP inputs)
+    cond_hidden: float  # condition number of P (the with-context hidden activations), inf when K = 1 (bias)
+    rank: int

@@ -1,6 +1,6 @@
 """Continuation absorption for Hugging Face causal LMs and TransformerBridges (the module-hook adapters).
 
-The same rank-K math as the HookedTransformer path (:mod:`implicit_updates.lowrank`), located by each block's
+The same rank-K math as the HookedTransformer path (:mod:`implicit_updates.math.lowrank`), located by each block's
 :class:`~implicit_updates.adapters.modules.BlockParts`: ``first`` (every map reading the MLP input m), ``out`` (the
 output projection), the residual ``r`` the MLP output joins (sequential, parallel, post-norm-only) and the residual
 scale s (Granite: ``y = r + s * mlp(m)``, so the MLP output must move by ``(r - r') / s``). Every block runs on the
@@ -16,24 +16,29 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from implicit_updates.adapters.modules import (
-    _norm_params,
-    _save_input,
-    _unflatten,
+from implicit_updates.adapters.module_hooks import (
+    norm_params,
+    save_input,
     substitute,
+    unflatten,
     unwrap,
     weight_view,
 )
-from implicit_updates.dispatch import loaded_parameter, own_forward
 from implicit_updates.errors import UnsupportedArchitectureError
-from implicit_updates.lowrank import at_continuation, first_layer_updates, output_correction, post_norm_target
+from implicit_updates.math.lowrank import (
+    BlockContinuation,
+    at_continuation,
+    first_layer_updates,
+    output_correction,
+    post_norm_target,
+)
+from implicit_updates.runtime.dispatch import loaded_parameter, own_forward
 
 
 def module_blocks(adapter, inputs: Tensor, block_ids: list[int], k: int, rcond: float, output: str) -> tuple:
-    """``(blocks, full_logits)``: each block's :class:`~implicit_updates.continuation.BlockContinuation` and the
+    """``(blocks, full_logits)``: each block's :class:`~implicit_updates.analyses.continuation.BlockContinuation` and
+    the
     full model's logits ``[K, d_vocab]`` at the continuation (the last ``k`` of ``inputs``)."""
-    from implicit_updates.continuation import BlockContinuation
-
     if inputs.is_floating_point():
         raise ValueError("absorbing a continuation takes token ids")
     whole = [b for b in block_ids if getattr(adapter.parts[b], "whole", False)]
@@ -43,7 +48,7 @@ def module_blocks(adapter, inputs: Tensor, block_ids: list[int], k: int, rcond: 
             "is not implemented for Hugging Face models (a HookedTransformer's mixture is)")
     store: dict[str, Tensor] = {}
     full_logits = at_continuation(adapter._final_logits(adapter._run(inputs, _hooks(adapter, block_ids, store))), k)
-    _unflatten(store, inputs.shape[:2])
+    unflatten(store, inputs.shape[:2])
     for b in block_ids:
         adapter.check_structure(store, b)
     # Every block on S alone in one forward of the model on S: layer l's input is swapped for the with-context
@@ -52,7 +57,7 @@ def module_blocks(adapter, inputs: Tensor, block_ids: list[int], k: int, rcond: 
     swaps = [(adapter.parts[b].layer, "pre_kw", substitute(store[f"{b - 1}.resid_post"][:, -k:]))
              for b in block_ids if b > 0]
     adapter._run(ids, [*swaps, *_hooks(adapter, block_ids, alone)], stop_after=max(block_ids))
-    _unflatten(alone, ids.shape)
+    unflatten(alone, ids.shape)
     blocks, norm_err = [], 0.0
     for b in block_ids:
         p = adapter.parts[b]
@@ -83,11 +88,12 @@ def module_blocks(adapter, inputs: Tensor, block_ids: list[int], k: int, rcond: 
 def _hooks(adapter, blocks: list[int], store: dict[str, Tensor]) -> list:
     """The adapter's capture hooks, plus each output projection's input (the hidden activations P)."""
     return [*adapter._capturing(blocks, store),
-            *((adapter.parts[b].out, "pre", _save_input(store, f"{b}.hidden")) for b in blocks)]
+            *((adapter.parts[b].out, "pre", save_input(store, f"{b}.hidden")) for b in blocks)]
 
 
 def _post_norm(norm: nn.Module, wanted: Tensor, h: Tensor, b: int) -> tuple[Tensor, Tensor, float]:
-    """:func:`~implicit_updates.lowrank.post_norm_target` for a Hugging Face RMSNorm after the MLP, which multiplies
+    """:func:`~implicit_updates.math.lowrank.post_norm_target` for a Hugging Face RMSNorm after the MLP, which
+    multiplies
     ``z(h)`` by its scale ``w`` or by ``1 + w`` (Gemma). transformers computes some of these norms in float32 whatever
     the model's dtype (Gemma, OLMo 2): measured on the with-context MLP outputs, the norm's own output is compared
     with the formula in ``h``'s dtype, and that relative difference is returned (the caller warns where it exceeds
@@ -100,10 +106,10 @@ def _post_norm(norm: nn.Module, wanted: Tensor, h: Tensor, b: int) -> tuple[Tens
             f"block {b}: the norm after the MLP ({type(module).__name__}) is not an RMSNorm with a scale and eps > 0, "
             "the only post-MLP norm a continuation is absorbed through (a LayerNorm centres every output; without "
             "eps the output has a fixed size)")
-    with _norm_params(norm, h.dtype, 0.0) as zero:
+    with norm_params(norm, h.dtype, 0.0) as zero:
         offset = 1.0 if bool((own_forward(zero)(h) != 0).any()) else 0.0  # (1 + w) z: nonzero at w = 0
     scale = loaded_parameter(module, "weight").to(h.dtype) + offset
-    with _norm_params(norm, h.dtype) as upcast:
+    with norm_params(norm, h.dtype) as upcast:
         own = own_forward(upcast)(h)
     exact = scale * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     err = float(((own - exact).norm(dim=-1) / exact.norm(dim=-1)).max())

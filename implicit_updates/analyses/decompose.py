@@ -15,14 +15,14 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from implicit_updates import core
+from implicit_updates.analyses.verify import BlockReport, VerifyReport
 from implicit_updates.capture import BlockCapture
-from implicit_updates.dispatch import forward_swapped, is_dispatched, loaded_parameter
 from implicit_updates.errors import NonFiniteActivationError
-from implicit_updates.inputs import as_model_inputs
-from implicit_updates.precision import computed_in
-from implicit_updates.updates import BlockUpdate, decompose_block
-from implicit_updates.verify import BlockReport, VerifyReport
+from implicit_updates.math import core
+from implicit_updates.math.updates import BlockUpdate, decompose_block
+from implicit_updates.runtime.dispatch import forward_swapped, is_dispatched, loaded_parameter
+from implicit_updates.runtime.inputs import as_model_inputs
+from implicit_updates.runtime.precision import computed_in
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -77,7 +77,8 @@ def prepared(model: nn.Module, prompt, blocks, dtype, upcast: str = "stream", re
     """Guard the user's model; yield its adapter (computing in ``dtype``), the checked block indices and inputs.
 
     ``upcast="stream"`` computes on the user's model itself, each module upcast only while it runs
-    (:func:`implicit_updates.precision.computed_in`: no copy of the model); ``"copy"`` on an upcast deep copy (the
+    (:func:`implicit_updates.runtime.precision.computed_in`: no copy of the model); ``"copy"`` on an upcast deep copy
+    (the
     whole-copy path, kept as a reference; both give the same numbers). ``adapter.compute_dtype`` is the dtype.
     An nnsight model is guarded through the torch model it wraps; its traces run where ``remote`` says.
     """
@@ -170,12 +171,12 @@ class Decomposition:
         return self.inputs.shape[1]
 
     def __repr__(self) -> str:
-        from implicit_updates.html import decomposition_repr
+        from implicit_updates.views.html import decomposition_repr
 
         return decomposition_repr(self)
 
     def _repr_html_(self) -> str:  # notebooks: tokens shaded by each position's update size, a block selector
-        from implicit_updates.html import decomposition_html
+        from implicit_updates.views.html import decomposition_html
 
         return decomposition_html(self)
 

@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from implicit_updates.decompose import Decomposition, decompose, torch_module, untouched, working_model
-from implicit_updates.dispatch import inside_forward, is_dispatched
-from implicit_updates.precision import computed_in, exact_formula
+from implicit_updates.adapters.base import require
+from implicit_updates.analyses.decompose import Decomposition, decompose, torch_module, untouched, working_model
+from implicit_updates.runtime.dispatch import inside_forward, is_dispatched
+from implicit_updates.runtime.precision import computed_in, exact_formula
 
 
 def absorb(model: nn.Module, prompt, dtype: torch.dtype | str | None = None,
@@ -43,14 +44,11 @@ def absorbed_model(result: Decomposition) -> nn.Module:
         raise ValueError("absorb() copies the model, and a model dispatched by accelerate (device_map, offload) "
                          "cannot be copied faithfully: use `with implicit_updates.absorbed(model, prompt):`, which "
                          "patches the model itself while it runs")
-    if hasattr(result.adapter, "nnsight_model"):
-        raise ValueError("absorb() deep-copies the model, and in a copy of a model nnsight wraps the modules' "
-                         "forwards still run the original's: use `with implicit_updates.absorbed(model, prompt):`, "
-                         "which patches the model itself while it runs")
+    require(result.adapter, "copy")
     patched = working_model(result.adapter.model, result.dtype)
     if patched is result.adapter.model:
         patched = copy.deepcopy(patched)
-    type(result.adapter)(patched)  # adapters clean what a copy inherits (a bridge's hooks bound to the original)
+    result.adapter.rebind(patched)  # adapters clean what a copy inherits (a bridge's hooks bound to the original)
     with torch.no_grad():
         for update in result.blocks:
             for name, delta in result.patch(update.block, position=-1).items():
@@ -73,12 +71,12 @@ class AbsorbReport:
         return asdict(self)
 
     def __repr__(self) -> str:
-        from implicit_updates.html import absorb_repr
+        from implicit_updates.views.html import absorb_repr
 
         return absorb_repr(self)
 
     def _repr_html_(self) -> str:
-        from implicit_updates.html import absorb_html
+        from implicit_updates.views.html import absorb_html
 
         return absorb_html(self)
 
@@ -97,7 +95,7 @@ def compare_absorbed(model: nn.Module, prompt, dtype=None, k: int = 5) -> Absorb
     else:
         patched = absorbed_model(result)
         with untouched(patched), exact_formula(adapter.model, result.dtype):
-            absorbed = type(adapter)(patched).logits(alone)[0, -1]
+            absorbed = adapter.rebind(patched).logits(alone)[0, -1]
     logp = {name: torch.log_softmax(t.double(), -1) for name, t in
             (("full", full), ("absorbed", absorbed), ("control", control))}
     return AbsorbReport(

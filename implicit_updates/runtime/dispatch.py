@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from implicit_updates.hooks import module_hooks, swapped_parameters
+from implicit_updates.runtime.hooks import module_hooks, swapped_parameters
 
 
 def is_dispatched(model: nn.Module) -> bool:
@@ -127,7 +127,8 @@ def own_forward(module: nn.Module) -> Callable:
 
 @contextmanager
 def forward_swapped(model: nn.Module, values: dict[str, Tensor]) -> Iterator[None]:
-    """:func:`~implicit_updates.hooks.swapped_parameters`, except that on a module accelerate drives the values are
+    """:func:`~implicit_updates.runtime.hooks.swapped_parameters`, except that on a module accelerate drives the
+    values are
     swapped in inside its hook (after the offload's load, which would overwrite them) and only while it runs."""
     plain, inside, pending = {}, [], []
     for name, value in values.items():

@@ -123,7 +123,8 @@ class ToyTransformer(HookedRootModule):
     """Blocks on continuous tokens ``[batch, pos, d_model]``; the prediction is the last coordinate of the last token.
 
     ``forward(x, start_at_layer=0, stop_at_layer=None)`` returns the residual after block ``stop_at_layer - 1`` (all
-    blocks by default), so ``implicit_updates.icl.predict``/``loss``/``train`` work on it as on a HookedTransformer.
+    blocks by default), so ``implicit_updates.experiments.icl.predict``/``loss``/``train`` work on it as on a
+    HookedTransformer.
     """
 
     def __init__(self, cfg: ToyConfig | None = None, seed: int | None = None, **overrides):

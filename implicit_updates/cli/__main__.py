@@ -1,0 +1,7 @@
+"""``python -m implicit_updates.cli``."""
+
+import sys
+
+from implicit_updates.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The seed papers' experiments: in-context linear regression, their toy models trained, the demo."""
