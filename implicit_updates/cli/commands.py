@@ -245,8 +245,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
 
 
+def plain_text(docstring: str) -> str:
+    """A docstring as ``--help`` prints it: reStructuredText's double backticks removed (the terminal shows them
+    literally)."""
+    return docstring.replace("``", "")
+
+
 def build_parser() -> Parser:
-    parser = Parser(prog="implicit-updates", description=__doc__,
+    parser = Parser(prog="implicit-updates", description=plain_text(__doc__),
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the traceback of an error instead of one line")
