@@ -128,7 +128,8 @@ def require(adapter: Adapter, capability: str) -> None:
 
 
 def capability_table(adapters: dict[str, type]) -> str:
-    """The README's backend x feature table (markdown) from each adapter class's ``capabilities`` and ``limits``."""
+    """The backend x feature table (markdown) from each adapter class's ``capabilities`` and ``limits``: "yes", or
+    "no" with a numbered note giving the backend's reason."""
     names = list(adapters)
     lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     notes: list[str] = []
@@ -142,5 +143,4 @@ def capability_table(adapters: dict[str, type]) -> str:
                 notes.append(f"{name}, {label}: {cls.limits[cap]}")
                 cells.append(f"no [{len(notes)}]")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + [""] + [f"[{i}] {note}  " for i, note in enumerate(notes, 1)])
-
+    return "\n".join(lines + [""] + [f"[{i}] {note}  " for i, note in enumerate(notes, 1)]).rstrip() + "\n"

@@ -78,8 +78,8 @@ class HFAdapter(ModuleAdapter):
     backend = "Hugging Face"
     capabilities = frozenset({"decompose", "copy", "absorbed", "attribution", "continuation", "lora"})
     limits = {
-        "prefix_onepass": "not ported to Hugging Face models yet; use method='naive'",
-        "suffix_removal": "not ported to Hugging Face models yet",
+        "prefix_onepass": "not ported to Hugging Face models and TransformerBridge yet; use method='naive'",
+        "suffix_removal": "not ported to Hugging Face models and TransformerBridge yet",
     }
 
     def __init__(self, model: nn.Module, hf_model: nn.Module | None = None):

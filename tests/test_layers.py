@@ -67,3 +67,10 @@ def test_a_missing_capability_is_refused_naming_it():
     require(Stub(), "decompose")
     with pytest.raises(ValueError, match="unknown capability"):
         require(Stub(), "telepathy")
+
+
+def test_the_readme_table_is_generated_from_the_capabilities():
+    from capability_table import markdown, table_in
+
+    assert table_in((ROOT / "README.md").read_text()) == markdown(), \
+        "README.md's capability table is stale: python tests/capability_table.py README.md"
