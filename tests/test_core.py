@@ -205,12 +205,12 @@ def test_shape_annotations_are_valid_jaxtyping():
 
     from jaxtyping import AbstractArray
 
-    from implicit_updates import decompose
-    from implicit_updates.analyses import attribution, dynamics
+    from implicit_updates.analyses import attribution, decompose, dynamics
     from implicit_updates.math import analysis
+    from implicit_updates.math import attribution as attribution_math
 
     annotated = 0
-    for module in (core, analysis, attribution, decompose, dynamics):
+    for module in (core, analysis, attribution_math, attribution, decompose, dynamics):
         functions = [fn for _, fn in inspect.getmembers(module, inspect.isfunction)]
         functions += [fn for _, cls in inspect.getmembers(module, inspect.isclass) if cls.__module__ == module.__name__
                       for _, fn in inspect.getmembers(cls, inspect.isfunction)]
