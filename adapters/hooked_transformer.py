@@ -64,6 +64,14 @@ class HookPointCapture:
         return captures_per_block(self, store, lambda b: f"blocks.{b}.hook_resid_pre", blocks, query, query_inputs,
                                   progress)
 
+    def prefix_captures(self, inputs: Tensor, blocks: list[int], chunk_size: int = 64,
+                        progress: bool | None = None) -> list[BlockCapture]:
+        """One :class:`BlockCapture` per block whose N "positions" are the N prefixes ``[c_1..c_i, x]`` of the
+        prompt ``inputs``, in one pass (:mod:`implicit_updates.adapters.hooked_prefixes`)."""
+        from implicit_updates.adapters.hooked_prefixes import capture_prefixes
+
+        return capture_prefixes(self, inputs, blocks, chunk_size, progress)
+
     def run_block_alone(self, block: int, query_input: Tensor) -> dict[str, Tensor]:
         """Run block ``block`` on each query residual as its own one-token sequence; return its quantities."""
         store: dict[str, Tensor] = {}

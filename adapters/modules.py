@@ -234,6 +234,14 @@ class ModuleAdapter:
         _unflatten(store, rows.shape[:2])
         return {k: rearrange(v, "(b q) 1 ... -> b q ...", b=query_input.shape[0]) for k, v in store.items()}
 
+    def prefix_captures(self, inputs: Tensor, blocks: list[int], chunk_size: int = 64,
+                        progress: bool | None = None) -> list[BlockCapture]:
+        """One :class:`BlockCapture` per block whose N "positions" are the N prefixes ``[c_1..c_i, x]`` of the
+        prompt ``inputs``, in one pass (:mod:`implicit_updates.adapters.module_prefixes`)."""
+        from implicit_updates.adapters.module_prefixes import capture_prefixes
+
+        return capture_prefixes(self, inputs, blocks, chunk_size, progress)
+
     def run_block_output(self, block: int, query_input: Tensor) -> Tensor:
         """Layer ``block``'s output on each query residual alone, run by the model's own code: ``[batch, q, d]``."""
         return self.run_block_alone(block, query_input)[f"{block}.resid_post"]

@@ -1,0 +1,299 @@
+"""All prefixes ``[c_1..c_i, x]`` of a prompt in one pass, on a Hugging Face causal LM or a TransformerBridge.
+
+The same decomposition as :mod:`implicit_updates.adapters.hooked_prefixes`, run by the model's own forward:
+
+- the context ``[c_1..c_N]`` runs once (up to the last decomposed block) with the model's own KV cache
+  (``transformers.DynamicCache``); Hugging Face caches keys after rotary, so they are what every prefix's query
+  attends to;
+- the N query paths run as one batch of one-token sequences (``chunk_size`` rows at a time), row r = prefix
+  ``i = r + 1``: token x at ``position_ids = i`` (rotary, or GPT-2's absolute ``wpe``) and a 2-D padding-style
+  ``attention_mask`` ``[rows, L + 1]`` admitting context slots ``j < i`` and the query itself (L = the chunk's
+  largest i). The context is shared by the rows through :class:`SharedContextLayer`, a cache layer whose
+  ``update`` returns the context's keys/values expanded (a view) over the rows, concatenated with the rows' own,
+  and stores nothing: one layer's ``[rows, kv_heads, L + 1, d_head]`` exists at a time, never N copies of every
+  layer. The adapter's own hooks (``_capturing``) record every block's with-context quantities;
+- each block's query-alone run calls the decoder layer itself on the N rows' block inputs with the arguments the
+  model passes it for a one-token sequence (captured once from a one-token dummy forward, batch 1, broadcast over
+  the rows), stopping at the MLP once its input, the residual and the attention output are recorded: the MLP of the
+  query alone is never needed, and no layer before the block runs again.
+
+Every term is the same sum of the same products as the forward of ``[c_1..c_i, x]``; masked context slots get
+softmax weight exactly 0. Models the one pass cannot reproduce exactly are refused (:func:`check_module_support`),
+and the first prefix is checked against a plain forward of ``[c_1, x]`` so that a model whose mask or position
+logic ignores ``position_ids``/``attention_mask`` is refused instead of decomposed wrongly.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from implicit_updates.adapters.modules import _close, _raise_stop, _Stop, _unflatten, substitute, unwrap
+from implicit_updates.capture import BlockCapture
+from implicit_updates.errors import UnsupportedArchitectureError
+from implicit_updates.hooks import module_hooks
+
+NAIVE = "use method='naive' (one decompose per prefix)"
+
+
+def _cache_kwarg(hf: nn.Module) -> str | None:
+    """The name the model's forward takes its KV cache under (``cache`` in transformers 5.x, ``past_key_values``
+    before), or None."""
+    params = inspect.signature(hf.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def check_module_support(adapter, n_tokens: int) -> None:
+    """Raise :class:`UnsupportedArchitectureError` (one line, naming the part) unless the one pass is exact here."""
+    name = type(adapter.hf).__name__
+    if getattr(adapter, "remote", False) is not False:
+        raise UnsupportedArchitectureError(
+            f"the one-pass prefix dynamics runs the wrapped module locally; remote={adapter.remote!r} is not "
+            f"supported: use remote=False or {NAIVE}")
+    try:
+        from transformers.cache_utils import Cache, DynamicLayer  # noqa: F401
+    except ImportError as err:
+        raise UnsupportedArchitectureError(
+            f"the one-pass prefix dynamics needs transformers' per-layer cache API (transformers 5); {NAIVE}") from err
+    whole = [b for b, p in enumerate(adapter.parts) if p.whole]
+    if whole:
+        raise UnsupportedArchitectureError(
+            f"{name}: block {whole[0]}'s MLP is a mixture of experts read as a whole module, whose routed calls the "
+            f"one pass does not split per prefix; {NAIVE}")
+    cfg = adapter.config
+    if getattr(cfg, "is_encoder_decoder", False) or getattr(cfg, "use_bidirectional_attention", False) \
+            or getattr(cfg, "is_causal", True) is False:
+        raise UnsupportedArchitectureError(
+            f"{name}: bidirectional attention changes the context's activations with every prefix, so no single "
+            f"pass can reuse them; {NAIVE}")
+    params = inspect.signature(adapter.hf.forward).parameters
+    if _cache_kwarg(adapter.hf) is None or "position_ids" not in params or "attention_mask" not in params:
+        raise UnsupportedArchitectureError(
+            f"{name}: its forward takes no KV cache, position_ids or attention_mask, which the one pass places each "
+            f"prefix's query with; {NAIVE}")
+    if getattr(cfg, "alibi", False) or getattr(cfg, "position_embedding_type", None) == "alibi":
+        raise UnsupportedArchitectureError(f"{name}: ALiBi biases are built from the mask, not position_ids; {NAIVE}")
+    window = getattr(cfg, "sliding_window", None)
+    sliding = getattr(cfg, "use_sliding_window", True) is not False and (
+        "sliding_attention" in (getattr(cfg, "layer_types", None) or ["sliding_attention"]))
+    if window is not None and sliding and window < n_tokens:
+        raise UnsupportedArchitectureError(
+            f"{name}: sliding-window attention (window {window}) shorter than the prompt ({n_tokens} tokens): the "
+            f"one pass places every query at the chunk's last cache slot, where the window would cut other context "
+            f"than in the prefix's own forward; {NAIVE} or a prompt of at most {window} tokens")
+    chunk = getattr(cfg, "attention_chunk_size", None)
+    if chunk is not None and chunk < n_tokens:
+        raise UnsupportedArchitectureError(
+            f"{name}: chunked attention (chunks of {chunk}) shorter than the prompt ({n_tokens} tokens); {NAIVE}")
+    limit = getattr(adapter, "n_ctx", None)
+    if limit is not None and n_tokens > limit:
+        raise UnsupportedArchitectureError(
+            f"{name}: the prompt ({n_tokens} tokens) is longer than its {limit} absolute positions")
+
+
+def _shared_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class SharedContextLayer(DynamicLayer):
+        """One layer's context keys/values ``[1, kv_heads, L, d_head]``, shared by a batch of one-token query rows:
+        ``update`` returns them expanded over the rows (a view) and concatenated with the rows' own, storing
+        nothing; the cache length is L, so the query's slot is L (its position comes from ``position_ids``)."""
+
+        def __init__(self, keys: Tensor, values: Tensor, is_sliding: bool):
+            super().__init__()
+            self.keys, self.values, self.is_initialized = keys, values, True
+            self.device = keys.device
+            self.is_sliding = is_sliding
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+            rows = key_states.shape[0]
+            return (torch.cat([self.keys.expand(rows, -1, -1, -1), key_states], dim=-2),
+                    torch.cat([self.values.expand(rows, -1, -1, -1), value_states], dim=-2))
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.keys.shape[-2] + query_length, 0
+
+    return SharedContextLayer
+
+
+def _run(adapter, ids: Tensor, hooks: list, **kwargs) -> None:
+    """The model's own forward on ``ids`` with ``hooks`` and extra forward arguments; a ``_Stop`` ends it."""
+    try:
+        with module_hooks(hooks), _bridge_left_as_found(adapter):
+            adapter.hf(input_ids=ids, output_attentions=False, output_hidden_states=False, **kwargs)
+    except _Stop:
+        pass
+
+
+class _bridge_left_as_found:
+    """A TransformerBridge block wires its own capture hooks on its first forward: unwire what a run wired
+    (as ``BridgeAdapter._forward`` does), so the model is left as found. Nothing to do on a plain HF model."""
+
+    def __init__(self, adapter):
+        from implicit_updates.adapters.bridge import _blocks
+
+        self.blocks = [b for b in _blocks(adapter.model) if b._capture_hooks_wired is False]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for block in self.blocks:
+            if block._capture_hooks_wired:
+                block._teardown_capture_hooks()
+
+
+def _ids(inputs: Tensor, rows: slice | None, hooks: list, first_layer: nn.Module, count: int | None = None) -> Tensor:
+    """Token ids for ``inputs[:, rows]`` (or the query expanded to ``count`` rows of one token); continuous inputs
+    become dummy ids with the residuals swapped in at layer 0 (as ``ModuleAdapter._run`` feeds them)."""
+    query = inputs[:, -1:]
+    part = inputs[:, rows] if count is None else query.expand(count, *query.shape[1:])
+    if not inputs.is_floating_point():
+        return part
+    hooks.insert(0, (first_layer, "pre_kw", substitute(part)))
+    return torch.zeros(part.shape[:2], dtype=torch.long, device=inputs.device)
+
+
+def context_cache(adapter, inputs: Tensor, last: int) -> list[tuple[Tensor, Tensor]]:
+    """The context ``inputs[:, :-1]`` once through layers ``0..last`` with a ``DynamicCache``; per layer its keys and
+    values ``[1, kv_heads, N, d_head]`` (keys after rotary, as the cache holds them)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    hooks: list = []
+    ids = _ids(inputs, slice(0, -1), hooks, adapter.parts[0].layer)
+    hooks.append((adapter.parts[last].layer, "fwd", _raise_stop))
+    _run(adapter, ids, hooks, use_cache=True, **{_cache_kwarg(adapter.hf): cache})
+    if len(cache.layers) <= last:
+        raise UnsupportedArchitectureError(
+            f"{type(adapter.hf).__name__}: its layers did not fill the KV cache ({len(cache.layers)} of {last + 1} "
+            f"layers cached); {NAIVE}")
+    return [(layer.keys, layer.values) for layer in cache.layers[:last + 1]]
+
+
+def query_rows(adapter, inputs: Tensor, context: list[tuple[Tensor, Tensor]], lengths: Tensor, blocks: list[int],
+               last: int) -> dict[str, Tensor]:
+    """The query paths of prefixes ``lengths`` (``i_r``, increasing) as one batch of one-token sequences; the
+    adapter's captures of ``blocks``, each ``[rows, 1, ...]``."""
+    from transformers.cache_utils import Cache
+
+    shared = _shared_layer_class()
+    length, rows = int(lengths[-1]), lengths.shape[0]
+    sliding = getattr(adapter.config, "layer_types", None)
+    cache = Cache(layers=[shared(k[:, :, :length], v[:, :, :length],
+                                 bool(sliding) and sliding[b] == "sliding_attention")
+                          for b, (k, v) in enumerate(context)])
+    slots = torch.arange(length + 1, device=lengths.device)
+    mask = ((slots[None, :] < lengths[:, None]) | (slots[None, :] == length)).long()  # context j < i_r, and itself
+    store: dict[str, Tensor] = {}
+    hooks = adapter._capturing(blocks, store)
+    ids = _ids(inputs, None, hooks, adapter.parts[0].layer, count=rows)
+    hooks.append((adapter.parts[last].layer, "fwd", _raise_stop))
+    _run(adapter, ids, hooks, use_cache=True, attention_mask=mask, position_ids=lengths[:, None],
+         **{_cache_kwarg(adapter.hf): cache})
+    _unflatten(store, torch.Size((rows, 1)))
+    return store
+
+
+def layer_arguments(adapter, blocks: list[int]) -> dict[int, tuple[tuple, dict]]:
+    """What the model passes each layer in ``blocks`` for a one-token sequence (batch 1): rotary position 0's
+    cos/sin, the one-token masks (per layer type), by a dummy forward that stops after the last of them."""
+    saved: dict[int, tuple[tuple, dict]] = {}
+
+    def save(b: int) -> Callable:
+        def hook(module, args, kwargs):
+            saved[b] = (args, kwargs)
+
+        return hook
+
+    hooks = [(adapter.parts[b].layer, "pre_kw", save(b)) for b in blocks]
+    hooks.append((adapter.parts[max(blocks)].layer, "fwd", _raise_stop))
+    dummy = torch.zeros(1, 1, dtype=torch.long, device=adapter.device)
+    _run(adapter, dummy, hooks, use_cache=False)
+    return saved
+
+
+def alone_rows(adapter, b: int, x: Tensor, arguments: tuple[tuple, dict]) -> dict[str, Tensor]:
+    """Layer ``b`` itself on the rows ``x`` ``[rows, 1, d_model]`` as one-token sequences, with the model's one-token
+    ``arguments``; it stops at the MLP once the attention output and the MLP's input are recorded."""
+    p = adapter.parts[b]
+    args, kwargs = arguments
+    store: dict[str, Tensor] = {}
+
+    def stop(module, inputs):
+        if f"{b}.attn_out" in store and (p.parallel or p.mlp_norm is None or f"{b}.r" in store):
+            raise _Stop
+
+    hooks = [*adapter._capturing([b], store), (p.mlp, "pre", stop)]  # after the capture's own pre-hook on the MLP
+    try:
+        with module_hooks(hooks), _bridge_left_as_found(adapter):
+            if args:
+                p.layer(x, *args[1:], **kwargs)
+            else:
+                p.layer(**{**kwargs, "hidden_states": x})
+    except _Stop:
+        pass
+    _unflatten(store, x.shape[:2])
+    return store
+
+
+def _merge(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Chunk stores ``[rows, 1, ...]`` -> ``[1, N, ...]``."""
+    return {key: rearrange(torch.cat([part[key] for part in parts]), "r 1 ... -> 1 r ...") for key in parts[0]}
+
+
+def capture_prefixes(adapter, inputs: Tensor, blocks: list[int], chunk_size: int = 64,
+                     progress: bool | None = None) -> list[BlockCapture]:
+    """Per block in ``blocks``, a :class:`BlockCapture` whose N "positions" are the N prefixes ``[c_1..c_i, x]``.
+
+    ``inputs``: one prompt ``[1, N+1]`` (token ids) or ``[1, N+1, d_model]`` (continuous, fed at layer 0).
+    """
+    if inputs.shape[0] != 1:
+        raise ValueError(f"prefix dynamics takes one prompt (batch 1), got batch {inputs.shape[0]}")
+    n = inputs.shape[1] - 1
+    if n < 1:
+        raise ValueError("the prompt needs at least one context token before the query")
+    check_module_support(adapter, inputs.shape[1])
+    last = max(blocks)
+    context = context_cache(adapter, inputs, last)
+    parts: list[dict[str, Tensor]] = []
+    for start in tqdm(range(0, n, chunk_size), desc="prefixes", disable=not progress, leave=False):
+        lengths = torch.arange(start + 1, min(start + chunk_size, n) + 1, device=inputs.device)
+        parts.append(query_rows(adapter, inputs, context, lengths, blocks, last))
+    del context
+    ctx = _merge(parts)
+    del parts
+    _check_first_prefix(adapter, inputs, blocks, ctx)
+    adapter.flows = {}
+    adapter.flat_mlps = set()  # the stores are unflattened; verify's fan-out does not apply to per-prefix queries
+    for b in blocks:
+        adapter.check_structure(ctx, b)
+    arguments = layer_arguments(adapter, blocks)
+    captures = []
+    for b in blocks:
+        rows = rearrange(ctx[f"{b}.resid_pre"], "1 r d -> r 1 d")
+        alone = _merge([alone_rows(adapter, b, rows[s:s + max(chunk_size, 256)], arguments[b])
+                        for s in range(0, n, max(chunk_size, 256))])
+        captures.append(adapter._block_capture(b, ctx, alone, ctx[f"{b}.resid_pre"]))
+    return captures
+
+
+def _check_first_prefix(adapter, inputs: Tensor, blocks: list[int], ctx: dict[str, Tensor]) -> None:
+    """Prefix 1's rows against a plain forward of ``[c_1, x]``: a model whose masks or positions do not follow the
+    ``attention_mask``/``position_ids`` the one pass gives (its query sits at cache slot L, not at 1) differs here."""
+    if inputs.shape[1] <= 2:
+        return  # one prefix: its query sits at slot 1 = its position
+    store: dict[str, Tensor] = {}
+    adapter._run(torch.cat([inputs[:, :1], inputs[:, -1:]], dim=1), adapter._capturing(blocks, store),
+                 stop_after=max(blocks))
+    for b in blocks:
+        plain, mine = store[f"{b}.resid_post"][0, -1], ctx[f"{b}.resid_post"][0, 0]
+        if not _close(mine[None], plain[None], plain[None].abs()):
+            raise UnsupportedArchitectureError(
+                f"{type(unwrap(adapter.parts[b].layer)).__name__}: block {b}'s query row does not reproduce a plain "
+                f"forward of the prefix (its masks or positions do not follow position_ids/attention_mask); {NAIVE}")
