@@ -7,19 +7,24 @@ The same decomposition as :mod:`implicit_updates.adapters.hooked_prefixes`, run 
   attends to;
 - the N query paths run as one batch of one-token sequences (``chunk_size`` rows at a time), row r = prefix
   ``i = r + 1``: token x at ``position_ids = i`` (rotary, or GPT-2's absolute ``wpe``) and a 2-D padding-style
-  ``attention_mask`` ``[rows, L + 1]`` admitting context slots ``j < i`` and the query itself (L = the chunk's
-  largest i). The context is shared by the rows through :class:`SharedContextLayer`, a cache layer whose
-  ``update`` returns the context's keys/values expanded (a view) over the rows, concatenated with the rows' own,
-  and stores nothing: one layer's ``[rows, kv_heads, L + 1, d_head]`` exists at a time, never N copies of every
-  layer. The adapter's own hooks (``_capturing``) record every block's with-context quantities;
+  ``attention_mask`` ``[rows, L + 1]`` admitting slots ``0..i`` (L = the chunk's largest i). The context is shared
+  by the rows through ``SharedContextLayer``, a cache layer whose ``update`` returns the context's keys/values
+  expanded over the rows with each row's own at slot i, and stores nothing: one layer's
+  ``[rows, kv_heads, L + 1, d_head]`` exists at a time, never N copies of every layer.
+  The adapter's own hooks (``_capturing``) record every block's with-context quantities;
 - each block's query-alone run calls the decoder layer itself on the N rows' block inputs with the arguments the
   model passes it for a one-token sequence (captured once from a one-token dummy forward, batch 1, broadcast over
   the rows), stopping at the MLP once its input, the residual and the attention output are recorded: the MLP of the
   query alone is never needed, and no layer before the block runs again.
 
 Every term is the same sum of the same products as the forward of ``[c_1..c_i, x]``; masked context slots get
-softmax weight exactly 0. Models the one pass cannot reproduce exactly are refused (:func:`check_module_support`),
-and the first prefix is checked against a plain forward of ``[c_1, x]`` so that a model whose mask or position
+softmax weight exactly 0. Hugging Face's eager attention computes its softmax in float32 whatever the model's dtype,
+and a CPU softmax rounds a row by the length it is padded to; so each row keeps a prefix forward's slot order
+(context, then itself, then the masked slots), and prefixes are grouped by prompt-length class with a context pass
+of their own class (:func:`chunks`), which makes the float32 softmax round as in each prefix's own forward.
+
+Models the one pass cannot reproduce exactly are refused (:func:`check_module_support`), and the
+first prefix is checked against a plain forward of ``[c_1, x]`` so that a model whose mask or position
 logic ignores ``position_ids``/``attention_mask`` is refused instead of decomposed wrongly.
 """
 
@@ -39,6 +44,7 @@ from implicit_updates.errors import UnsupportedArchitectureError
 from implicit_updates.hooks import module_hooks
 
 NAIVE = "use method='naive' (one decompose per prefix)"
+SOFTMAX_LENGTHS = (16, 32, 64)  # row lengths where a CPU softmax kernel changes how it sums (see chunks)
 
 
 def _cache_kwarg(hf: nn.Module) -> str | None:
@@ -104,16 +110,19 @@ def _shared_layer_class():
         ``update`` returns them expanded over the rows (a view) and concatenated with the rows' own, storing
         nothing; the cache length is L, so the query's slot is L (its position comes from ``position_ids``)."""
 
-        def __init__(self, keys: Tensor, values: Tensor, is_sliding: bool):
+        def __init__(self, keys: Tensor, values: Tensor, order: Tensor, is_sliding: bool):
             super().__init__()
             self.keys, self.values, self.is_initialized = keys, values, True
+            self.order = order
             self.device = keys.device
             self.is_sliding = is_sliding
 
         def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-            rows = key_states.shape[0]
-            return (torch.cat([self.keys.expand(rows, -1, -1, -1), key_states], dim=-2),
-                    torch.cat([self.values.expand(rows, -1, -1, -1), value_states], dim=-2))
+            def rows(context: Tensor, own: Tensor) -> Tensor:
+                full = torch.cat([context.expand(own.shape[0], -1, -1, -1), own], dim=-2)
+                return full.gather(2, self.order[:, None, :, None].expand(*full.shape))
+
+            return rows(self.keys, key_states), rows(self.values, value_states)
 
         def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
             return self.keys.shape[-2] + query_length, 0
@@ -121,10 +130,20 @@ def _shared_layer_class():
     return SharedContextLayer
 
 
+def _cache_alias(module, args, kwargs):
+    """TransformerBridge attention components read the KV cache as ``past_key_values`` (or ``layer_past``), while
+    transformers 5's decoder layers pass it as ``cache``: hand it over under the name they read."""
+    if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
+        return args, {**kwargs, "past_key_values": kwargs["cache"]}
+    return args, kwargs
+
+
 def _run(adapter, ids: Tensor, hooks: list, **kwargs) -> None:
     """The model's own forward on ``ids`` with ``hooks`` and extra forward arguments; a ``_Stop`` ends it."""
+    bridged = [(p.attention, "pre_kw", _cache_alias) for p in adapter.parts
+               if hasattr(p.attention, "_update_kv_cache")]
     try:
-        with module_hooks(hooks), _bridge_left_as_found(adapter):
+        with module_hooks(bridged + hooks), _bridge_left_as_found(adapter):
             adapter.hf(input_ids=ids, output_attentions=False, output_hidden_states=False, **kwargs)
     except _Stop:
         pass
@@ -159,14 +178,14 @@ def _ids(inputs: Tensor, rows: slice | None, hooks: list, first_layer: nn.Module
     return torch.zeros(part.shape[:2], dtype=torch.long, device=inputs.device)
 
 
-def context_cache(adapter, inputs: Tensor, last: int) -> list[tuple[Tensor, Tensor]]:
-    """The context ``inputs[:, :-1]`` once through layers ``0..last`` with a ``DynamicCache``; per layer its keys and
-    values ``[1, kv_heads, N, d_head]`` (keys after rotary, as the cache holds them)."""
+def context_cache(adapter, inputs: Tensor, m: int, last: int) -> list[tuple[Tensor, Tensor]]:
+    """The context ``inputs[:, :m]`` once through layers ``0..last`` with a ``DynamicCache``; per layer its keys and
+    values ``[1, kv_heads, m, d_head]`` (keys after rotary, as the cache holds them)."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
     hooks: list = []
-    ids = _ids(inputs, slice(0, -1), hooks, adapter.parts[0].layer)
+    ids = _ids(inputs, slice(0, m), hooks, adapter.parts[0].layer)
     hooks.append((adapter.parts[last].layer, "fwd", _raise_stop))
     _run(adapter, ids, hooks, use_cache=True, **{_cache_kwarg(adapter.hf): cache})
     if len(cache.layers) <= last:
@@ -184,12 +203,15 @@ def query_rows(adapter, inputs: Tensor, context: list[tuple[Tensor, Tensor]], le
 
     shared = _shared_layer_class()
     length, rows = int(lengths[-1]), lengths.shape[0]
+    slots = torch.arange(length + 1, device=lengths.device)
+    # row r's keys: context 0..i_r-1, then its own at slot i_r (masked context after it), the slots a forward of
+    # the prefix has: a float32 softmax (HF eager attention) then sums the same values in the same lanes
+    order = torch.where(slots < lengths[:, None], slots, torch.where(slots == lengths[:, None], length, slots - 1))
     sliding = getattr(adapter.config, "layer_types", None)
-    cache = Cache(layers=[shared(k[:, :, :length], v[:, :, :length],
+    cache = Cache(layers=[shared(k[:, :, :length], v[:, :, :length], order,
                                  bool(sliding) and sliding[b] == "sliding_attention")
                           for b, (k, v) in enumerate(context)])
-    slots = torch.arange(length + 1, device=lengths.device)
-    mask = ((slots[None, :] < lengths[:, None]) | (slots[None, :] == length)).long()  # context j < i_r, and itself
+    mask = (slots[None, :] <= lengths[:, None]).long()  # context j < i_r, and itself
     store: dict[str, Tensor] = {}
     hooks = adapter._capturing(blocks, store)
     ids = _ids(inputs, None, hooks, adapter.parts[0].layer, count=rows)
@@ -242,6 +264,26 @@ def alone_rows(adapter, b: int, x: Tensor, arguments: tuple[tuple, dict]) -> dic
     return store
 
 
+def chunks(n: int, chunk_size: int, device: torch.device) -> list[tuple[int, list[Tensor]]]:
+    """Prefix lengths ``1..n`` in classes of prompt length ``i + 1`` (below 16, 32, 64, the rest), each as
+    ``(m, chunks)``: chunks of at most ``chunk_size`` lengths, and m the class's largest i.
+
+    A CPU softmax sums rows shorter than its vector width another way than long ones, so a row's float32 softmax
+    (Hugging Face eager attention computes it in float32 whatever the model's dtype) rounds by the length it is
+    padded to. A prefix's own forward pads its context rows to ``i + 1`` and the query's row is ``i + 1`` long; the
+    one pass keeps both in the same class: the class's context runs to ``m`` (:func:`context_cache`), and a chunk
+    pads its rows to its largest ``i + 1``.
+    """
+    out, start = [], 1
+    for stop in (*(b - 1 for b in SOFTMAX_LENGTHS if b - 1 <= n), n + 1):  # class: i + 1 < b
+        stop = min(stop, n + 1)
+        if stop > start:
+            out.append((stop - 1, [torch.arange(first, min(first + chunk_size, stop), device=device)
+                                   for first in range(start, stop, chunk_size)]))
+        start = max(start, stop)
+    return out
+
+
 def _merge(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     """Chunk stores ``[rows, 1, ...]`` -> ``[1, N, ...]``."""
     return {key: rearrange(torch.cat([part[key] for part in parts]), "r 1 ... -> 1 r ...") for key in parts[0]}
@@ -260,12 +302,14 @@ def capture_prefixes(adapter, inputs: Tensor, blocks: list[int], chunk_size: int
         raise ValueError("the prompt needs at least one context token before the query")
     check_module_support(adapter, inputs.shape[1])
     last = max(blocks)
-    context = context_cache(adapter, inputs, last)
     parts: list[dict[str, Tensor]] = []
-    for start in tqdm(range(0, n, chunk_size), desc="prefixes", disable=not progress, leave=False):
-        lengths = torch.arange(start + 1, min(start + chunk_size, n) + 1, device=inputs.device)
-        parts.append(query_rows(adapter, inputs, context, lengths, blocks, last))
-    del context
+    with tqdm(total=n, desc="prefixes", disable=not progress, leave=False) as bar:
+        for m, lengths in chunks(n, chunk_size, inputs.device):
+            context = context_cache(adapter, inputs, m, last)
+            for rows in lengths:
+                parts.append(query_rows(adapter, inputs, context, rows, blocks, last))
+                bar.update(rows.shape[0])
+            del context
     ctx = _merge(parts)
     del parts
     _check_first_prefix(adapter, inputs, blocks, ctx)
