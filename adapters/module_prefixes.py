@@ -110,17 +110,18 @@ def _shared_layer_class():
         ``update`` returns them expanded over the rows (a view) and concatenated with the rows' own, storing
         nothing; the cache length is L, so the query's slot is L (its position comes from ``position_ids``)."""
 
-        def __init__(self, keys: Tensor, values: Tensor, order: Tensor, is_sliding: bool):
+        def __init__(self, keys: Tensor, values: Tensor, lengths: Tensor, is_sliding: bool):
             super().__init__()
             self.keys, self.values, self.is_initialized = keys, values, True
-            self.order = order
+            self.lengths = lengths
             self.device = keys.device
             self.is_sliding = is_sliding
 
         def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
             def rows(context: Tensor, own: Tensor) -> Tensor:
+                # one copy: [context, own], then each row's own also written over its (masked) slot i
                 full = torch.cat([context.expand(own.shape[0], -1, -1, -1), own], dim=-2)
-                return full.gather(2, self.order[:, None, :, None].expand(*full.shape))
+                return full.scatter_(2, self.lengths[:, None, None, None].expand(*own.shape), own)
 
             return rows(self.keys, key_states), rows(self.values, value_states)
 
@@ -204,11 +205,10 @@ def query_rows(adapter, inputs: Tensor, context: list[tuple[Tensor, Tensor]], le
     shared = _shared_layer_class()
     length, rows = int(lengths[-1]), lengths.shape[0]
     slots = torch.arange(length + 1, device=lengths.device)
-    # row r's keys: context 0..i_r-1, then its own at slot i_r (masked context after it), the slots a forward of
+    # row r's keys: context 0..i_r-1, then its own at slot i_r (masked slots after it), the slots a forward of
     # the prefix has: a float32 softmax (HF eager attention) then sums the same values in the same lanes
-    order = torch.where(slots < lengths[:, None], slots, torch.where(slots == lengths[:, None], length, slots - 1))
     sliding = getattr(adapter.config, "layer_types", None)
-    cache = Cache(layers=[shared(k[:, :, :length], v[:, :, :length], order,
+    cache = Cache(layers=[shared(k[:, :, :length], v[:, :, :length], lengths,
                                  bool(sliding) and sliding[b] == "sliding_attention")
                           for b, (k, v) in enumerate(context)])
     mask = (slots[None, :] <= lengths[:, None]).long()  # context j < i_r, and itself
