@@ -45,6 +45,7 @@ from implicit_updates.hooks import module_hooks
 
 NAIVE = "use method='naive' (one decompose per prefix)"
 SOFTMAX_LENGTHS = (16, 32, 64)  # row lengths where a CPU softmax kernel changes how it sums (see chunks)
+SOFTMAX_LANES = 64  # a multiple of a CPU softmax's float32 lanes (query_sequence)
 
 
 def _cache_kwarg(hf: nn.Module) -> str | None:
@@ -222,6 +223,66 @@ def query_rows(adapter, inputs: Tensor, context: list[tuple[Tensor, Tensor]], le
     return store
 
 
+def _sequence_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class SequenceContextLayer(DynamicLayer):
+        """One layer's context keys/values ``[1, kv_heads, L', d_head]`` (padded), followed by the query rows' own
+        as one sequence: ``update`` returns ``[context, rows]`` and stores nothing."""
+
+        def __init__(self, keys: Tensor, values: Tensor, is_sliding: bool):
+            super().__init__()
+            self.keys, self.values, self.is_initialized = keys, values, True
+            self.device = keys.device
+            self.is_sliding = is_sliding
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+            return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.keys.shape[-2] + query_length, 0
+
+    return SequenceContextLayer
+
+
+def query_sequence(adapter, inputs: Tensor, context: list[tuple[Tensor, Tensor]], lengths: Tensor,
+                   blocks: list[int], last: int) -> dict[str, Tensor]:
+    """:func:`query_rows` as one sequence of the rows (batch 1), so every row's scores against the context come from
+    one matrix product with the context's keys, never copied per row: keys ``[context (padded to L'), row_0 ..
+    row_R-1]`` and a 4-D additive mask letting row r see context ``j < i_r`` and its own key at ``L' + r``. L' is
+    the context length padded so that ``L' + r = i_r`` modulo 64: each row's own score lands in the softmax lane
+    (and after the same elements of it) as at slot ``i_r`` of its prefix's forward, so a float32 softmax (HF eager
+    attention) sums it in the same order; the padded slots are masked zeros. Captures ``[rows, 1, ...]``."""
+    from transformers.cache_utils import Cache
+
+    layer = _sequence_layer_class()
+    length, rows, start = int(lengths[-1]), lengths.shape[0], int(lengths[0])
+    padded = length + (start - length) % SOFTMAX_LANES
+    dtype = context[0][0].dtype
+    sliding = getattr(adapter.config, "layer_types", None)
+
+    def pad(t: Tensor) -> Tensor:
+        return torch.cat([t[:, :, :length], t.new_zeros(*t.shape[:2], padded - length, t.shape[3])], dim=-2)
+
+    cache = Cache(layers=[layer(pad(k), pad(v), bool(sliding) and sliding[b] == "sliding_attention")
+                          for b, (k, v) in enumerate(context)])
+    slots = torch.arange(padded + rows, device=lengths.device)
+    own = torch.arange(rows, device=lengths.device) + padded
+    visible = (slots[None, :] < lengths[:, None]) | (slots[None, :] == own[:, None])
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, torch.finfo(dtype).min)
+    store: dict[str, Tensor] = {}
+    hooks = adapter._capturing(blocks, store)
+    ids = _ids(inputs, None, hooks, adapter.parts[0].layer, count=rows)  # [rows, 1] -> one sequence below
+    if inputs.is_floating_point():
+        row_inputs = inputs[:, -1:].expand(1, rows, inputs.shape[-1])
+        hooks[0] = (adapter.parts[0].layer, "pre_kw", substitute(row_inputs))
+    _run(adapter, rearrange(ids, "r 1 -> 1 r"), [*hooks, (adapter.parts[last].layer, "fwd", _raise_stop)],
+         use_cache=True, attention_mask=mask[None, None], position_ids=lengths[None, :],
+         **{_cache_kwarg(adapter.hf): cache})
+    _unflatten(store, torch.Size((1, rows)))
+    return {k: rearrange(v, "1 r ... -> r 1 ...") if v.dim() >= 3 else v for k, v in store.items()}
+
+
 def layer_arguments(adapter, blocks: list[int]) -> dict[int, tuple[tuple, dict]]:
     """What the model passes each layer in ``blocks`` for a one-token sequence (batch 1): rotary position 0's
     cos/sin, the one-token masks (per layer type), by a dummy forward that stops after the last of them."""
@@ -306,8 +367,9 @@ def capture_prefixes(adapter, inputs: Tensor, blocks: list[int], chunk_size: int
     with tqdm(total=n, desc="prefixes", disable=not progress, leave=False) as bar:
         for m, lengths in chunks(n, chunk_size, inputs.device):
             context = context_cache(adapter, inputs, m, last)
+            run = query_sequence if m + 1 >= SOFTMAX_LENGTHS[-1] else query_rows  # short rows: the batch layout
             for rows in lengths:
-                parts.append(query_rows(adapter, inputs, context, rows, blocks, last))
+                parts.append(run(adapter, inputs, context, rows, blocks, last))
                 bar.update(rows.shape[0])
             del context
     ctx = _merge(parts)

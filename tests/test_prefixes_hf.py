@@ -71,6 +71,27 @@ def test_onepass_stories260k(backend):
     check_onepass(model, ids, chunk_size=8)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_onepass_long_prompt_one_sequence(kind):
+    """Prefixes of 63 tokens and more run as one sequence with a 4-D mask (``query_sequence``), shorter ones as a
+    batch: 70 prefixes in chunks of 16 cover both layouts and every prompt-length class."""
+    if kind == "gpt2":  # 128 absolute positions
+        model = transformers.AutoModelForCausalLM.from_config(transformers.GPT2Config(
+            vocab_size=61, n_embd=32, n_layer=2, n_head=4, n_positions=128, n_inner=48, attn_implementation="eager"))
+    else:
+        model = tiny_hf(kind)
+    check_onepass(model.eval(), tokens(71, seed=5), chunk_size=16)
+
+
+@pytest.mark.skipif(not STORIES.is_dir(), reason=f"stories260K not found at {STORIES}")
+def test_onepass_stories260k_long_prompt():
+    """HF eager attention computes its softmax in float32: the one-sequence layout keeps each row's own score in the
+    softmax lane its prefix's forward has, so even that rounding agrees (80 prefixes, chunks of 24)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = load_local(STORIES, "hf")
+    check_onepass(model, torch.randint(0, 512, (1, 81), generator=torch.Generator().manual_seed(1)), chunk_size=24)
+
+
 def test_onepass_smollm2_135m():
     """Real weights: SmolLM2-135M (Llama, GQA 9/3 heads) as an HF model, three blocks, a short few-shot prompt."""
     spec = pretrained.MODELS["smollm2-135m"]
