@@ -5,13 +5,14 @@ The same decomposition as :mod:`implicit_updates.adapters.hooked_prefixes`, run 
 - the context ``[c_1..c_N]`` runs once (up to the last decomposed block) with the model's own KV cache
   (``transformers.DynamicCache``); Hugging Face caches keys after rotary, so they are what every prefix's query
   attends to;
-- the N query paths run as one batch of one-token sequences (``chunk_size`` rows at a time), row r = prefix
-  ``i = r + 1``: token x at ``position_ids = i`` (rotary, or GPT-2's absolute ``wpe``) and a 2-D padding-style
-  ``attention_mask`` ``[rows, L + 1]`` admitting slots ``0..i`` (L = the chunk's largest i). The context is shared
-  by the rows through ``SharedContextLayer``, a cache layer whose ``update`` returns the context's keys/values
-  expanded over the rows with each row's own at slot i, and stores nothing: one layer's
-  ``[rows, kv_heads, L + 1, d_head]`` exists at a time, never N copies of every layer.
-  The adapter's own hooks (``_capturing``) record every block's with-context quantities;
+- the N query paths run in chunks of ``chunk_size`` rows, row r = prefix ``i = r + 1``: token x at
+  ``position_ids = i`` (rotary, or GPT-2's absolute ``wpe``), attending to context slots ``j < i`` and to itself.
+  The context is shared by the rows through a cache layer that stores nothing. Prefixes of 63 tokens and more run
+  as *one sequence* of the rows (:func:`query_sequence`: keys ``[context, rows]``, a 4-D additive mask), so the
+  rows' scores against the context are one matrix product with the context's keys, never copied per row; shorter
+  ones as a *batch* of one-token sequences with a 2-D padding-style ``attention_mask`` (:func:`query_rows`: the
+  context expanded over the rows, one layer at a time). The adapter's own hooks (``_capturing``) record every
+  block's with-context quantities;
 - each block's query-alone run calls the decoder layer itself on the N rows' block inputs with the arguments the
   model passes it for a one-token sequence (captured once from a one-token dummy forward, batch 1, broadcast over
   the rows), stopping at the MLP once its input, the residual and the attention output are recorded: the MLP of the
@@ -19,13 +20,14 @@ The same decomposition as :mod:`implicit_updates.adapters.hooked_prefixes`, run 
 
 Every term is the same sum of the same products as the forward of ``[c_1..c_i, x]``; masked context slots get
 softmax weight exactly 0. Hugging Face's eager attention computes its softmax in float32 whatever the model's dtype,
-and a CPU softmax rounds a row by the length it is padded to; so each row keeps a prefix forward's slot order
-(context, then itself, then the masked slots), and prefixes are grouped by prompt-length class with a context pass
-of their own class (:func:`chunks`), which makes the float32 softmax round as in each prefix's own forward.
+and a CPU softmax rounds a row by the length it is padded to and by the lanes its entries fall in; so a row's own
+key sits at slot i (batch) or at a slot equal to i modulo 64 (sequence), as in a prefix's forward, and prefixes are
+grouped by prompt-length class with a context pass of their own class (:func:`chunks`): the float32 softmax then
+rounds as in each prefix's own forward.
 
-Models the one pass cannot reproduce exactly are refused (:func:`check_module_support`), and the
-first prefix is checked against a plain forward of ``[c_1, x]`` so that a model whose mask or position
-logic ignores ``position_ids``/``attention_mask`` is refused instead of decomposed wrongly.
+Models the one pass cannot reproduce exactly are refused (:func:`check_module_support`), and the first and last
+prefixes are checked against plain forwards of ``[c_1, x]`` and of the prompt, so that a model whose mask or
+position logic ignores ``position_ids``/``attention_mask`` is refused instead of decomposed wrongly.
 """
 
 from __future__ import annotations
@@ -38,7 +40,15 @@ from einops import rearrange
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from implicit_updates.adapters.modules import _close, _raise_stop, _Stop, _unflatten, substitute, unwrap
+from implicit_updates.adapters.modules import (
+    _close,
+    _raise_stop,
+    _Stop,
+    _unflatten,
+    first_tensor,
+    substitute,
+    unwrap,
+)
 from implicit_updates.capture import BlockCapture
 from implicit_updates.errors import UnsupportedArchitectureError
 from implicit_updates.hooks import module_hooks
@@ -180,21 +190,35 @@ def _ids(inputs: Tensor, rows: slice | None, hooks: list, first_layer: nn.Module
     return torch.zeros(part.shape[:2], dtype=torch.long, device=inputs.device)
 
 
-def context_cache(adapter, inputs: Tensor, m: int, last: int) -> list[tuple[Tensor, Tensor]]:
+def context_cache(adapter, inputs: Tensor, m: int, last: int, finals: dict[int, Tensor] | None = None
+                  ) -> list[tuple[Tensor, Tensor]]:
     """The context ``inputs[:, :m]`` once through layers ``0..last`` with a ``DynamicCache``; per layer its keys and
-    values ``[1, kv_heads, m, d_head]`` (keys after rotary, as the cache holds them)."""
+    values ``[1, kv_heads, m, d_head]`` (keys after rotary, as the cache holds them).
+
+    With ``finals`` (a dict to fill), the whole prompt runs instead (m = N; the query's keys are never read) and
+    ``finals[l]`` is layer l's output at the query: the last prefix's row, by a plain forward, for the check."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
     hooks: list = []
-    ids = _ids(inputs, slice(0, m), hooks, adapter.parts[0].layer)
+    ids = _ids(inputs, slice(0, m if finals is None else m + 1), hooks, adapter.parts[0].layer)
+    if finals is not None:
+        for b in range(last + 1):
+            hooks.append((adapter.parts[b].layer, "fwd", _save_last(finals, b)))
     hooks.append((adapter.parts[last].layer, "fwd", _raise_stop))
     _run(adapter, ids, hooks, use_cache=True, **{_cache_kwarg(adapter.hf): cache})
     if len(cache.layers) <= last:
         raise UnsupportedArchitectureError(
             f"{type(adapter.hf).__name__}: its layers did not fill the KV cache ({len(cache.layers)} of {last + 1} "
             f"layers cached); {NAIVE}")
-    return [(layer.keys, layer.values) for layer in cache.layers[:last + 1]]
+    return [(layer.keys[:, :, :m], layer.values[:, :, :m]) for layer in cache.layers[:last + 1]]
+
+
+def _save_last(store: dict[int, Tensor], b: int) -> Callable:
+    def hook(module, args, output):
+        store[b] = first_tensor(output)[0, -1].detach().clone()
+
+    return hook
 
 
 def query_rows(adapter, inputs: Tensor, context: list[tuple[Tensor, Tensor]], lengths: Tensor, blocks: list[int],
@@ -364,9 +388,10 @@ def capture_prefixes(adapter, inputs: Tensor, blocks: list[int], chunk_size: int
     check_module_support(adapter, inputs.shape[1])
     last = max(blocks)
     parts: list[dict[str, Tensor]] = []
+    finals: dict[int, Tensor] = {}  # the last prefix's layer outputs, by a plain forward of the prompt
     with tqdm(total=n, desc="prefixes", disable=not progress, leave=False) as bar:
         for m, lengths in chunks(n, chunk_size, inputs.device):
-            context = context_cache(adapter, inputs, m, last)
+            context = context_cache(adapter, inputs, m, last, finals if m == n else None)
             run = query_sequence if m + 1 >= SOFTMAX_LENGTHS[-1] else query_rows  # short rows: the batch layout
             for rows in lengths:
                 parts.append(run(adapter, inputs, context, rows, blocks, last))
@@ -375,6 +400,7 @@ def capture_prefixes(adapter, inputs: Tensor, blocks: list[int], chunk_size: int
     ctx = _merge(parts)
     del parts
     _check_first_prefix(adapter, inputs, blocks, ctx)
+    _check_rows(adapter, blocks, {b: ctx[f"{b}.resid_post"][0, -1] for b in blocks}, finals, "the whole prompt")
     adapter.flows = {}
     adapter.flat_mlps = set()  # the stores are unflattened; verify's fan-out does not apply to per-prefix queries
     for b in blocks:
@@ -390,16 +416,21 @@ def capture_prefixes(adapter, inputs: Tensor, blocks: list[int], chunk_size: int
 
 
 def _check_first_prefix(adapter, inputs: Tensor, blocks: list[int], ctx: dict[str, Tensor]) -> None:
-    """Prefix 1's rows against a plain forward of ``[c_1, x]``: a model whose masks or positions do not follow the
-    ``attention_mask``/``position_ids`` the one pass gives (its query sits at cache slot L, not at 1) differs here."""
+    """Prefix 1's rows against a plain forward of ``[c_1, x]`` (and the last prefix's against the whole prompt's
+    forward, :func:`context_cache`): a model whose masks or positions do not follow the ``attention_mask``/
+    ``position_ids`` the one pass gives (its queries sit at other cache slots than their positions) differs here."""
     if inputs.shape[1] <= 2:
-        return  # one prefix: its query sits at slot 1 = its position
+        return  # one prefix: the last one, checked against the whole prompt
     store: dict[str, Tensor] = {}
     adapter._run(torch.cat([inputs[:, :1], inputs[:, -1:]], dim=1), adapter._capturing(blocks, store),
                  stop_after=max(blocks))
+    _check_rows(adapter, blocks, {b: ctx[f"{b}.resid_post"][0, 0] for b in blocks},
+                {b: store[f"{b}.resid_post"][0, -1] for b in blocks}, "[c_1, x]")
+
+
+def _check_rows(adapter, blocks: list[int], mine: dict[int, Tensor], plain: dict[int, Tensor], what: str) -> None:
     for b in blocks:
-        plain, mine = store[f"{b}.resid_post"][0, -1], ctx[f"{b}.resid_post"][0, 0]
-        if not _close(mine[None], plain[None], plain[None].abs()):
+        if not _close(mine[b][None], plain[b][None], plain[b][None].abs()):
             raise UnsupportedArchitectureError(
                 f"{type(unwrap(adapter.parts[b].layer)).__name__}: block {b}'s query row does not reproduce a plain "
-                f"forward of the prefix (its masks or positions do not follow position_ids/attention_mask); {NAIVE}")
+                f"forward of {what} (its masks or positions do not follow position_ids/attention_mask); {NAIVE}")
