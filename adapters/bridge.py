@@ -12,6 +12,8 @@ on the bridge resolves.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from torch import Tensor, nn
 
@@ -42,12 +44,17 @@ class BridgeAdapter(HFAdapter):
         return self.model  # blocks.L.ln2, blocks.L.mlp.gate...: the components the bridge's forward calls
 
     def _forward(self, ids: Tensor):
-        # The wrapped HF model's forward runs every bridge component (hook points fire). A bridge block also wires
-        # its own capture hooks on its first forward: unwire what our run wired, so the model is left as found and
-        # a deep copy of it (absorb's patched copy) inherits no hooks bound to it.
+        # The wrapped HF model's forward runs every bridge component (hook points fire).
+        with self.left_as_found():
+            return super()._forward(ids)
+
+    @contextmanager
+    def left_as_found(self) -> Iterator[None]:
+        """A bridge block wires its own capture hooks on its first forward: unwire what a run inside wired, so the
+        model is left as found and a deep copy of it (absorb's patched copy) inherits no hooks bound to it."""
         unwired = [b for b in _blocks(self.model) if b._capture_hooks_wired is False]
         try:
-            return super()._forward(ids)
+            yield
         finally:
             for block in unwired:
                 if block._capture_hooks_wired:

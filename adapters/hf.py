@@ -76,9 +76,9 @@ class HFAdapter(ModuleAdapter):
     """Adapter for a ``transformers`` causal LM (``PreTrainedModel`` with a known block layout)."""
 
     backend = "Hugging Face"
-    capabilities = frozenset({"decompose", "copy", "absorbed", "attribution", "continuation", "lora"})
+    capabilities = frozenset({"decompose", "copy", "absorbed", "attribution", "continuation", "lora",
+                              "prefix_onepass"})
     limits = {
-        "prefix_onepass": "not ported to Hugging Face models and TransformerBridge yet; use method='naive'",
         "suffix_removal": "not ported to Hugging Face models and TransformerBridge yet",
     }
 

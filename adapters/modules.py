@@ -96,6 +96,10 @@ class ModuleAdapter:
     def user_model(self) -> nn.Module:
         return self.model
 
+    def left_as_found(self):
+        """A context leaving the model as found after runs the adapter makes outside its own forward."""
+        return contextlib.nullcontext()
+
     def rebind(self, model: nn.Module):
         """The same adapter over ``model`` (a patched copy; a bridge's copy drops hooks bound to the original)."""
         return type(self)(model)
@@ -243,6 +247,14 @@ class ModuleAdapter:
         self._run(dummy, all_hooks, stop_after=block)
         unflatten(store, rows.shape[:2])
         return {k: rearrange(v, "(b q) 1 ... -> b q ...", b=query_input.shape[0]) for k, v in store.items()}
+
+    def prefix_captures(self, inputs: Tensor, blocks: list[int], chunk_size: int = 64,
+                        progress: bool | None = None) -> list[BlockCapture]:
+        """One :class:`BlockCapture` per block whose N "positions" are the N prefixes ``[c_1..c_i, x]`` of the
+        prompt ``inputs``, in one pass (:mod:`implicit_updates.adapters.module_prefixes`)."""
+        from implicit_updates.adapters.module_prefixes import capture_prefixes
+
+        return capture_prefixes(self, inputs, blocks, chunk_size, progress)
 
     def run_block_output(self, block: int, query_input: Tensor) -> Tensor:
         """Layer ``block``'s output on each query residual alone, run by the model's own code: ``[batch, q, d]``."""

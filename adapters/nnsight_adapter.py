@@ -55,7 +55,8 @@ class NNsightAdapter(HFAdapter):
         "attribution": "not ported to nnsight traces yet; attribute the Hugging Face model itself (model._module)",
         "continuation": "not ported to nnsight traces yet; absorb into the Hugging Face model itself (model._module)",
         "lora": "not ported to nnsight traces yet; export from the Hugging Face model itself (model._module)",
-        "prefix_onepass": "not ported to nnsight traces yet; use method='naive'",
+        "prefix_onepass": "not ported to nnsight traces yet; use method='naive' (or the Hugging Face model itself, "
+                          "model._module)",
         "suffix_removal": "not ported to nnsight traces yet",
     }
 

@@ -21,7 +21,9 @@ the row changes with i and the step has a second, row-change term:
 with ``G_i = g_i m_x,i+1^T`` and ``g_i = u_i - u_{i+1}`` (``= W (m_i - m_{i+1})`` when the row is shared). Both
 terms are reported, in factored form; step norms come from the factors without cancellation.
 
-``prefix_decomposition(method="onepass")`` computes all N prefixes in one pass (``adapters/hooked_prefixes.py``);
+``prefix_decomposition(method="onepass")`` computes all N prefixes in one pass (the adapter's ``prefix_captures``:
+``adapters/hooked_prefixes.py`` for a HookedTransformer, ``adapters/module_prefixes.py`` for Hugging Face models,
+TransformerBridge and local nnsight models);
 ``method="naive"`` runs one ``decompose`` per prefix and is the reference the tests compare it with.
 
 **Suffix removal** (Dherin et al. 2025, Appendix B): see :func:`suffix_removal`.
@@ -76,7 +78,8 @@ def prefix_decomposition(model: nn.Module, prompt, blocks: int | Sequence[int] |
 
     ``prompt``: one prompt ``[c_1..c_N, x]`` (text, token ids, or continuous ``[1, N+1, d_model]`` inputs fed at
     block 0). ``method="onepass"``: the context once with a KV cache, then the N query paths as one batch
-    (HookedTransformer, causal); ``"naive"``: one ``decompose`` per prefix. The user's model is untouched.
+    (HookedTransformer, Hugging Face, TransformerBridge; causal); ``"naive"``: one ``decompose`` per prefix.
+    The user's model is untouched.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-PACKAGE_DIR = str(Path(__file__).resolve().parent)
+PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)  # implicit_updates/, every layer of it
 
 
 def as_model_inputs(adapter, prompt: str | Sequence[str] | Tensor | np.ndarray, dtype: torch.dtype) -> Tensor:
