@@ -393,7 +393,7 @@ def capture_prefixes(adapter, inputs: Tensor, blocks: list[int], chunk_size: int
         rows = rearrange(ctx[f"{b}.resid_pre"], "1 r d -> r 1 d")
         alone = _merge([alone_rows(adapter, b, rows[s:s + max(chunk_size, 256)], arguments[b])
                         for s in range(0, n, max(chunk_size, 256))])
-        captures.append(adapter._block_capture(b, ctx, alone, ctx[f"{b}.resid_pre"]))
+        captures.append(adapter.block_capture(b, ctx, alone, ctx[f"{b}.resid_pre"]))
     return captures
 
 
