@@ -243,14 +243,14 @@ def test_query_one_token_early_passes_verify_but_not_the_independent_references(
     verify() (which runs result.query_input) passes it, so the literal edit must take its query input from a plain
     forward, and the absorbed model (which starts from the real query token) must disagree with the full model."""
     import implicit_updates.adapters.hooked_transformer as hooked
-    from implicit_updates.capture import captures_per_block
+    from implicit_updates.adapters.assemble import assemble
 
     def early(adapter, store, resid_pre, blocks_, query, query_inputs, progress):
         query_inputs = query_inputs or {b: store[resid_pre(b)][:, -2:-1] for b in blocks_}
-        return captures_per_block(adapter, store, resid_pre, blocks_, query, query_inputs, progress)
+        return assemble(adapter, store, resid_pre, blocks_, query, query_inputs, progress)
 
     model, toks, ref_cache = case("gqa-rotary")
-    monkeypatch.setattr(hooked, "captures_per_block", early)
+    monkeypatch.setattr(hooked, "assemble", early)
     result = iu.decompose(model, toks, dtype=F64)
     assert result.verify().max_rel_err <= EXACT  # blind to it by construction
     for block in range(3):
