@@ -11,13 +11,14 @@ import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from implicit_updates.adapters.base import require
 from implicit_updates.analyses.decompose import Decomposition, decompose, torch_module, untouched, working_model
-from implicit_updates.runtime.dispatch import inside_forward, is_dispatched
+from implicit_updates.runtime.dispatch import Replacement, is_dispatched, swapped_while_running
 from implicit_updates.runtime.precision import computed_in, exact_formula
 
 
@@ -145,24 +146,15 @@ def _patched_while_running(model: nn.Module, result: Decomposition) -> Iterator[
         for update in block.updates:
             module_path, _, attr = update.name.rpartition(".")
             owners.setdefault(model.get_submodule(module_path), []).append((attr, update))
-    saved: dict[nn.Module, list[tuple[str, nn.Parameter]]] = {}
 
-    def patch(module: nn.Module, args) -> None:
+    def patched(module: nn.Module) -> list[Replacement]:  # one module's dense update exists at a time
+        summed: dict[str, Tensor] = {}  # a stacked-experts parameter takes one update per expert
         for attr, update in owners[module]:
-            original = module._parameters[attr]
             delta = update.dense(0, -1)
-            saved.setdefault(module, []).append((attr, original))
-            module._parameters[attr] = nn.Parameter(original.detach().to(delta.dtype) + delta, requires_grad=False)
+            summed[attr] = summed.get(attr, module._parameters[attr].detach().to(delta.dtype)) + delta
+        return [(module, attr, value) for attr, value in summed.items()]
 
-    def unpatch(module: nn.Module, args, output) -> None:
-        for attr, original in reversed(saved.pop(module, [])):
-            module._parameters[attr] = original
-
-    hooks = [(m, "pre", patch) for m in owners] + [(m, "fwd", unpatch) for m in owners]
-    # patch before the upcast, unpatch before it; on an accelerate-dispatched module after its offload's load
-    with inside_forward(hooks), computed_in(model, result.dtype):
-        try:
-            yield
-        finally:
-            for module in list(saved):
-                unpatch(module, None, None)
+    # patch before the upcast (so the sum is in the compute dtype); on an accelerate-dispatched module after its
+    # offload's load
+    with swapped_while_running({m: partial(patched, m) for m in owners}), computed_in(model, result.dtype):
+        yield

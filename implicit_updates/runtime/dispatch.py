@@ -125,37 +125,65 @@ def own_forward(module: nn.Module) -> Callable:
     return module.__dict__.get("_old_forward", module.forward)
 
 
+Replacement = tuple[nn.Module, str, Tensor]  # (owner module, parameter or buffer name, the tensor it reads instead)
+
+
+@contextmanager
+def swapped_while_running(replacements: dict[nn.Module, Callable[[], list[Replacement]]],
+                          extra: list[tuple[nn.Module, str, Callable]] = ()) -> Iterator[None]:
+    """The one parameter swap: while each module of ``replacements`` runs its own forward, the tensors its function
+    returns stand in for its (or its children's) parameters and buffers, exactly as after a literal edit; put back
+    when the forward returns, and on any exit. On a module accelerate drives, inside its hook (after its offload
+    loaded the parameters, before it offloads them). ``extra``: more ``(module, "pre" | "fwd", fn)`` hooks to hold
+    for the same span. A replacement of another shape than the tensor it replaces raises ``ValueError``."""
+    saved: dict[nn.Module, list[Replacement]] = {}
+
+    def swap(module: nn.Module, args) -> None:
+        for owner, name, value in replacements[module]():
+            table = owner._parameters if name in owner._parameters else owner._buffers
+            original = table[name]
+            if value.shape != original.shape:
+                raise ValueError(f"{name}: replacement of shape {tuple(value.shape)} for a tensor of shape "
+                                 f"{tuple(original.shape)}")
+            saved.setdefault(module, []).append((owner, name, original))
+            table[name] = nn.Parameter(value, requires_grad=False) if isinstance(original, nn.Parameter) else value
+
+    def restore(module: nn.Module, args, output) -> None:
+        put_back(saved.pop(module, []))
+
+    hooks = [(m, "pre", swap) for m in replacements] + [(m, "fwd", restore) for m in replacements] + list(extra)
+    with inside_forward(hooks):
+        try:
+            yield
+        finally:  # a forward that raised left its replacements in: back before accelerate's own cleanup
+            for originals in saved.values():
+                put_back(originals)
+            saved.clear()
+
+
+def put_back(originals: list[Replacement]) -> None:
+    """Undo :func:`swapped_while_running`'s swaps of one forward, last first."""
+    for owner, name, t in reversed(originals):
+        if isinstance(t, nn.Parameter):
+            owner._parameters[name] = t
+        else:
+            owner._buffers[name] = t
+
+
 @contextmanager
 def forward_swapped(model: nn.Module, values: dict[str, Tensor]) -> Iterator[None]:
     """:func:`~implicit_updates.runtime.hooks.swapped_parameters`, except that on a module accelerate drives the
-    values are
-    swapped in inside its hook (after the offload's load, which would overwrite them) and only while it runs."""
-    plain, inside, pending = {}, [], []
+    values are swapped in inside its hook (after the offload's load, which would overwrite them) and only while it
+    runs (:func:`swapped_while_running`)."""
+    plain: dict[str, Tensor] = {}
+    inside: dict[nn.Module, list[Replacement]] = {}
     for name, value in values.items():
         module_path, _, attr = name.rpartition(".")
         module = model.get_submodule(module_path)
         if getattr(module, "_hf_hook", None) is None:
             plain[name] = value
-            continue
-        saved: list[nn.Parameter] = []
-
-        def swap(module: nn.Module, args, attr=attr, value=value, saved=saved) -> None:
-            original = module._parameters[attr]
-            if value.shape != original.shape:
-                raise ValueError(f"{attr}: replacement of shape {tuple(value.shape)} for a parameter of shape "
-                                 f"{tuple(original.shape)}")
-            saved.append(original)
-            module._parameters[attr] = nn.Parameter(value, requires_grad=False)
-
-        def restore(module: nn.Module, args, output, attr=attr, saved=saved) -> None:
-            module._parameters[attr] = saved.pop()
-
-        inside += [(module, "pre", swap), (module, "fwd", restore)]
-        pending.append((module, attr, saved))
-    with swapped_parameters(model, plain), inside_forward(inside):
-        try:
-            yield
-        finally:  # a forward that raised: the originals back before accelerate's cleanup
-            for module, attr, saved in pending:
-                while saved:
-                    module._parameters[attr] = saved.pop()
+        else:
+            inside.setdefault(module, []).append((module, attr, value))
+    with swapped_parameters(model, plain), swapped_while_running(
+            {module: (lambda swaps=swaps: swaps) for module, swaps in inside.items()}):
+        yield

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from weakref import WeakKeyDictionary
 
 import torch
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from implicit_updates.runtime.dispatch import execution_device, inside_forward
+from implicit_updates.runtime.dispatch import Replacement, execution_device, swapped_while_running
 
 
 def needs_upcast(model: nn.Module, dtype: torch.dtype) -> bool:
@@ -174,55 +175,33 @@ def _upcast(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
     if not needs_upcast(model, dtype):
         yield
         return
-    swapped: dict[nn.Module, list[tuple[nn.Module, str, nn.Parameter]]] = {}
 
-    def upcast(module: nn.Module, args) -> None:
-        for owner in _owners(module):
-            for name, p in owner._parameters.items():
-                if p is not None and p.is_floating_point() and p.dtype != dtype:
-                    swapped.setdefault(module, []).append((owner, name, p))
-                    owner._parameters[name] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
-            for name, t in owner._buffers.items():  # as the upcast copy's (a bridge's lm_head bias is a buffer)
-                if t is not None and t.is_floating_point() and t.dtype != dtype:
-                    swapped.setdefault(module, []).append((owner, name, t))
-                    owner._buffers[name] = t.to(dtype)
+    def upcast(module: nn.Module) -> list[Replacement]:
+        return [(owner, name, value.detach().to(dtype)) for owner in _owners(module)
+                for name, value in (*owner._parameters.items(), *owner._buffers.items())  # a bridge's lm_head bias
+                if value is not None and value.is_floating_point() and value.dtype != dtype]  # is a buffer
 
-    def restore(module: nn.Module, args, output) -> None:
-        _put_back(swapped.pop(module, []))
-
-    hooks = []
+    replacements, lookups = {}, []
     for module in model.modules():
         own = [p for owner in _owners(module) for p in (*owner.parameters(recurse=False), *owner.buffers(False))
                if p.is_floating_point() and p.dtype != dtype]  # a rotary table's buffer too, as the copy has it
         if not own:
             continue
         if _is_lookup(module):
-            hooks.append((module, "fwd", _cast_lookup(dtype)))
+            lookups.append((module, "fwd", _cast_lookup(dtype)))
         else:
-            hooks += [(module, "pre", upcast), (module, "fwd", restore)]
+            replacements[module] = partial(upcast, module)
     cfg = getattr(model, "cfg", None)
     cfg_dtype = getattr(cfg, "dtype", None)
     try:
         if isinstance(cfg_dtype, torch.dtype):  # TransformerLens builds masks and tables in cfg.dtype
             cfg.dtype = dtype
-        with inside_forward(hooks):  # on an accelerate-dispatched module: after its offload loaded the parameters
-            try:
-                yield
-            finally:
-                for originals in swapped.values():  # a forward that raised left these upcast
-                    _put_back(originals)
-                swapped.clear()
+        # on an accelerate-dispatched module: after its offload loaded the parameters
+        with swapped_while_running(replacements, lookups):
+            yield
     finally:
         if isinstance(cfg_dtype, torch.dtype):
             cfg.dtype = cfg_dtype
-
-
-def _put_back(originals: list[tuple[nn.Module, str, Tensor]]) -> None:
-    for owner, name, t in reversed(originals):
-        if isinstance(t, nn.Parameter):
-            owner._parameters[name] = t
-        else:
-            owner._buffers[name] = t
 
 
 def _owners(module: nn.Module) -> list[nn.Module]:
