@@ -77,10 +77,8 @@ class HFAdapter(ModuleAdapter):
 
     backend = "Hugging Face"
     capabilities = frozenset({"decompose", "copy", "absorbed", "attribution", "continuation", "lora",
-                              "prefix_onepass"})
-    limits = {
-        "suffix_removal": "not ported to Hugging Face models and TransformerBridge yet",
-    }
+                              "prefix_onepass", "suffix_removal"})
+    limits: dict[str, str] = {}
 
     def __init__(self, model: nn.Module, hf_model: nn.Module | None = None):
         self.model = model

@@ -323,8 +323,8 @@ class HookedTransformerAdapter(HookPointCapture):
                 "sequence would lose them; suffix removal supports rotary, ALiBi, absolute and no positions")
         if self.kind == "MoE":
             raise UnsupportedArchitectureError(
-                "suffix removal needs an output bias (or post-MLP norm scale) for the residual steps; a mixture of "
-                "experts without one is not supported")
+                "a mixture of experts routes on the MLP input, which suffix removal changes step by step, so its "
+                "experts' outputs are not reproduced by first-layer updates")
         stop = dict(start_at_layer=0) if inputs.is_floating_point() else {}
         sequence = self.model(inputs, stop_at_layer=block, **stop) if block > 0 or not stop else inputs
         runs = []

@@ -256,6 +256,13 @@ class ModuleAdapter:
 
         return capture_prefixes(self, inputs, blocks, chunk_size, progress)
 
+    def suffix_runs(self, inputs: Tensor, block: int) -> dict:
+        """Layer ``block`` on every suffix ``(c_{i+1..n}, x)`` of its with-context input sequence (Dherin et al.
+        Appendix B), by the model's own forward (:mod:`implicit_updates.adapters.module_suffix`)."""
+        from implicit_updates.adapters.module_suffix import suffix_runs
+
+        return suffix_runs(self, inputs, block)
+
     def run_block_output(self, block: int, query_input: Tensor) -> Tensor:
         """Layer ``block``'s output on each query residual alone, run by the model's own code: ``[batch, q, d]``."""
         return self.run_block_alone(block, query_input)[f"{block}.resid_post"]

@@ -9,6 +9,8 @@ modules hidden as on a server (``remote="local"``), or on NDIF (``remote=True``,
 - capture: one trace on the prompt saves every block's with-context quantities (stopping after the last block);
   one more trace runs the query alone for *all* blocks at once, rows ``[start, stop)`` of a batch of one-token
   sequences carrying block b's query residuals, swapped in as layer b's input;
+- suffix removal runs the wrapped model here, by its own forward with torch hooks (as :class:`HFAdapter`; the
+  weights are here: see below), not through traces;
 - verify: one trace per block adds ``(m . row) column`` to the outputs of the maps the update patches, never
   changing a weight; only the saved activations and the layer outputs come back.
 
@@ -48,7 +50,7 @@ class NNsightAdapter(HFAdapter):
 
     backend = "nnsight"
     options = ("remote",)
-    capabilities = frozenset({"decompose", "absorbed"})
+    capabilities = frozenset({"decompose", "absorbed", "suffix_removal"})
     limits = {
         "copy": "in a copy of a model nnsight wraps the modules' forwards still run the original's: use "
                 "`with implicit_updates.absorbed(model, prompt):`, which patches the model itself while it runs",
@@ -57,7 +59,6 @@ class NNsightAdapter(HFAdapter):
         "lora": "not ported to nnsight traces yet; export from the Hugging Face model itself (model._module)",
         "prefix_onepass": "not ported to nnsight traces yet; use method='naive' (or the Hugging Face model itself, "
                           "model._module)",
-        "suffix_removal": "not ported to nnsight traces yet",
     }
 
     def __init__(self, nnsight_model, remote: bool | str = False):

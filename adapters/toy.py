@@ -29,13 +29,12 @@ class ToyAdapter(HookPointCapture):
     """Runs a :class:`ToyTransformer` with context and each block on its query alone; patches in factored form."""
 
     backend = "toy"
-    capabilities = frozenset({"decompose", "copy", "absorbed"})
+    capabilities = frozenset({"decompose", "copy", "absorbed", "suffix_removal"})
     limits = {
         "attribution": "not ported to the toy model yet (its attention has no per-head hook points here)",
         "continuation": "a continuation is token ids, and the toy model reads continuous inputs",
         "lora": "a PEFT LoRA attaches to Hugging Face modules",
         "prefix_onepass": "the toy model has no KV cache; use method='naive'",
-        "suffix_removal": "not ported to the toy model yet",
     }
 
     def __init__(self, model: ToyTransformer):
@@ -94,6 +93,24 @@ class ToyAdapter(HookPointCapture):
             maps=[FirstLayerMap(f"{p}.mlp.layers.0.weight", mlp.layers[0].weight.T, transposed=True)],
             correction=correction,
         )
+
+    # -- optional capabilities (adapters/base.py) -------------------------------------------------------------------
+
+    def suffix_runs(self, inputs: Tensor, block: int) -> dict:
+        """Block ``block`` run alone on each suffix ``(c_{i+1..n}, x)`` of its with-context input sequence (Dherin et
+        al. Appendix B), as :meth:`HookedTransformerAdapter.suffix_runs`: the toy model has no positions, so a
+        truncated input sequence is exactly the block's input without the removed tokens."""
+        sequence = self.model(self._continuous(inputs), stop_at_layer=block)
+        p, runs = f"blocks.{block}", []
+        for i in range(sequence.shape[1]):
+            store: dict[str, Tensor] = {}
+            with self._capturing([block], store):
+                out = self.model.blocks[block](sequence[:, i:])
+            store = {k: v[:, -1:] for k, v in store.items()}
+            runs.append({"mlp_input": store[f"{p}.hook_mlp_in"][0, -1], "residual": store[f"{p}.hook_resid_mid"][0, -1],
+                         "output": out[0, -1], "store": store})
+        capture = self.block_capture(block, runs[0]["store"], runs[0]["store"], sequence[:, -1:])
+        return {"sequence": sequence, "runs": runs, "maps": capture.maps, "correction": capture.correction}
 
     # -- verification --------------------------------------------------------------------------------------------
 

@@ -51,7 +51,7 @@ from implicit_updates.analyses.decompose import (
 from implicit_updates.errors import UnsupportedArchitectureError
 from implicit_updates.math import core
 from implicit_updates.math.analysis import difference_frobenius_norm, first_layer_factors
-from implicit_updates.math.updates import AdditiveUpdate, BlockUpdate, RankOneUpdate
+from implicit_updates.math.updates import AdditiveUpdate, BlockUpdate, RankOneUpdate, dead_hidden
 
 METHODS = ("onepass", "naive")
 
@@ -284,7 +284,14 @@ class SuffixRemoval:
     a[i]``, ``implicit_lr[i-1] = h_i = 1/||a_i||^2``, and ``A_i = delta_i a_i^T``. Every first-layer map moves by
     ``W_i = W_{i-1} (I + h_i A_i)`` (dense ``[d_out, d_in]``, papers' layout), so ``W_i a_i = W_{i-1} a_{i-1} =
     W_0 A(C, x)``; the output correction moves by ``r(c_{i..n}, x) - r(c_{i+1..n}, x)`` per step (``output_steps``,
-    divided by the normalized MLP output for a post-MLP norm's scale), telescoping to Thm A.2's ``delta_b``.
+    divided by the normalized MLP output for a post-MLP norm's scale, and by s where the block adds ``s *`` the MLP
+    output), telescoping to Thm A.2's ``delta_b``.
+
+    Without an MLP output bias (Llama and most Hugging Face models) the residual step goes to the output matrix
+    ``W_out`` as the rank-one update ``output_steps[i-1] p^T / ||p||^2`` (``output_row = p / ||p||^2``): every
+    first-layer map's output on ``a_i`` is ``W_0 A(C, x)`` after step i, so the hidden activation at the query is
+    the with-context ``p`` at every step, and each step moves the MLP output by exactly ``output_steps[i-1]``.
+    Without an MLP skip connection (``output_name`` None) the first-layer updates alone are exact.
     """
 
     block: int
@@ -293,10 +300,12 @@ class SuffixRemoval:
     implicit_lr: Tensor  # [n]
     maps: dict[str, Tensor]  # name -> W_0 [d_out, d_in]
     transposed: dict[str, bool]
-    output_name: str
-    output_steps: Tensor  # [n, *shape of the corrected parameter]
+    output_name: str | None  # None: no MLP skip connection, no output correction
+    output_steps: Tensor  # [n, d_model]: the bias or norm-scale steps, or the columns of W_out's rank-one steps
     inputs: Tensor  # the block's with-context input sequence [1, n+1, d_model]
     target_output: Tensor  # T_{W_0}(C, x) [d_model]
+    output_row: Tensor | None = None  # p / ||p||^2 [d_hidden]: the output correction is rank one in W_out
+    output_transposed: bool = True  # W_out stored [d_model, d_hidden] (nn.Linear)
 
     @property
     def n(self) -> int:
@@ -332,8 +341,18 @@ class SuffixRemoval:
         for name, w in self.weights(i).items():
             delta = w - self.maps[name]
             out[name] = delta if self.transposed[name] else delta.T
-        out[self.output_name] = self.output_steps[:i].sum(0)
+        if self.output_name is not None:
+            out[self.output_name] = self.output_delta(i)
         return out
+
+    def output_delta(self, i: int) -> Tensor:
+        """The output correction after removing c_1..c_i, shaped like its parameter: the summed steps of a bias or
+        norm scale, or ``outer(sum of the steps' columns, output_row)`` for ``W_out`` (all steps share the row)."""
+        total = self.output_steps[:i].sum(0)
+        if self.output_row is None:
+            return total
+        delta = torch.outer(total, self.output_row)  # [d_model, d_hidden]
+        return delta if self.output_transposed else delta.T
 
 
 def suffix_removal(model: nn.Module, prompt, block: int, dtype: torch.dtype | str | None = None) -> SuffixRemoval:
@@ -342,7 +361,9 @@ def suffix_removal(model: nn.Module, prompt, block: int, dtype: torch.dtype | st
     Runs the block alone on each suffix ``(c_{i+1..n}, x)`` of its input sequence (i = 0..n) and reads what the MLP
     reads at the query (``A = m``) and the residual the MLP output is added to (``r``). Truncating a block's input
     sequence keeps relative positions for rotary, ALiBi and no-position blocks (absolute positions are already in
-    the residual); shortformer blocks need their positions re-fed and raise. MoE blocks (no output bias) raise.
+    the residual); shortformer blocks need their positions re-fed and raise. Mixtures of experts raise (they route
+    on the MLP input, which every step changes). A dense MLP without output bias takes each residual step as a
+    rank-one update of its output matrix (:class:`SuffixRemoval`).
     """
     with prepared(model, prompt, block, dtype) as (adapter, (block,), inputs):
         if inputs.shape[0] != 1 or inputs.shape[1] < 2:
@@ -354,14 +375,33 @@ def suffix_removal(model: nn.Module, prompt, block: int, dtype: torch.dtype | st
     a = torch.stack([s["mlp_input"] for s in suffixes])
     residuals = torch.stack([s["residual"] for s in suffixes])
     maps = {m.name: m.weight.detach().T.to(a.dtype) for m in capture_maps}
-    steps = residuals[:-1] - residuals[1:]
+    steps = (residuals[:-1] - residuals[1:]) / correction.residual_scale  # what the MLP output moves by
+    name, row = correction.name, None
     if correction.kind == "scale":  # one block at a time, so Goldwaser's scale-only patch (no W_out flattening)
-        steps = core.scale_correction(residuals[:-1], residuals[1:], correction.normalized[0, -1])
+        steps = core.scale_correction(steps, torch.zeros_like(steps), correction.normalized[0, -1])
+    elif correction.kind == "expert_out":
+        name, row = _output_row(correction)
+    elif correction.kind == "none":
+        name, steps = None, torch.zeros_like(steps)
     elif correction.kind != "bias":
         raise UnsupportedArchitectureError(f"output correction {correction.kind!r} is not supported here")
     return SuffixRemoval(block, a, residuals, 1 / a[1:].pow(2).sum(-1), maps,
-                         {m.name: m.transposed for m in capture_maps}, correction.name, steps, found["sequence"],
-                         suffixes[0]["output"])
+                         {m.name: m.transposed for m in capture_maps}, name, steps, found["sequence"],
+                         suffixes[0]["output"], row)
+
+
+def _output_row(correction) -> tuple[str, Tensor]:
+    """A dense MLP without output bias: ``(W_out's name, p / ||p||^2)`` with ``p`` the with-context hidden
+    activation at the query, which every step keeps (its first-layer outputs stay ``W_0 A(C, x)``)."""
+    if len(correction.names) != 1 or correction.expert_slots or not bool((correction.routing_weights == 1).all()):
+        raise UnsupportedArchitectureError(
+            "a mixture of experts without output bias routes on the MLP input, which suffix removal changes step by "
+            "step, so its experts' outputs are not reproduced; suffix removal needs a dense MLP")
+    hidden = correction.expert_hidden[0][0, -1]
+    squared = hidden.pow(2).sum()
+    if not squared > 0:
+        raise ValueError(dead_hidden(correction.names[0]))
+    return correction.names[0], hidden / squared
 
 
 def edited_block_output(result: SuffixRemoval, model: nn.Module, i: int) -> Tensor:
