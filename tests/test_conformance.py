@@ -214,10 +214,15 @@ def block_io(subject: Subject, inputs: torch.Tensor) -> tuple[list[torch.Tensor]
 
 def run_block(subject: Subject, model: torch.nn.Module, block: int, x: torch.Tensor) -> torch.Tensor:
     """Block ``block`` of ``model`` on ``x`` ``[d]`` as a one-token sequence, by the framework's own forward."""
+    return run_sequence(subject, model, block, x[None])[0]
+
+
+def run_sequence(subject: Subject, model: torch.nn.Module, block: int, x: torch.Tensor) -> torch.Tensor:
+    """Block ``block`` of ``model`` on the sequence ``x`` ``[len, d]``, by the framework's own forward."""
     with torch.no_grad():
         if subject.tl:
-            return model.blocks[block](x[None, None])[0, 0]
-        return run_layer(model, block, x[None, None])[0, 0]
+            return model.blocks[block](x[None])[0]
+        return run_layer(model, block, x[None])[0]
 
 
 def edited_copy(subject: Subject, patch: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -383,13 +388,10 @@ def serve_suffix_removal(subject: Subject, tmp: Path) -> None:
     n = subject.prompt.shape[1] - 1
     assert sr.n == n
     for i in range(n + 1):  # c_1..c_i removed from the block's input sequence, their effect written into weights
-        edited = edited_copy(subject, sr.patch(i))
-        with torch.no_grad():
-            out = edited.blocks[block](ins[block][None, i:])[0, -1]
+        out = run_sequence(subject, edited_copy(subject, sr.patch(i)), block, ins[block][i:])[-1]
         assert rel_err(out, outs[block][-1]) <= EXACT, i
-    with torch.no_grad():
-        unedited = f64_copy(subject.ref).blocks[block](ins[block][None, n:])[0, -1]
-    assert rel_err(unedited, outs[block][-1]) > CONTROL
+    unedited = run_sequence(subject, f64_copy(subject.ref), block, ins[block][n:])[-1]
+    assert rel_err(unedited, outs[block][-1]) > BLOCK_CONTROL
 
 
 SERVE = {"decompose": serve_decompose, "copy": serve_copy, "absorbed": serve_absorbed,

@@ -75,7 +75,8 @@ class _Done(Exception):
 
 
 def run_layer(model, block: int, x: torch.Tensor) -> torch.Tensor:
-    """Layer ``block`` of ``model`` on ``x`` ``[1, 1, d]`` as a one-token sequence, by the model's own forward."""
+    """Layer ``block`` of ``model`` on ``x`` ``[1, len, d]`` (a one-token sequence, or a longer one) by the model's
+    own forward: dummy ids of its length, the layer's hidden-states input swapped for ``x``, its output read."""
     layer, out = layers_of(model)[block], {}
 
     def swap(module, args, kwargs):
@@ -87,7 +88,7 @@ def run_layer(model, block: int, x: torch.Tensor) -> torch.Tensor:
 
     handles = [layer.register_forward_pre_hook(swap, with_kwargs=True), layer.register_forward_hook(done)]
     try:
-        _forward(model, torch.zeros(1, 1, dtype=torch.long))
+        _forward(model, torch.zeros(x.shape[:2], dtype=torch.long))
     except _Done:
         pass
     finally:

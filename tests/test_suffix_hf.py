@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_untouched, rel_err
-from test_hf import _Done, _forward, layer_input, layers_of, tiny_hf, tokens
+from test_hf import layer_input, run_layer, tiny_hf, tokens
 
 import implicit_updates as iu
 from implicit_updates.adapters import adapter_for
@@ -41,28 +41,9 @@ def _one_thread(one_thread):
     yield
 
 
-def run_layer_on(model, block: int, x: torch.Tensor) -> torch.Tensor:
-    """Layer ``block`` of ``model`` on the sequence ``x`` ``[1, len, d]`` by the model's own forward: dummy ids of
-    its length, the layer's hidden-states input swapped for ``x`` by a plain pre-hook, the output read by a hook."""
-    layer, out = layers_of(model)[block], {}
-
-    def swap(module, args, kwargs):
-        return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
-
-    def done(module, args, output):
-        out["y"] = output if isinstance(output, torch.Tensor) else output[0]
-        raise _Done
-
-    handles = [layer.register_forward_pre_hook(swap, with_kwargs=True), layer.register_forward_hook(done)]
-    try:
-        with torch.no_grad():
-            _forward(model, torch.zeros(x.shape[:2], dtype=torch.long))
-    except _Done:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return out["y"]
+def run_layer_with_grad_off(model, block: int, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return run_layer(model, block, x)
 
 
 def edited_layer_output(model, sr: SuffixRemoval, i: int) -> torch.Tensor:
@@ -74,7 +55,7 @@ def edited_layer_output(model, sr: SuffixRemoval, i: int) -> torch.Tensor:
         for name, delta in sr.patch(i).items():
             assert params[name].shape == delta.shape, name
             params[name].add_(delta)
-    return run_layer_on(edited, sr.block, sr.inputs[:, i:])[0, -1]
+    return run_layer_with_grad_off(edited, sr.block, sr.inputs[:, i:])[0, -1]
 
 
 def check_suffix_removal(model, ids: torch.Tensor, block: int) -> SuffixRemoval:
@@ -93,7 +74,7 @@ def _check(model, ids: torch.Tensor, block: int, sr: SuffixRemoval) -> SuffixRem
     reference = copy.deepcopy(model).to(F64)
     # the with-context input sequence and output of the block, from a plain forward (never the adapter's runs)
     assert rel_err(sr.inputs, layer_input(reference, ids, block)) <= TOL
-    full = run_layer_on(reference, block, layer_input(reference, ids, block))[0, -1]
+    full = run_layer_with_grad_off(reference, block, layer_input(reference, ids, block))[0, -1]
     assert rel_err(sr.target_output, full) <= TOL
     for name, w0 in sr.maps.items():  # W_i a_i = W_0 A(C, x) at every step
         assert rel_err(w0 @ sr.product(n), sr.weights(n)[name]) <= TOL
@@ -104,7 +85,7 @@ def _check(model, ids: torch.Tensor, block: int, sr: SuffixRemoval) -> SuffixRem
     assert rel_err(sr.residuals[0] - sr.residuals[n], ref.delta_b[0, -1]) <= TOL
     for i in range(n + 1):  # literal weight edits, the layer on the shortened sequence by the model's forward
         assert rel_err(edited_layer_output(model, sr, i), full) <= TOL, i
-    unedited = run_layer_on(reference, block, sr.inputs[:, n:])[0, -1]
+    unedited = run_layer_with_grad_off(reference, block, sr.inputs[:, n:])[0, -1]
     assert rel_err(unedited, full) > 1e-4  # removing the context mattered (>> the 1e-10 checked)
     return sr
 
