@@ -92,7 +92,11 @@ def prepared(model: nn.Module, prompt, blocks, dtype, upcast: str = "stream", re
         with computed_in(work, compute_dtype):
             adapter = adapter_for(model if work is module else work, remote)
             adapter.compute_dtype = compute_dtype
-            yield adapter, _block_indices(blocks, adapter.n_blocks), as_model_inputs(adapter, prompt, compute_dtype)
+            inputs = as_model_inputs(adapter, prompt, compute_dtype)
+            # the query-alone runs follow the model's own convention for this kind of input (a HookedTransformer
+            # adds no positional embedding to continuous inputs), also where no with-context forward of ours ran
+            adapter.continuous = inputs.is_floating_point()
+            yield adapter, _block_indices(blocks, adapter.n_blocks), inputs
 
 
 def decompose_captures(captures: list[BlockCapture]) -> list[BlockUpdate]:
