@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from implicit_updates import core
 from implicit_updates.capture import BlockCapture
 from implicit_updates.dispatch import forward_swapped, is_dispatched, loaded_parameter
-from implicit_updates.errors import NonFiniteActivationError
+from implicit_updates.errors import NonFiniteActivationError, UnsupportedArchitectureError
 from implicit_updates.inputs import as_model_inputs
 from implicit_updates.precision import computed_in
 from implicit_updates.updates import BlockUpdate, decompose_block
@@ -96,7 +96,30 @@ def prepared(model: nn.Module, prompt, blocks, dtype, upcast: str = "stream", re
             # the query-alone runs follow the model's own convention for this kind of input (a HookedTransformer
             # adds no positional embedding to continuous inputs), also where no with-context forward of ours ran
             adapter.continuous = inputs.is_floating_point()
-            yield adapter, _block_indices(blocks, adapter.n_blocks), inputs
+            try:
+                yield adapter, _block_indices(blocks, adapter.n_blocks), inputs
+            except RuntimeError as err:
+                own_dtype = next(module.parameters()).dtype
+                if compute_dtype != own_dtype:
+                    refuse_if_own_forward_fails(adapter, inputs, compute_dtype, own_dtype, err)
+                raise
+
+
+def refuse_if_own_forward_fails(adapter, inputs: Tensor, dtype: torch.dtype, own_dtype: torch.dtype,
+                                err: RuntimeError) -> None:
+    """After ``err`` inside our run in ``dtype`` (not the model's ``own_dtype``): if the model's own plain forward
+    (no hooks of ours) fails on ``inputs`` in ``dtype`` too, the model cannot compute in that dtype at all: refuse in
+    one line, quoting its first line. Otherwise return (the error is ours to show as it is)."""
+    try:
+        with untouched(adapter.model):
+            adapter.logits(inputs)
+    except Exception as own:  # noqa: BLE001 - any failure of the model's own forward is the model's, not ours
+        first = (str(own).strip().splitlines() or [""])[0][:200]
+        name = str(dtype).removeprefix("torch.")
+        raise UnsupportedArchitectureError(
+            f"this model's own forward fails in {name} ({type(own).__name__}: {first}), so nothing can be "
+            f"decomposed in it: compute in the model's own dtype, {str(own_dtype).removeprefix('torch.')} "
+            "(dtype=None; on the command line, leave out --dtype)") from err
 
 
 def decompose_captures(captures: list[BlockCapture]) -> list[BlockUpdate]:
