@@ -15,7 +15,14 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from implicit_updates.decompose import Decomposition, decompose, torch_module, untouched, working_model
+from implicit_updates.decompose import (
+    Decomposition,
+    check_copy_is_its_own,
+    decompose,
+    torch_module,
+    untouched,
+    working_model,
+)
 from implicit_updates.dispatch import inside_forward, is_dispatched
 from implicit_updates.precision import computed_in, exact_formula
 
@@ -50,7 +57,9 @@ def absorbed_model(result: Decomposition) -> nn.Module:
     patched = working_model(result.adapter.model, result.dtype)
     if patched is result.adapter.model:
         patched = copy.deepcopy(patched)
-    type(result.adapter)(patched)  # adapters clean what a copy inherits (a bridge's hooks bound to the original)
+    adapter = type(result.adapter)(patched)  # adapters clean what a copy inherits (a bridge's hooks bound to it)
+    with untouched(patched):
+        check_copy_is_its_own(result.adapter.model, patched, lambda: adapter.logits(result.inputs[:1, -1:]))
     with torch.no_grad():
         for update in result.blocks:
             for name, delta in result.patch(update.block, position=-1).items():

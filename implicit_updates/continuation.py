@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from implicit_updates.decompose import prepared, untouched, working_model
+from implicit_updates.decompose import check_copy_is_its_own, prepared, untouched, working_model
 from implicit_updates.errors import UnsupportedArchitectureError
 from implicit_updates.lowrank import (  # noqa: F401 (re-exported: the public names of this module)
     LowRankUpdate,
@@ -76,7 +76,9 @@ class ContinuationAbsorption:
 
         copy_ = working_model(self.model, self.dtype)
         copy_ = copy.deepcopy(copy_) if copy_ is self.model else copy_
-        adapter_for(copy_)  # adapters clean what a copy inherits (a bridge's hooks bound to the original)
+        adapter = adapter_for(copy_)  # adapters clean what a copy inherits (a bridge's hooks bound to the original)
+        with untouched(copy_):
+            check_copy_is_its_own(self.model, copy_, lambda: adapter.logits(self.continuation[:1, :1]))
         with torch.no_grad():
             for name, delta in self.patch().items():
                 copy_.get_parameter(name).add_(delta)

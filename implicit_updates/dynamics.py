@@ -42,6 +42,7 @@ from implicit_updates.analysis import difference_frobenius_norm, first_layer_fac
 from implicit_updates.decompose import (
     Decomposition,
     _dtype,
+    check_copy_is_its_own,
     decompose,
     decompose_captures,
     prepared,
@@ -391,6 +392,9 @@ def _run_block(adapter, block: int, sequence: Tensor) -> dict:
 def edited_block_output(result: SuffixRemoval, model: nn.Module, i: int) -> Tensor:
     """``T_{W_i}(c_{i+1..n}, x)``: a deep copy with the step-i weights written in, run on the shortened sequence."""
     edited = copy.deepcopy(model).to(result.a.dtype)
+    with untouched(edited):
+        check_copy_is_its_own(model, edited, lambda: edited.blocks[result.block](result.inputs[:, -1:]),
+                              "run the block with the patch added in place and restored afterwards")
     with torch.no_grad():
         for name, delta in result.patch(i).items():
             edited.get_parameter(name).add_(delta)
