@@ -45,13 +45,16 @@ class Adapter(Protocol):
 
     Model facts: ``model`` (the torch module guarded and computed with), ``user_model`` (what the user passed: an
     nnsight model for nnsight, else ``model``), ``n_blocks``, ``d_model``, ``d_vocab``, ``n_ctx`` (None: no limit),
-    ``device``, ``compute_dtype`` (set by the analysis' guard), ``backend`` (the registry's name),
+    ``device``, ``compute_dtype`` and ``continuous`` (set by the analysis' guard: the dtype computed in, and whether
+    the inputs are residuals fed at block 0, whose query-alone runs follow the model's own convention for them),
+    ``backend`` (the registry's name),
     ``capabilities`` and ``limits`` (capability -> why it is not served).
     """
 
     model: nn.Module
     n_blocks: int
     compute_dtype: torch.dtype
+    continuous: bool
     backend: str
     capabilities: frozenset[str]
     limits: dict[str, str]

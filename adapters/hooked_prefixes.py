@@ -269,6 +269,7 @@ def capture_prefixes(adapter, inputs: Tensor, blocks: list[int], chunk_size: int
     if n < 1:
         raise ValueError("the prompt needs at least one context token before the query")
     model, last = adapter.model, max(blocks) + 1
+    adapter.continuous = inputs.is_floating_point()  # its query-alone runs follow the inputs' convention
     context = context_keys_values(adapter, inputs, last)
     dtype = context[0][0].dtype  # the compute dtype (the model's parameters may be upcast only while they run)
     projections = [output_projection(model.blocks[b].attn, dtype) for b in range(last)]

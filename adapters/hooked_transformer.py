@@ -116,11 +116,14 @@ class HookedTransformerAdapter(HookPointCapture):
         self.output_norm = _output_norm(cfg, model.blocks[0])
         refuse_unexact_output_norm(cfg, model.blocks[0], self.output_norm)
 
+    continuous = False  # the decomposed inputs are residuals fed at block 0 (set by each with-context forward)
+
     def _run_alone(self, block: int, rows: Tensor) -> Tensor:
-        """Block ``block`` on one-token sequences ``rows`` ``[n, 1, d_model]``, as the model runs a one-token prompt:
-        shortformer attention also reads position 0's embedding (it matters once attention sinks make a single
-        key's score count)."""
-        if self.model.cfg.positional_embedding_type != "shortformer":
+        """Block ``block`` on one-token sequences ``rows`` ``[n, 1, d_model]``, as the model runs a one-token prompt
+        of the decomposed kind: for token ids shortformer attention also reads position 0's embedding (it matters
+        once attention sinks make a single key's score count); continuous inputs (``start_at_layer=0``) get no
+        positional embedding from TransformerLens, so none here either."""
+        if self.model.cfg.positional_embedding_type != "shortformer" or self.continuous:
             return self.model.blocks[block](rows)
         position_0 = self.model.pos_embed(torch.zeros(rows.shape[:2], dtype=torch.long, device=rows.device))
         return self.model.blocks[block](rows, shortformer_pos_embed=position_0.to(rows.dtype))
@@ -203,7 +206,8 @@ class HookedTransformerAdapter(HookPointCapture):
     # -- capture -----------------------------------------------------------------------------------------------
 
     def _forward_to(self, inputs: Tensor, stop: int) -> None:
-        if inputs.is_floating_point():
+        self.continuous = inputs.is_floating_point()  # the query-alone runs then follow the same convention
+        if self.continuous:
             self.model(inputs, start_at_layer=0, stop_at_layer=stop)
         else:
             self.model(inputs, stop_at_layer=stop)

@@ -97,9 +97,10 @@ def build_model(cfg: dict):
     return model.eval()
 
 
-def alone_kwargs(model) -> dict:
-    """What a block run on one token alone also reads: shortformer attention adds position 0's embedding."""
-    if model.cfg.positional_embedding_type != "shortformer":
+def alone_kwargs(model, continuous: bool = False) -> dict:
+    """What a block run on one token alone also reads: for token ids shortformer attention adds position 0's
+    embedding; continuous inputs (``start_at_layer=0``) get no positional embedding from TransformerLens."""
+    if model.cfg.positional_embedding_type != "shortformer" or continuous:
         return {}
     return {"shortformer_pos_embed": model.pos_embed(torch.zeros(1, 1, dtype=torch.long))}
 
@@ -153,13 +154,13 @@ def check(cfg: dict, seq_len: int = 7, onepass: bool = False, absorb: bool = Tru
                     edited.get_parameter(name).add_(delta)
                 x = cache[f"blocks.{block}.hook_resid_pre"][batch - 1, -1][None, None]
                 with exact_alibi(edited):
-                    out = edited.blocks[block](x, **alone_kwargs(edited))[0, 0]
+                    out = edited.blocks[block](x, **alone_kwargs(edited, continuous))[0, 0]
                 target = cache[f"blocks.{block}.hook_resid_post"][batch - 1, position]
                 assert rel_err(out, target) <= 1e-9, (block, position, rel_err(out, target), cfg)
 
-    if absorb and batch == 1 and not continuous:
+    if absorb and batch == 1:
         with assert_untouched(model):
-            absorbed = iu.compare_absorbed(model, tokens, dtype=torch.float64)
+            absorbed = iu.compare_absorbed(model, prompt, dtype=torch.float64)
         assert absorbed.max_abs_logit_diff <= 1e-8, (absorbed.max_abs_logit_diff, cfg)
     if onepass and batch == 1 and not continuous:
         from conftest import check_onepass

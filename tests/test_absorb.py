@@ -73,3 +73,58 @@ def test_absorb_cli_json(tmp_path):
 def _full_logits(model, toks):
     """Reference logits from a plain float64 copy (none of our code involved)."""
     return copy.deepcopy(model).to(torch.float64)(toks)[0, -1]
+
+
+def _closure_mlp(model):
+    """Block 0's MLP forward replaced by a closure over the *original* module's bound forward, as TransformerLens
+    4.3's Falcon bridge does with its patched linears: a deep copy shares the closure, so it computes with the
+    original's weights (a hand-made stand-in that needs no TransformerLens 4)."""
+    mlp = model.blocks[0].mlp
+    original = mlp.forward
+    mlp.forward = lambda *args, **kwargs: original(*args, **kwargs)
+    return model
+
+
+def test_copy_check_refuses_a_copy_that_reads_the_original():
+    from implicit_updates.analyses.decompose import check_copy_is_its_own
+
+    model = build()
+    twin = copy.deepcopy(model)
+    check_copy_is_its_own(model, twin, lambda: twin(torch.tensor([[3]])))  # a faithful copy passes
+    _closure_mlp(model)
+    twin = copy.deepcopy(model)
+    with assert_untouched(model), pytest.raises(iu.UnsupportedArchitectureError, match="original's weights"):
+        check_copy_is_its_own(model, twin, lambda: twin(torch.tensor([[3]])))
+    with torch.no_grad():  # the check is right: the copy ignores its own MLP weights
+        before = twin(torch.tensor([[3, 4]]))
+        twin.blocks[0].mlp.W_in.add_(1.0)
+        assert torch.equal(twin(torch.tensor([[3, 4]])), before)
+
+
+def test_every_copy_based_path_refuses_a_copy_that_reads_the_original():
+    from implicit_updates.analyses.continuation import absorb_continuation
+    from implicit_updates.analyses.dynamics import edited_block_output, suffix_removal
+
+    model, ids = _closure_mlp(build()), torch.tensor([[3, 4, 5, 6, 7]])
+    with assert_untouched(model):
+        # the model itself decomposes exactly (no copy), and absorbed() patches it in place
+        assert iu.decompose(model, ids, dtype=torch.float64).verify().max_rel_err <= 1e-10
+        with iu.absorbed(model, ids, dtype=torch.float64), torch.no_grad():
+            alone = model(ids[:, -1:])[0, -1]
+        with torch.no_grad():
+            assert float((alone.double() - model(ids)[0, -1].double()).abs().max()) <= 1e-4
+        for copying in (lambda: iu.absorb(model, ids), lambda: iu.compare_absorbed(model, ids),
+                        lambda: iu.absorb(model, ids, dtype=torch.float64),
+                        lambda: absorb_continuation(model, ids[:, :3], ids[:, 3:]).patched(),
+                        lambda: edited_block_output(suffix_removal(model, ids, 0), model, 1)):
+            with pytest.raises(iu.UnsupportedArchitectureError, match="absorbed|in place"):
+                copying()
+        with pytest.raises(iu.UnsupportedArchitectureError, match="upcast='stream'"):
+            iu.decompose(model, ids, dtype=torch.float64, upcast="copy")
+
+
+def test_copy_based_paths_accept_faithful_copies():
+    model, ids = build(), torch.tensor([[3, 4, 5, 6, 7]])
+    with assert_untouched(model):
+        assert iu.compare_absorbed(model, ids, dtype=torch.float64).max_abs_logit_diff <= 1e-9
+        assert iu.decompose(model, ids, dtype=torch.float64, upcast="copy").verify().max_rel_err <= 1e-10

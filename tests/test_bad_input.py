@@ -211,3 +211,42 @@ def test_load_model_checks_the_device_first(device, message):
 
     with pytest.raises(ValueError, match=message):
         load_model("random:llama", device=device)
+
+
+def tiny_xglm():
+    """A tiny random XGLM: its own attention fills masked scores with float32's minimum, which a float64 forward
+    cannot hold (transformers raises RuntimeError)."""
+    from transformers import XGLMConfig, XGLMForCausalLM
+
+    cfg = XGLMConfig(vocab_size=50, d_model=16, num_layers=2, attention_heads=4, ffn_dim=24,
+                     max_position_embeddings=32)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return XGLMForCausalLM(cfg).eval()
+
+
+def test_a_model_whose_own_forward_fails_in_the_dtype_is_refused_in_one_line():
+    model = tiny_xglm()
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    with assert_untouched(model):
+        with pytest.raises(iu.UnsupportedArchitectureError) as info:
+            iu.decompose(model, ids, dtype=torch.float64)
+        message = str(info.value)
+        assert "\n" not in message
+        assert "own forward fails in float64" in message and "value cannot be converted" in message
+        assert "model's own dtype" in message
+        assert isinstance(info.value.__cause__, RuntimeError)
+        assert iu.decompose(model, ids).verify().max_rel_err <= 1e-5  # in its own dtype it decomposes
+
+
+def test_an_error_of_ours_is_not_blamed_on_the_model(monkeypatch):
+    """Only when the model's own plain forward fails too is a RuntimeError inside our run the model's."""
+    from implicit_updates.adapters.hooked_transformer import HookedTransformerAdapter
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("a slip of ours")
+
+    monkeypatch.setattr(HookedTransformerAdapter, "capture", broken)
+    model = build()
+    with assert_untouched(model), pytest.raises(RuntimeError, match="a slip of ours"):
+        iu.decompose(model, torch.tensor([[3, 4, 5]]), dtype=torch.float64)

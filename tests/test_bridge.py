@@ -107,3 +107,39 @@ def test_cli_local_directory(backend, tmp_path):
     main(["absorb", "--model", str(tmp_path / "model"), "--backend", backend, "--seq-len", "10", "--dtype", "float64",
           "--json", str(out)])
     assert json.loads(out.read_text())["max_abs_logit_diff"] <= 1e-9
+
+
+def test_falcon_bridge_copy_reading_the_original_is_refused(tmp_path):
+    """TransformerLens 4.3's Falcon bridge: a deep copy's patched linears keep reading the original's weights, so
+    absorb()'s patched copy computed with unpatched weights (0.12 off in the logits). Copy-based paths now refuse it;
+    absorbed() (in place) and decompose (streamed) stay exact. Where the installed TransformerLens copies Falcon
+    faithfully, the copy-based paths must accept it instead."""
+    from test_zoo import tiny
+
+    try:
+        bridge = boot(tiny("falcon"), tmp_path)
+    except Exception as err:  # noqa: BLE001 - this TransformerLens cannot boot Falcon offline
+        pytest.skip(f"TransformerLens cannot boot a tiny Falcon: {str(err).splitlines()[0][:120]}")
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():  # independently: does the copy's output follow the original's weights?
+        twin = copy.deepcopy(bridge)
+        before = twin(ids).clone()
+        weight = next(p for n, p in bridge.named_parameters() if "dense_h_to_4h" in n)
+        weight.add_(1.0)
+        reads_original = not torch.equal(twin(ids), before)
+        weight.sub_(1.0)
+        full = bridge(ids)[0, -1].double()
+    del twin
+    with assert_untouched(bridge):
+        assert iu.decompose(bridge, ids, dtype=torch.float64).verify().max_rel_err <= 1e-10
+        if reads_original:
+            for copying in (lambda: iu.absorb(bridge, ids), lambda: iu.compare_absorbed(bridge, ids)):
+                with pytest.raises(iu.UnsupportedArchitectureError, match="still computes with the original's"):
+                    copying()
+            with pytest.raises(iu.UnsupportedArchitectureError, match="upcast='stream'"):
+                iu.decompose(bridge, ids, dtype=torch.float64, upcast="copy")
+        else:
+            assert iu.compare_absorbed(bridge, ids, dtype=torch.float64).max_abs_logit_diff <= 1e-9
+        with iu.absorbed(bridge, ids, dtype=torch.float64), torch.no_grad():
+            alone = bridge(ids[:, -1:])[0, -1]
+    assert float((alone.double() - full).abs().max()) <= 1e-5

@@ -221,3 +221,17 @@ def test_a_bug_in_a_real_process_prints_a_traceback():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "ValueError: a library bug" in proc.stderr
+
+
+def test_model_whose_own_forward_fails_in_the_dtype(tmp_path, capsys):
+    """A local XGLM asked for --dtype float64: transformers' own forward cannot run in it; one line, exit 2."""
+    from test_bad_input import tiny_xglm
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_xglm().save_pretrained(tmp_path)
+    word = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=word, unk_token="<unk>").save_pretrained(tmp_path)
+    line = run_error(["verify", "--model", str(tmp_path), "--backend", "hf", "--prompt", "3,4,5,6",
+                      "--dtype", "float64"], capsys)
+    assert "own forward fails in float64" in line and "value cannot be converted" in line and "--dtype" in line

@@ -3,10 +3,14 @@ for the literal check that makes ``verify()`` unable to say yes where a real wei
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from conftest import BASE, assert_untouched, build, check_onepass
+from conftest import BASE, assert_untouched, build, check_onepass, rel_err
 from fuzz_configs import check
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import implicit_updates as iu
 from implicit_updates.adapters import hooked_transformer
@@ -140,3 +144,83 @@ def test_dead_mlp_hidden_before_a_post_norm_uses_the_output_bias():
     result = iu.decompose(model, tokens(9), dtype=torch.float64)
     assert "blocks.1.mlp.b_out" in result.patch(1, 3) and "blocks.0.mlp.b_out" not in result.patch(0, 3)
     assert result.verify().max_rel_err <= 1e-10
+
+
+SHORTFORMER_SINKS = dict(positional_embedding_type="shortformer", use_attention_sinks=True)
+
+
+def _shortformer_sinks_model(seed: int):
+    model = build(seed=seed, **SHORTFORMER_SINKS)
+    with torch.no_grad():  # random sinks: a single key's score then counts, and so does what is added to it
+        for block in model.blocks:
+            block.attn.sinks.normal_(generator=torch.Generator().manual_seed(seed + 2))
+    return model
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 2**10), n=st.integers(2, 9), position=st.integers(0, 8))
+def test_query_alone_follows_the_models_own_convention_for_continuous_inputs(seed, n, position):
+    """Continuous inputs (fed at block 0, ``start_at_layer=0``) get no positional embedding from TransformerLens, so
+    the query-alone runs add no shortformer embedding either; the fuzzer's case (shortformer + attention sinks) had
+    verify at 1e-16 while a literal edit run by TransformerLens itself was 0.04 off and the absorbed copy 0.09."""
+    model, position = _shortformer_sinks_model(seed), position % n
+    x = torch.randn(1, n, BASE["d_model"], generator=torch.Generator().manual_seed(seed + 1))
+    with assert_untouched(model):
+        result = iu.decompose(model, x, dtype=torch.float64)
+        assert result.verify().max_rel_err <= 1e-10
+        report = iu.compare_absorbed(model, x, dtype=torch.float64)
+        absorbed = iu.absorb(model, x, dtype=torch.float64)
+    assert report.max_abs_logit_diff <= 1e-9
+    # independent of our adapter: TransformerLens runs a float64 copy, the dense patch added to its parameters, from
+    # block l's query input alone (start_at_layer), against its own with-context forward
+    ref = copy.deepcopy(model).to(torch.float64)
+    ref.cfg.dtype = torch.float64
+    with torch.no_grad():
+        full, cache = ref.run_with_cache(x.double(), start_at_layer=0)
+        for block in range(model.cfg.n_layers):
+            edited = copy.deepcopy(ref)
+            for name, delta in result.patch(block, position).items():
+                edited.get_parameter(name).add_(delta)
+            query = cache[f"blocks.{block}.hook_resid_pre"][:, -1:]
+            out = edited(query, start_at_layer=block, stop_at_layer=block + 1)[0, 0]
+            target = cache[f"blocks.{block}.hook_resid_post"][0, position]
+            assert torch.allclose(result.target_output(block, position), target, rtol=0, atol=1e-12)
+            assert rel_err(out, target) <= 1e-10, (block, position, rel_err(out, target))
+        # the absorbed copy, run by TransformerLens on the last input alone, gives the full forward's last logits
+        alone = absorbed(x[:, -1:].double(), start_at_layer=0)[0, -1]
+    assert float((alone - full[0, -1]).abs().max()) <= 1e-9
+
+
+def test_query_alone_keeps_position_0_for_token_inputs():
+    """Token ids: a one-token prompt sits at position 0, so shortformer attention reads position 0's embedding, as
+    the model's own forward on the last token alone (the other half of one convention)."""
+    model, ids = _shortformer_sinks_model(3), tokens(8, seed=3)
+    with assert_untouched(model):
+        assert iu.decompose(model, ids, dtype=torch.float64).verify().max_rel_err <= 1e-10
+        assert iu.compare_absorbed(model, ids, dtype=torch.float64).max_abs_logit_diff <= 1e-9
+        # and continuous inputs to the same model (no position embedding there)
+        assert iu.decompose(model, torch.randn(1, 8, BASE["d_model"]), dtype=torch.float64
+                            ).verify().max_rel_err <= 1e-10
+
+
+@pytest.mark.parametrize("method", ["onepass", "naive"])
+def test_prefix_dynamics_of_continuous_inputs_follow_the_same_convention(method):
+    """The naive prefix dynamics decomposes each prefix with its own adapter and verifies with the outer one, which
+    never ran a with-context forward: it must still know its inputs are continuous (no shortformer embedding)."""
+    from implicit_updates.analyses.dynamics import prefix_decomposition
+
+    model = _shortformer_sinks_model(1)
+    x = torch.randn(1, 7, BASE["d_model"], generator=torch.Generator().manual_seed(5))
+    with assert_untouched(model):
+        result = prefix_decomposition(model, x, dtype=torch.float64, method=method, chunk_size=3)
+        assert result.verify().max_rel_err <= 1e-10
+    ref = copy.deepcopy(model).to(torch.float64)
+    ref.cfg.dtype = torch.float64
+    with torch.no_grad():  # independent: prefix p is [x_0..x_p, x_last]; TransformerLens runs its edited block 0
+        for p in range(result.n_positions):
+            _, cache = ref.run_with_cache(torch.cat([x[:, :p + 1], x[:, -1:]], 1).double(), start_at_layer=0)
+            edited = copy.deepcopy(ref)
+            for name, delta in result.patch(0, p).items():
+                edited.get_parameter(name).add_(delta)
+            out = edited(x[:, -1:].double(), start_at_layer=0, stop_at_layer=1)[0, 0]
+            assert rel_err(out, cache["blocks.0.hook_resid_post"][0, -1]) <= 1e-10, p

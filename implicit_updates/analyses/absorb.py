@@ -17,7 +17,14 @@ import torch
 from torch import Tensor, nn
 
 from implicit_updates.adapters.base import require
-from implicit_updates.analyses.decompose import Decomposition, decompose, torch_module, untouched, working_model
+from implicit_updates.analyses.decompose import (
+    Decomposition,
+    check_copy_is_its_own,
+    decompose,
+    torch_module,
+    untouched,
+    working_model,
+)
 from implicit_updates.runtime.dispatch import Replacement, is_dispatched, swapped_while_running
 from implicit_updates.runtime.precision import computed_in, exact_formula
 
@@ -49,7 +56,9 @@ def absorbed_model(result: Decomposition) -> nn.Module:
     patched = working_model(result.adapter.model, result.dtype)
     if patched is result.adapter.model:
         patched = copy.deepcopy(patched)
-    result.adapter.rebind(patched)  # adapters clean what a copy inherits (a bridge's hooks bound to the original)
+    adapter = result.adapter.rebind(patched)  # adapters clean what a copy inherits (a bridge's hooks bound to it)
+    with untouched(patched):
+        check_copy_is_its_own(result.adapter.model, patched, lambda: adapter.logits(result.inputs[:1, -1:]))
     with torch.no_grad():
         for update in result.blocks:
             for name, delta in result.patch(update.block, position=-1).items():

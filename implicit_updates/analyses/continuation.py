@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from implicit_updates.adapters.base import require
-from implicit_updates.analyses.decompose import prepared, untouched, working_model
+from implicit_updates.analyses.decompose import check_copy_is_its_own, prepared, untouched, working_model
 from implicit_updates.math.lowrank import (  # noqa: F401 (re-exported: the public names of this module)
     BlockContinuation,
     LowRankUpdate,
@@ -68,7 +68,9 @@ class ContinuationAbsorption:
 
         copy_ = working_model(self.model, self.dtype)
         copy_ = copy.deepcopy(copy_) if copy_ is self.model else copy_
-        adapter_for(copy_)  # adapters clean what a copy inherits (a bridge's hooks bound to the original)
+        adapter = adapter_for(copy_)  # adapters clean what a copy inherits (a bridge's hooks bound to the original)
+        with untouched(copy_):
+            check_copy_is_its_own(self.model, copy_, lambda: adapter.logits(self.continuation[:1, :1]))
         with torch.no_grad():
             for name, delta in self.patch().items():
                 copy_.get_parameter(name).add_(delta)

@@ -6,7 +6,7 @@ import contextlib
 import copy
 import io
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from implicit_updates.analyses.verify import BlockReport, VerifyReport
 from implicit_updates.capture import BlockCapture
-from implicit_updates.errors import NonFiniteActivationError
+from implicit_updates.errors import NonFiniteActivationError, UnsupportedArchitectureError
 from implicit_updates.math import core
 from implicit_updates.math.updates import BlockUpdate, decompose_block
 from implicit_updates.runtime.dispatch import forward_swapped, is_dispatched, loaded_parameter
@@ -71,6 +71,54 @@ def working_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return work
 
 
+ABSORBED_INSTEAD = ("use `with implicit_updates.absorbed(model, prompt):`, which patches the model itself while "
+                    "it runs")
+
+
+def check_copy_is_its_own(model: nn.Module, twin: nn.Module, run: Callable[[], object],
+                          instead: str = ABSORBED_INSTEAD) -> None:
+    """Refuse a deep copy ``twin`` of ``model`` whose forward still reads ``model``'s parameters (a module whose
+    patched forward holds the original's weights in a closure, as TransformerLens 4.3's Falcon bridge): a weight
+    patch of the copy would then silently compute with the unpatched weights. ``run()`` runs the copy once (a
+    one-token forward); every tensor an operation reads is compared, by storage, with ``model``'s parameters.
+    Exact and generic: nothing is perturbed, and both models are left as they were."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    theirs = {_storage(p) for p in model.parameters()} - {None}
+    if not theirs or twin is model:
+        return
+    read: list[bool] = []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not read and any(isinstance(t, Tensor) and _storage(t) in theirs for t in tree_leaves((args, kwargs))):
+                read.append(True)
+            return func(*args, **(kwargs or {}))
+
+    try:
+        with torch.no_grad(), Reads():
+            run()
+    except Exception:
+        if not read:  # a failure of its own: the caller's run would meet it anyway
+            raise
+    if read:
+        raise UnsupportedArchitectureError(
+            f"a deep copy of this {type(model).__name__} still computes with the original's weights (its forward "
+            f"reads the parameters of the model it was copied from), so a patched copy would silently run "
+            f"unpatched: {instead}")
+
+
+def _storage(t: Tensor) -> int | None:
+    """The address of ``t``'s storage (shared by every view of it), or None where it has none."""
+    if t.device.type == "meta":
+        return None
+    try:
+        return t.untyped_storage().data_ptr() or None
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
+        return None
+
+
 @contextmanager
 def prepared(model: nn.Module, prompt, blocks, dtype, upcast: str = "stream", remote: bool | str = False
              ) -> Iterator[tuple[object, list[int], Tensor]]:
@@ -93,7 +141,38 @@ def prepared(model: nn.Module, prompt, blocks, dtype, upcast: str = "stream", re
         with computed_in(work, compute_dtype):
             adapter = adapter_for(model if work is module else work, remote)
             adapter.compute_dtype = compute_dtype
-            yield adapter, _block_indices(blocks, adapter.n_blocks), as_model_inputs(adapter, prompt, compute_dtype)
+            inputs = as_model_inputs(adapter, prompt, compute_dtype)
+            if work is not module:
+                with untouched(work):
+                    check_copy_is_its_own(module, work, lambda: adapter.logits(inputs[:1, -1:]),
+                                          "use upcast='stream' (the default), which computes on the model itself")
+            # the query-alone runs follow the model's own convention for this kind of input (a HookedTransformer
+            # adds no positional embedding to continuous inputs), also where no with-context forward of ours ran
+            adapter.continuous = inputs.is_floating_point()
+            try:
+                yield adapter, _block_indices(blocks, adapter.n_blocks), inputs
+            except RuntimeError as err:
+                own_dtype = next(module.parameters()).dtype
+                if compute_dtype != own_dtype:
+                    refuse_if_own_forward_fails(adapter, inputs, compute_dtype, own_dtype, err)
+                raise
+
+
+def refuse_if_own_forward_fails(adapter, inputs: Tensor, dtype: torch.dtype, own_dtype: torch.dtype,
+                                err: RuntimeError) -> None:
+    """After ``err`` inside our run in ``dtype`` (not the model's ``own_dtype``): if the model's own plain forward
+    (no hooks of ours) fails on ``inputs`` in ``dtype`` too, the model cannot compute in that dtype at all: refuse in
+    one line, quoting its first line. Otherwise return (the error is ours to show as it is)."""
+    try:
+        with untouched(adapter.model):
+            adapter.logits(inputs)
+    except Exception as own:  # noqa: BLE001 - any failure of the model's own forward is the model's, not ours
+        first = (str(own).strip().splitlines() or [""])[0][:200]
+        name = str(dtype).removeprefix("torch.")
+        raise UnsupportedArchitectureError(
+            f"this model's own forward fails in {name} ({type(own).__name__}: {first}), so nothing can be "
+            f"decomposed in it: compute in the model's own dtype, {str(own_dtype).removeprefix('torch.')} "
+            "(dtype=None; on the command line, leave out --dtype)") from err
 
 
 def decompose_captures(captures: list[BlockCapture]) -> list[BlockUpdate]:

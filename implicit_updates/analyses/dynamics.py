@@ -43,6 +43,7 @@ from implicit_updates.adapters.base import require
 from implicit_updates.analyses.decompose import (
     Decomposition,
     _dtype,
+    check_copy_is_its_own,
     decompose,
     decompose_captures,
     prepared,
@@ -407,6 +408,9 @@ def _output_row(correction) -> tuple[str, Tensor]:
 def edited_block_output(result: SuffixRemoval, model: nn.Module, i: int) -> Tensor:
     """``T_{W_i}(c_{i+1..n}, x)``: a deep copy with the step-i weights written in, run on the shortened sequence."""
     edited = copy.deepcopy(model).to(result.a.dtype)
+    with untouched(edited):
+        check_copy_is_its_own(model, edited, lambda: edited.blocks[result.block](result.inputs[:, -1:]),
+                              "run the block with the patch added in place and restored afterwards")
     with torch.no_grad():
         for name, delta in result.patch(i).items():
             edited.get_parameter(name).add_(delta)
