@@ -122,7 +122,7 @@ def test_help_reads_as_plain_text():
     """``implicit-updates --help`` and every subcommand's help print no reStructuredText double backticks."""
     import argparse
 
-    from implicit_updates.cli import build_parser
+    from implicit_updates.cli.commands import build_parser
 
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

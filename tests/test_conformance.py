@@ -61,11 +61,7 @@ CASES = [(backend, arch, cap, cap in cls.capabilities)
          for cap in CAPABILITIES]
 
 # Library bugs this suite found (strict: the day one is fixed, the marker has to go).
-KNOWN_BUGS = {
-    ("toy", "continuation"): "absorb_continuation on the toy model's own (continuous) inputs crashes with torch's "
-                             "RuntimeError from prefix.expand(n, -1) on a [1, n, d] tensor (analyses/continuation.py) "
-                             "before require(adapter, 'continuation') refuses it by capability",
-}
+KNOWN_BUGS: dict[tuple[str, str], str] = {}  # (backend, capability) -> a library bug, as a strict xfail
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -451,11 +447,9 @@ def test_toy_continuation_of_token_ids_is_refused_by_capability():
         absorb_continuation(model, torch.tensor([[0, 1, 2, 0]]), torch.tensor([[1, 2]]), dtype=F64)
 
 
-@pytest.mark.xfail(strict=True, reason="inside absorbed(toy, x, dtype=float64) the toy model run on its query in its "
-                   "own dtype (float32) crashes: computed_in upcasts each module's parameters while it runs but not "
-                   "a continuous input, so the first Linear gets float32 x and float64 weights (RuntimeError: "
-                   "expected scalar type Float but found Double); token-id models are cast by their embedding")
 def test_toy_absorbed_takes_the_models_own_dtype():
+    """Inside absorbed(toy, x, dtype=float64) the toy run on its query in its own float32 computes in float64 (its
+    continuous input is cast as its parameters are), so it gives the full logits."""
     model = toy(**TOY["mlp-skip"])
     x = icl.sample_tasks(1, 4, 2, torch.Generator().manual_seed(0)).prompts
     full = plain_logits(f64_copy(model), x)[-1]

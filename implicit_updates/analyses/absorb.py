@@ -165,5 +165,16 @@ def _patched_while_running(model: nn.Module, result: Decomposition) -> Iterator[
 
     # patch before the upcast (so the sum is in the compute dtype); on an accelerate-dispatched module after its
     # offload's load
-    with swapped_while_running({m: partial(patched, m) for m in owners}), computed_in(model, result.dtype):
+    inputs = [(model, "pre", _inputs_in(result.dtype))]  # continuous inputs (the toy's) in the computed dtype too
+    with swapped_while_running({m: partial(patched, m) for m in owners}, inputs), computed_in(model, result.dtype):
         yield
+
+
+def _inputs_in(dtype: torch.dtype):
+    """A pre-hook giving the model its floating-point positional inputs (residuals fed at block 0) in ``dtype``;
+    token ids are left as they are."""
+
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        return tuple(a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
+
+    return hook

@@ -130,6 +130,9 @@ def absorb_continuation(model: nn.Module, prefix: Tensor, continuation: Tensor,
     """
     if output not in ("auto", "matrix"):
         raise ValueError(f"output must be 'auto' or 'matrix', not {output!r}")
+    from implicit_updates.adapters import adapter_for
+
+    require(adapter_for(model), "continuation")  # before the inputs are read as token ids (the toy's are residuals)
     prefix, continuation = _ids(prefix), _ids(continuation)
     if continuation.shape[1] < 1:
         raise ValueError("the continuation is empty: give at least one token")
