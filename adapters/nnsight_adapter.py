@@ -23,7 +23,6 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from implicit_updates.adapters import nnsight_ops
 from implicit_updates.adapters.hf import HFAdapter
 from implicit_updates.adapters.module_hooks import unflatten
 from implicit_updates.adapters.modules import BlockParts
@@ -66,7 +65,12 @@ class NNsightAdapter(HFAdapter):
             raise ValueError(f"remote must be False, True or 'local', not {remote!r}")
         import nnsight
 
+        from implicit_updates.adapters import (
+            nnsight_ops,  # imports nnsight: here, not where the registry reads the class
+        )
+
         nnsight.register(nnsight_ops)  # its functions are shipped by value (the project is not on the server)
+        self.ops = nnsight_ops
         self.nnsight_model = nnsight_model
         self.remote = remote
         module = wrapped_module(nnsight_model)
@@ -106,7 +110,7 @@ class NNsightAdapter(HFAdapter):
         """With-context quantities of ``blocks`` in one trace, then every block on its query alone in one more."""
         embeds = inputs if inputs.is_floating_point() else None
         ids = torch.zeros(inputs.shape[:2], dtype=torch.long, device=inputs.device) if embeds is not None else inputs
-        store = nnsight_ops.capture(self.nnsight_model, ids, [(b, self.plans[b]) for b in blocks], embeds,
+        store = self.ops.capture(self.nnsight_model, ids, [(b, self.plans[b]) for b in blocks], embeds,
                                     self.plans[0]["layer"], self.remote, FORWARD_KWARGS)
         store = dict(store)
         self.returns_tuple = {b: bool(store.pop(f"{b}.returns_tuple")) for b in blocks}
@@ -129,7 +133,7 @@ class NNsightAdapter(HFAdapter):
         for x in rows:
             spans.append((start, start + x.shape[0], x))
             start += x.shape[0]
-        store = dict(nnsight_ops.alone(self.nnsight_model, start, [(b, self.plans[b]) for b in order], spans,
+        store = dict(self.ops.alone(self.nnsight_model, start, [(b, self.plans[b]) for b in order], spans,
                                        self._skipped(order[0]), self.remote, FORWARD_KWARGS))
         out = {}
         for b, x in zip(order, rows, strict=True):
@@ -180,6 +184,6 @@ class NNsightAdapter(HFAdapter):
         order = [*plan["first"], plan["out"]]  # interventions in the order the layer runs its maps
         rank_one.sort(key=lambda item: order.index(item[0]))
         x = update.query_input if fan_out else rows(update.query_input)
-        out = nnsight_ops.patched(self.nnsight_model, plan["layer"], x, rank_one, additive,
+        out = self.ops.patched(self.nnsight_model, plan["layer"], x, rank_one, additive,
                                   self._skipped(update.block), self.remote, FORWARD_KWARGS)
         return out if fan_out else rearrange(out, "(b n) 1 d -> b n d", b=batch)
