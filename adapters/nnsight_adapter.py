@@ -49,15 +49,13 @@ class NNsightAdapter(HFAdapter):
 
     backend = "nnsight"
     options = ("remote",)
-    capabilities = frozenset({"decompose", "absorbed", "suffix_removal"})
+    # decompose and verify run as traces (remote=False, "local" or True); the other analyses take no ``remote`` and
+    # run on the wrapped model here, by the Hugging Face adapter's hooks (as verify's literal check does)
+    capabilities = frozenset({"decompose", "absorbed", "attribution", "continuation", "lora", "prefix_onepass",
+                              "suffix_removal"})
     limits = {
         "copy": "in a copy of a model nnsight wraps the modules' forwards still run the original's: use "
                 "`with implicit_updates.absorbed(model, prompt):`, which patches the model itself while it runs",
-        "attribution": "not ported to nnsight traces yet; attribute the Hugging Face model itself (model._module)",
-        "continuation": "not ported to nnsight traces yet; absorb into the Hugging Face model itself (model._module)",
-        "lora": "not ported to nnsight traces yet; export from the Hugging Face model itself (model._module)",
-        "prefix_onepass": "not ported to nnsight traces yet; use method='naive' (or the Hugging Face model itself, "
-                          "model._module)",
     }
 
     def __init__(self, nnsight_model, remote: bool | str = False):

@@ -148,8 +148,9 @@ def make_subject(backend: str, arch: str, tmp: Path) -> Subject:
         from implicit_updates.models.loading import wrap_nnsight
 
         # a deep copy of a wrapped model still runs through nnsight's wrappers: the twin is built apart
-        return Subject(backend, arch, wrap_nnsight(tiny_hf(arch), one_word_tokenizer()), tiny_hf(arch),
-                       tokens(5, seed=3))
+        twin = tiny_hf(arch)
+        return Subject(backend, arch, wrap_nnsight(tiny_hf(arch), one_word_tokenizer()), twin, tokens(5, seed=3),
+                       hf=twin)
     raise AssertionError(f"no models for backend {backend!r}: add it to ARCHS and make_subject")
 
 
