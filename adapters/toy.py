@@ -8,6 +8,7 @@ skip connection (Dherin et al. Sec. 4: the first-layer update alone is exact the
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 from einops import rearrange
@@ -29,12 +30,10 @@ class ToyAdapter(HookPointCapture):
     """Runs a :class:`ToyTransformer` with context and each block on its query alone; patches in factored form."""
 
     backend = "toy"
-    capabilities = frozenset({"decompose", "copy", "absorbed", "suffix_removal"})
+    capabilities = frozenset({"decompose", "copy", "absorbed", "attribution", "prefix_onepass", "suffix_removal"})
     limits = {
-        "attribution": "not ported to the toy model yet (its attention has no per-head hook points here)",
         "continuation": "a continuation is token ids, and the toy model reads continuous inputs",
         "lora": "a PEFT LoRA attaches to Hugging Face modules",
-        "prefix_onepass": "the toy model has no KV cache; use method='naive'",
     }
 
     def __init__(self, model: ToyTransformer):
@@ -95,6 +94,23 @@ class ToyAdapter(HookPointCapture):
         )
 
     # -- optional capabilities (adapters/base.py) -------------------------------------------------------------------
+
+    def attention_readable(self):
+        """The pattern is a hook point of the toy's own attention: nothing to switch."""
+        return contextlib.nullcontext()
+
+    def capture_attention(self, inputs: Tensor, blocks: list[int], query: str):
+        """Per block the pattern, the values through each head's ``W_O`` and the pre-MLP norm (:mod:`.toy_extras`)."""
+        from implicit_updates.adapters.toy_extras import capture_attention
+
+        return capture_attention(self, self._continuous(inputs), blocks, query)
+
+    def prefix_captures(self, inputs: Tensor, blocks: list[int], chunk_size: int = 64,
+                        progress: bool | None = None) -> list[BlockCapture]:
+        """Every prefix in one pass: the context once, the query paths as one batch (causal; :mod:`.toy_extras`)."""
+        from implicit_updates.adapters.toy_extras import capture_prefixes
+
+        return capture_prefixes(self, inputs, blocks, chunk_size=chunk_size, progress=progress)
 
     def suffix_runs(self, inputs: Tensor, block: int) -> dict:
         """Block ``block`` run alone on each suffix ``(c_{i+1..n}, x)`` of its with-context input sequence (Dherin et

@@ -23,7 +23,7 @@ terms are reported, in factored form; step norms come from the factors without c
 
 ``prefix_decomposition(method="onepass")`` computes all N prefixes in one pass (the adapter's ``prefix_captures``:
 ``adapters/hooked_prefixes.py`` for a HookedTransformer, ``adapters/module_prefixes.py`` for Hugging Face models,
-TransformerBridge and local nnsight models);
+TransformerBridge and local nnsight models, ``adapters/toy_extras.py`` for the causal toy model);
 ``method="naive"`` runs one ``decompose`` per prefix and is the reference the tests compare it with.
 
 **Suffix removal** (Dherin et al. 2025, Appendix B): see :func:`suffix_removal`.
@@ -79,7 +79,7 @@ def prefix_decomposition(model: nn.Module, prompt, blocks: int | Sequence[int] |
 
     ``prompt``: one prompt ``[c_1..c_N, x]`` (text, token ids, or continuous ``[1, N+1, d_model]`` inputs fed at
     block 0). ``method="onepass"``: the context once with a KV cache, then the N query paths as one batch
-    (HookedTransformer, Hugging Face, TransformerBridge; causal); ``"naive"``: one ``decompose`` per prefix.
+    (HookedTransformer, Hugging Face, TransformerBridge, the toy model; causal); ``"naive"``: one ``decompose`` per prefix.
     The user's model is untouched.
     """
     if method not in METHODS:
