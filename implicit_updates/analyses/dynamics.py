@@ -79,8 +79,8 @@ def prefix_decomposition(model: nn.Module, prompt, blocks: int | Sequence[int] |
 
     ``prompt``: one prompt ``[c_1..c_N, x]`` (text, token ids, or continuous ``[1, N+1, d_model]`` inputs fed at
     block 0). ``method="onepass"``: the context once with a KV cache, then the N query paths as one batch
-    (HookedTransformer, Hugging Face, TransformerBridge, the toy model; causal); ``"naive"``: one ``decompose`` per prefix.
-    The user's model is untouched.
+    (HookedTransformer, Hugging Face, TransformerBridge, the toy model; causal); ``"naive"``: one ``decompose`` per
+    prefix. The user's model is untouched.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
