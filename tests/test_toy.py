@@ -344,3 +344,19 @@ REFERENCE_DW_LAST = [
     [0.17402056281161896, 0.09451097559409985, -0.42906772959957307],
 ]
 REFERENCE_DB_LAST = [0.09452963234652417, 0.2643384377930631, -0.19661830872401992]
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_decompose_shows_a_progress_bar_only_when_asked_and_clears_it(progress, capsys):
+    """The capture's per-block bar (``adapters/assemble.py``) is named "decompose", shown with ``progress=True``
+    (also where stderr is not a terminal), not shown with ``progress=False``, and cleared when done (no line left)."""
+    model = toy(n_layers=3)
+    capsys.readouterr()
+    iu.decompose(model, prompts(batch=1, n=4), progress=progress)
+    err = capsys.readouterr().err
+    if not progress:
+        assert "decompose" not in err
+        return
+    assert re.search(r"decompose: +\d+%", err), err
+    assert "/3 [" in err  # one step per block
+    assert "\n" not in err  # leave=False: the finished bar is erased, not left as a line

@@ -99,10 +99,15 @@ class _AdaptersAlias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass  # already executed under its own name
 
 
-def pytest_configure(config):
+def install_alias() -> None:
+    """At this plugin's import (``-p``, before the conftests import the package, whose analyses import the
+    adapters' interface): the mutated ``adapters/`` answer for ``implicit_updates.adapters``."""
     if ROOT.name == "mutants" and not any(isinstance(f, _AdaptersAlias) for f in sys.meta_path):
         assert "implicit_updates.adapters" not in sys.modules, "the original adapters were imported first"
         sys.meta_path.insert(0, _AdaptersAlias())
+
+
+install_alias()
 
 
 def pytest_collection_modifyitems(config, items):
