@@ -137,6 +137,19 @@ def swapped_while_running(replacements: dict[nn.Module, Callable[[], list[Replac
     loaded the parameters, before it offloads them). ``extra``: more ``(module, "pre" | "fwd", fn)`` hooks to hold
     for the same span. A replacement of another shape than the tensor it replaces raises ``ValueError``."""
     saved: dict[nn.Module, list[Replacement]] = {}
+    with inside_forward(swap_hooks(replacements, saved) + list(extra)):
+        try:
+            yield
+        finally:  # a forward that raised left its replacements in: back before accelerate's own cleanup
+            for originals in saved.values():
+                put_back(originals)
+            saved.clear()
+
+
+def swap_hooks(replacements: dict[nn.Module, Callable[[], list[Replacement]]],
+               saved: dict[nn.Module, list[Replacement]]) -> list[tuple[nn.Module, str, Callable]]:
+    """The pre-hook that swaps each module's replacements in (recording the originals in ``saved``) and the forward
+    hook that puts them back, for :func:`swapped_while_running`."""
 
     def swap(module: nn.Module, args) -> None:
         for owner, name, value in replacements[module]():
@@ -151,14 +164,7 @@ def swapped_while_running(replacements: dict[nn.Module, Callable[[], list[Replac
     def restore(module: nn.Module, args, output) -> None:
         put_back(saved.pop(module, []))
 
-    hooks = [(m, "pre", swap) for m in replacements] + [(m, "fwd", restore) for m in replacements] + list(extra)
-    with inside_forward(hooks):
-        try:
-            yield
-        finally:  # a forward that raised left its replacements in: back before accelerate's own cleanup
-            for originals in saved.values():
-                put_back(originals)
-            saved.clear()
+    return [(m, "pre", swap) for m in replacements] + [(m, "fwd", restore) for m in replacements]
 
 
 def put_back(originals: list[Replacement]) -> None:
