@@ -70,8 +70,8 @@ SELECTIONS: dict[str, tuple[str, list[str]]] = {
     # the shared algorithms of the adapter interface (#24): the one capture assembler, the one parameter swap
     "assemble": ("adapters/assemble.py", LITERAL[:3] + VERIFY_TESTS + [CHECKERS + "test_query_one_token_early",
                                                                        "tests/test_toy.py"]),
-    "dispatch": ("implicit_updates/runtime/dispatch.py", ["tests/test_accelerate.py", "tests/test_absorb.py",
-                                                          "tests/test_streaming.py"]),
+    "dispatch": ("implicit_updates/runtime/dispatch.py", ["tests/test_swap.py", "tests/test_accelerate.py",
+                                                          "tests/test_absorb.py", "tests/test_streaming.py"]),
     "precision": ("implicit_updates/runtime/precision.py", ["tests/test_streaming.py",
                                                             "tests/test_float64_formula.py"]),
 }
