@@ -83,9 +83,10 @@ def test_terms_sum_to_the_update_and_dense_terms_to_the_patch(one_thread):
     assert torch.allclose(direct, expected, atol=1e-13, rtol=0)
 
 
-def corrupted_errors(model, corrupt) -> dict[int, torch.Tensor]:
-    """Per block, the max completeness error per position after ``corrupt(capture)`` edits one block's capture."""
-    inputs = tokens()
+def corrupted_errors(model, corrupt, inputs: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+    """Per block, the max completeness error per position after ``corrupt(capture)`` edits one block's capture
+    (on ``inputs``, by default :func:`tokens`); any backend with the attribution capability."""
+    inputs = tokens() if inputs is None else inputs
     result = iu.attribute(model, inputs, dtype=torch.float64)
     with prepared(model, inputs, None, torch.float64) as (adapter, blocks, ids), untouched(model):
         captures = adapter.capture_attention(ids, blocks, "last")

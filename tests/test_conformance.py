@@ -28,6 +28,7 @@ import torch
 import transformers
 from conftest import ARCHITECTURES, assert_untouched, build, rel_err
 from test_hf import layers_of, run_layer, tiny_hf, tokens
+from test_toy_extras import toy
 
 import implicit_updates as iu
 from implicit_updates.adapters import adapter_classes
@@ -36,7 +37,6 @@ from implicit_updates.analyses.continuation import ContinuationAbsorption, absor
 from implicit_updates.analyses.dynamics import max_relative_difference, prefix_decomposition, suffix_removal
 from implicit_updates.errors import UnsupportedArchitectureError
 from implicit_updates.experiments import icl
-from implicit_updates.models.toy import ToyTransformer
 
 F64 = torch.float64
 EXACT = 1e-10  # float64 block outputs, relative
@@ -98,15 +98,6 @@ class Subject:
         with assert_untouched(module):
             yield
         assert {name: m.__dict__.get("forward") for name, m in module.named_modules()} == forwards
-
-
-def toy(**overrides) -> ToyTransformer:
-    model = ToyTransformer(seed=0, **overrides)
-    with torch.no_grad():  # random LayerNorm affine parameters and biases, so no term is trivially zero
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    return model.eval()
 
 
 def one_word_tokenizer(vocab: int = 61):

@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import assert_untouched, check_onepass, rel_err
 from einops import einsum
+from test_attribution import corrupted_errors
 
 import implicit_updates as iu
-from implicit_updates.analyses.attribution import attribute_block
 from implicit_updates.analyses.decompose import prepared, untouched
 from implicit_updates.analyses.dynamics import max_relative_difference, prefix_decomposition
 from implicit_updates.errors import UnsupportedArchitectureError
@@ -96,20 +96,6 @@ def test_layer_norm_paths_near_its_pole_need_nodes_and_completeness_says_so():
     assert iu.attribute(model, x, dtype=F64, nodes=128).completeness_error() <= TOL
 
 
-def corrupted_errors(model, x, corrupt) -> dict[int, torch.Tensor]:
-    """Per block, the max completeness error per position after ``corrupt(capture)`` edits one block's capture."""
-    result = iu.attribute(model, x, dtype=F64)
-    with prepared(model, x, None, F64) as (adapter, blocks, inputs), untouched(model):
-        captures = adapter.capture_attention(inputs, blocks, "last")
-    out = {}
-    for cap in captures:
-        corrupt(cap)
-        b = result.block(cap.block)
-        fresh = attribute_block(cap, b.maps, b.columns, b.row, b.delta_b)
-        out[cap.block] = torch.stack(list(fresh.completeness().values())).amax(0)[0]
-    return out
-
-
 def test_a_corrupted_pattern_shows_at_its_block_and_position():
     model, x = toy(**VARIANTS["layer-norm"]), prompt()
 
@@ -118,7 +104,7 @@ def test_a_corrupted_pattern_shows_at_its_block_and_position():
             cap.pattern = cap.pattern.clone()
             cap.pattern[0, 2, 5, 3] += 1e-6  # head 2's weight on source token 3, at position 5
 
-    errors = corrupted_errors(model, x, corrupt)
+    errors = corrupted_errors(model, corrupt, x)
     assert errors[1][5] > 1e-8
     assert errors[1][torch.arange(8) != 5].max() <= TOL
     assert float(errors[0].max()) <= TOL
@@ -132,7 +118,7 @@ def test_a_wrong_value_projection_shows():
             cap.values = cap.values.clone()
             cap.values[0, 1, 4] *= 1.0 + 1e-6  # head 1's projected value of source token 4
 
-    errors = corrupted_errors(model, x, corrupt)
+    errors = corrupted_errors(model, corrupt, x)
     assert float(errors[0][4:].min()) > 1e-10  # every position attending to token 4
     assert float(errors[0][:4].max()) <= TOL
     assert float(errors[1].max()) <= TOL
