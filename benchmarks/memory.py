@@ -2,11 +2,10 @@
 
     python benchmarks/memory.py [--model gemma-3-270m --model smollm2-135m] [--json PATH]
 
-Every row is one child process (``python benchmarks/memory.py --child MODEL PATH``) that loads the model as a
-float32 HookedTransformer (``implicit_updates.models.pretrained``, as ``implicit-updates verify --model NAME`` does),
-runs
-one workload on the prompt ``PROMPT`` in float64 and reports its peak RSS (VmHWM from /proc/self/status: the
-high-water mark of the whole process, loading included; this driver imports no torch, so the peak a child inherits
+Every row is one child process (``python benchmarks/memory.py --child MODEL PATH``) that loads the model as a float32
+HookedTransformer (``implicit_updates.models.pretrained``, as ``implicit-updates verify --model NAME`` does), runs one
+workload on the prompt ``PROMPT`` in float64 and reports its peak RSS (VmHWM from /proc/self/status: the high-water mark
+of the whole process, loading included; this driver imports no torch, so the peak a child inherits
 across exec is the driver's ~20 MB). Paths:
 
 - ``load``: loading alone (the baseline the targets compare with).

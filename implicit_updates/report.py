@@ -1,8 +1,7 @@
 """Everything about one prompt as plain numbers (``report(model, prompt)``), the data behind the HTML views.
 
-Each ``*_data`` function reads a result object through its public API and returns JSON-able dicts of lists; the
-HTML views (:mod:`implicit_updates.views.html`) only format them, and ``--json`` writes the very same dict, so the
-page and
+Each ``*_data`` function reads a result object through its public API and returns JSON-able dicts of lists; the HTML
+views (:mod:`implicit_updates.views.html`) only format them, and ``--json`` writes the very same dict, so the page and
 the file cannot disagree. No number is computed here beyond the norms of the stored factors.
 """
 

@@ -73,14 +73,13 @@ def attribute(model, prompt, query: str = "last", blocks=None, dtype=None, nodes
               progress: bool | None = None) -> Attribution:
     """Split every block's implicit update exactly into one rank-one update per (head, context token).
 
-    Returns, per block and position, each term's contribution to the first-layer columns and to the output
-    correction, factored (Eqs. 1-3 of this module), with ``completeness_error()``, per-token and per-head scores and
-    dense per-term updates on request (``term_patch``). This is the *direct* attribution at each block: a token's
-    influence through earlier blocks is in ``residual`` (the block input's difference). Arguments as
+    Returns, per block and position, each term's contribution to the first-layer columns and to the output correction,
+    factored (Eqs. 1-3 of this module), with ``completeness_error()``, per-token and per-head scores and dense per-term
+    updates on request (``term_patch``). This is the *direct* attribution at each block: a token's influence through
+    earlier blocks is in ``residual`` (the block input's difference). Arguments as
     :func:`implicit_updates.analyses.decompose`; ``nodes``: Gauss-Legendre points of the path integrals. The user's
-    model is
-    left bit-identical, without hooks, in its mode, on its device. Hugging Face models and TransformerBridge run
-    with eager attention while this runs (both the decomposition and the capture: the pattern split is the one the
+    model is left bit-identical, without hooks, in its mode, on its device. Hugging Face models and TransformerBridge
+    run with eager attention while this runs (both the decomposition and the capture: the pattern split is the one the
     decomposed forward used), their configs' attention implementation restored on any exit.
     """
     from implicit_updates.adapters.base import require

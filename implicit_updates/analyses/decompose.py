@@ -126,8 +126,7 @@ def prepared(model: nn.Module, prompt, blocks, dtype, upcast: str = "stream", re
 
     ``upcast="stream"`` computes on the user's model itself, each module upcast only while it runs
     (:func:`implicit_updates.runtime.precision.computed_in`: no copy of the model); ``"copy"`` on an upcast deep copy
-    (the
-    whole-copy path, kept as a reference; both give the same numbers). ``adapter.compute_dtype`` is the dtype.
+    (the whole-copy path, kept as a reference; both give the same numbers). ``adapter.compute_dtype`` is the dtype.
     An nnsight model is guarded through the torch model it wraps; its traces run where ``remote`` says.
     """
     if upcast not in ("stream", "copy"):

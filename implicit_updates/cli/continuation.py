@@ -1,7 +1,7 @@
 """``implicit-updates absorb --continuation TEXT [--lora DIR]``: the prompt absorbed into a rank-K update per block,
 exact on the K continuation tokens (:func:`implicit_updates.analyses.continuation.absorb_continuation`), optionally
-written
-as a PEFT LoRA adapter. Without ``--continuation`` the ``absorb`` command is the one-token absorption (``cli.py``).
+written as a PEFT LoRA adapter. Without ``--continuation`` the ``absorb`` command is the one-token absorption
+(``cli/commands.py``).
 """
 
 from __future__ import annotations

