@@ -130,16 +130,15 @@ def absorb_continuation(model: nn.Module, prefix: Tensor, continuation: Tensor,
     """
     if output not in ("auto", "matrix"):
         raise ValueError(f"output must be 'auto' or 'matrix', not {output!r}")
-    from implicit_updates.adapters import adapter_for
-
-    require(adapter_for(model), "continuation")  # before the inputs are read as token ids (the toy's are residuals)
     prefix, continuation = _ids(prefix), _ids(continuation)
     if continuation.shape[1] < 1:
         raise ValueError("the continuation is empty: give at least one token")
     if prefix.shape[0] != 1:
         raise ValueError(f"one prefix (batch 1) is absorbed, got a batch of {prefix.shape[0]}")
     # n stacked continuations [n, K], each run after the prefix: one update exact on all n * K positions
-    full = torch.cat([prefix.expand(continuation.shape[0], -1), continuation.to(prefix.device)], dim=1)
+    # (any trailing shape: continuous inputs reach prepared(), whose adapter refuses them by its capability)
+    full = torch.cat([prefix.expand(continuation.shape[0], *prefix.shape[1:]), continuation.to(prefix.device)],
+                     dim=1)
     with prepared(model, full, None, dtype) as (adapter, block_ids, inputs):
         require(adapter, "continuation")
         rcond = default_rcond(adapter.compute_dtype) if rcond is None else rcond
