@@ -263,11 +263,7 @@ def capture_prefixes(adapter, inputs: Tensor, blocks: list[int], chunk_size: int
     rows are processed ``chunk_size`` at a time; a chunk's scores are ``[heads, rows, i_max + 1]``.
     """
     check_prefix_support(adapter, inputs.shape[1])
-    if inputs.shape[0] != 1:
-        raise ValueError(f"prefix dynamics takes one prompt (batch 1), got batch {inputs.shape[0]}")
-    n = inputs.shape[1] - 1
-    if n < 1:
-        raise ValueError("the prompt needs at least one context token before the query")
+    n = inputs.shape[1] - 1  # (one prompt with a context: checked by prefix_decomposition)
     model, last = adapter.model, max(blocks) + 1
     adapter.continuous = inputs.is_floating_point()  # its query-alone runs follow the inputs' convention
     context = context_keys_values(adapter, inputs, last)

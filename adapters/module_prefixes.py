@@ -362,11 +362,7 @@ def capture_prefixes(adapter, inputs: Tensor, blocks: list[int], chunk_size: int
 
     ``inputs``: one prompt ``[1, N+1]`` (token ids) or ``[1, N+1, d_model]`` (continuous, fed at layer 0).
     """
-    if inputs.shape[0] != 1:
-        raise ValueError(f"prefix dynamics takes one prompt (batch 1), got batch {inputs.shape[0]}")
-    n = inputs.shape[1] - 1
-    if n < 1:
-        raise ValueError("the prompt needs at least one context token before the query")
+    n = inputs.shape[1] - 1  # (one prompt with a context: checked by prefix_decomposition)
     check_module_support(adapter, inputs.shape[1])
     last = max(blocks)
     parts: list[dict[str, Tensor]] = []

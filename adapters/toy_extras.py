@@ -159,13 +159,7 @@ def capture_prefixes(adapter, inputs: Tensor, blocks: list[int], chunk_size: int
     model = adapter.model
     check_prefix_support(model)
     inputs = adapter._continuous(inputs)
-    if inputs.shape[0] != 1:
-        raise ValueError(f"prefix dynamics takes one prompt (batch 1), got batch {inputs.shape[0]}")
-    n = inputs.shape[1] - 1
-    if n < 1:
-        raise ValueError("the prompt needs at least one context token before the query")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, not {chunk_size!r}")
+    n = inputs.shape[1] - 1  # (one prompt with a context: checked by prefix_decomposition)
     last = max(blocks) + 1
     context = context_keys_values(model, inputs[:, :-1], last)
     parts: dict[int, list[dict[str, Tensor]]] = {b: [] for b in blocks}

@@ -161,3 +161,11 @@ def test_onepass_refuses_without_the_causal_mask():
     with assert_untouched(model):  # the naive method is the way there
         naive = prefix_decomposition(model, x, dtype=F64, method="naive")
     assert naive.verify().max_rel_err <= EXACT
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, 2.5])
+def test_a_bad_chunk_size_is_refused_before_any_backend_runs(chunk_size):
+    """The one pass's ``chunk_size`` is checked once, by ``prefix_decomposition``, for every backend."""
+    model = toy(**VARIANTS["default"])
+    with assert_untouched(model), pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        prefix_decomposition(model, prompt(), dtype=F64, method="onepass", chunk_size=chunk_size)

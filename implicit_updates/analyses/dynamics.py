@@ -94,6 +94,8 @@ def prefix_decomposition(model: nn.Module, prompt, blocks: int | Sequence[int] |
             updates = _naive_updates(adapter.user_model, inputs, block_ids, _dtype(adapter))
         else:
             require(adapter, "prefix_onepass")
+            if not isinstance(chunk_size, int) or chunk_size < 1:
+                raise ValueError(f"chunk_size must be a positive integer, not {chunk_size!r}")
             with untouched(adapter.model):
                 captures = adapter.prefix_captures(inputs, block_ids, chunk_size=chunk_size, progress=progress)
             updates = decompose_captures(captures)
