@@ -12,6 +12,7 @@ Every adapter serves the core capabilities (decompose and both verify checks); t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -36,6 +37,7 @@ CAPABILITIES: dict[str, str] = {
     "lora": "LoRA export (PEFT)",
     "prefix_onepass": "one-pass prefix dynamics",
     "suffix_removal": "suffix removal",
+    "generation": "absorbed generation (KV-cached)",
 }
 
 
@@ -117,6 +119,21 @@ class Adapter(Protocol):
 
     def peft_base(self) -> nn.Module:
         """``continuation`` exports: the Hugging Face model a PEFT LoRA attaches to."""
+
+    def cached_step(self, inputs: Tensor, cache: object | None) -> tuple[dict[str, Tensor], Tensor, object]:
+        """``generation``: the model's own KV-cached forward on new token ids ``inputs`` ``[1, new]`` after those
+        ``cache`` holds (None: none yet). Returns every block's with-context quantities at the last new position
+        (a store for :meth:`block_capture`, each ``[1, 1, ...]``), the logits there ``[1, d_vocab]``, and the cache
+        grown by ``inputs``."""
+
+    def run_absorbing(self, token: Tensor, context: dict[str, Tensor],
+                      update_for: Callable[[BlockCapture], BlockUpdate]) -> tuple[Tensor, Tensor]:
+        """``generation``: the model on ``token`` ``[1, 1]`` alone (position 0) as two rows of one batch. Row 0 is
+        the absorbed model: each block's update, computed by ``update_for`` from the block's capture (``context``
+        and the query-alone quantities of the input the block actually receives), is added in factored form while
+        the block runs. Row 1 runs unpatched (the control). Returns both rows' logits ``[2, d_vocab]`` and every
+        block's output in row 0 ``[n_blocks, d_model]`` (an update computed where a block actually runs maps any input
+        to its with-context output, so only these show an earlier block's error)."""
 
 
 def require(adapter: Adapter, capability: str) -> None:

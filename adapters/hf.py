@@ -77,7 +77,7 @@ class HFAdapter(ModuleAdapter):
 
     backend = "Hugging Face"
     capabilities = frozenset({"decompose", "copy", "absorbed", "attribution", "continuation", "lora",
-                              "prefix_onepass", "suffix_removal"})
+                              "prefix_onepass", "suffix_removal", "generation"})
     limits: dict[str, str] = {}
 
     def __init__(self, model: nn.Module, hf_model: nn.Module | None = None):

@@ -95,7 +95,9 @@ class HookedTransformerAdapter(HookPointCapture):
     capabilities = frozenset({"decompose", "copy", "absorbed", "attribution", "continuation", "prefix_onepass",
                               "suffix_removal"})
     limits = {"lora": "a PEFT LoRA attaches to Hugging Face modules, and this is not a Hugging Face model or a "
-                      "TransformerBridge: apply the update with absorption.patched() (a copy with the weights edited)"}
+                      "TransformerBridge: apply the update with absorption.patched() (a copy with the weights edited)",
+              "generation": "the KV-cached step is not ported to HookedTransformer's cache yet: boot the model as a "
+                            "TransformerBridge (TransformerLens 4's model) or load it with Hugging Face"}
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -40,6 +40,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from implicit_updates.adapters.hf_cache import cache_kwarg, forward_hf
 from implicit_updates.adapters.module_hooks import (
     Stop,
     close,
@@ -56,13 +57,6 @@ from implicit_updates.runtime.hooks import module_hooks
 NAIVE = "use method='naive' (one decompose per prefix)"
 SOFTMAX_LENGTHS = (16, 32, 64)  # row lengths where a CPU softmax kernel changes how it sums (see chunks)
 SOFTMAX_LANES = 64  # a multiple of a CPU softmax's float32 lanes (query_sequence)
-
-
-def _cache_kwarg(hf: nn.Module) -> str | None:
-    """The name the model's forward takes its KV cache under (``cache`` in transformers 5.x, ``past_key_values``
-    before), or None."""
-    params = inspect.signature(hf.forward).parameters
-    return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
 def check_module_support(adapter, n_tokens: int) -> None:
@@ -89,7 +83,7 @@ def check_module_support(adapter, n_tokens: int) -> None:
             f"{name}: bidirectional attention changes the context's activations with every prefix, so no single "
             f"pass can reuse them; {NAIVE}")
     params = inspect.signature(adapter.hf.forward).parameters
-    if _cache_kwarg(adapter.hf) is None or "position_ids" not in params or "attention_mask" not in params:
+    if cache_kwarg(adapter.hf) is None or "position_ids" not in params or "attention_mask" not in params:
         raise UnsupportedArchitectureError(
             f"{name}: its forward takes no KV cache, position_ids or attention_mask, which the one pass places each "
             f"prefix's query with; {NAIVE}")
@@ -142,21 +136,10 @@ def _shared_layer_class():
     return SharedContextLayer
 
 
-def _cache_alias(module, args, kwargs):
-    """TransformerBridge attention components read the KV cache as ``past_key_values`` (or ``layer_past``), while
-    transformers 5's decoder layers pass it as ``cache``: hand it over under the name they read."""
-    if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
-        return args, {**kwargs, "past_key_values": kwargs["cache"]}
-    return args, kwargs
-
-
 def _run(adapter, ids: Tensor, hooks: list, **kwargs) -> None:
     """The model's own forward on ``ids`` with ``hooks`` and extra forward arguments; a ``Stop`` ends it."""
-    bridged = [(p.attention, "pre_kw", _cache_alias) for p in adapter.parts
-               if hasattr(p.attention, "_update_kv_cache")]
     try:
-        with module_hooks(bridged + hooks), adapter.left_as_found():
-            adapter.hf(input_ids=ids, output_attentions=False, output_hidden_states=False, **kwargs)
+        forward_hf(adapter, ids, hooks, **kwargs)
     except Stop:
         pass
 
@@ -188,7 +171,7 @@ def context_cache(adapter, inputs: Tensor, m: int, last: int, finals: dict[int, 
         for b in range(last + 1):
             hooks.append((adapter.parts[b].layer, "fwd", _save_last(finals, b)))
     hooks.append((adapter.parts[last].layer, "fwd", raise_stop))
-    _run(adapter, ids, hooks, use_cache=True, **{_cache_kwarg(adapter.hf): cache})
+    _run(adapter, ids, hooks, use_cache=True, **{cache_kwarg(adapter.hf): cache})
     if len(cache.layers) <= last:
         raise UnsupportedArchitectureError(
             f"{type(adapter.hf).__name__}: its layers did not fill the KV cache ({len(cache.layers)} of {last + 1} "
@@ -224,7 +207,7 @@ def query_rows(adapter, inputs: Tensor, context: list[tuple[Tensor, Tensor]], le
     ids = _ids(inputs, None, hooks, adapter.parts[0].layer, count=rows)
     hooks.append((adapter.parts[last].layer, "fwd", raise_stop))
     _run(adapter, ids, hooks, use_cache=True, attention_mask=mask, position_ids=lengths[:, None],
-         **{_cache_kwarg(adapter.hf): cache})
+         **{cache_kwarg(adapter.hf): cache})
     unflatten(store, torch.Size((rows, 1)))
     return store
 
@@ -284,7 +267,7 @@ def query_sequence(adapter, inputs: Tensor, context: list[tuple[Tensor, Tensor]]
         hooks[0] = (adapter.parts[0].layer, "pre_kw", substitute(row_inputs))
     _run(adapter, rearrange(ids, "r 1 -> 1 r"), [*hooks, (adapter.parts[last].layer, "fwd", raise_stop)],
          use_cache=True, attention_mask=mask[None, None], position_ids=lengths[None, :],
-         **{_cache_kwarg(adapter.hf): cache})
+         **{cache_kwarg(adapter.hf): cache})
     unflatten(store, torch.Size((1, rows)))
     return {k: rearrange(v, "1 r ... -> r 1 ...") if v.dim() >= 3 else v for k, v in store.items()}
 

@@ -23,11 +23,10 @@ from implicit_updates.adapters.assemble import assemble
 from implicit_updates.adapters.experts import Patch, eager_experts, read_flow, stacked_view
 from implicit_updates.adapters.module_hooks import (
     Stop,
-    add,
     add_first,
-    add_rank_one,
     add_scaled,
     close,
+    edit_hooks,
     normalized,
     raise_stop,
     run_post_norm,
@@ -127,6 +126,18 @@ class ModuleAdapter:
     def peft_base(self) -> nn.Module:
         """The Hugging Face model a PEFT LoRA attaches to (a bridge's ``original_model``)."""
         return self.hf
+
+    def cached_step(self, inputs: Tensor, cache: object | None):
+        """The KV-cached forward of absorbed generation (:mod:`.module_generation`)."""
+        from implicit_updates.adapters.module_generation import cached_step
+
+        return cached_step(self, inputs, cache)
+
+    def run_absorbing(self, token: Tensor, context: dict[str, Tensor], update_for):
+        """The absorbed and the control model on the token alone, in one batch (:mod:`.module_generation`)."""
+        from implicit_updates.adapters.module_generation import run_absorbing
+
+        return run_absorbing(self, token, context, update_for)
 
     # -- running ---------------------------------------------------------------------------------------------
 
@@ -340,15 +351,7 @@ class ModuleAdapter:
             t = t if t.shape[1] == 1 else t[:, positions]
             return t if fan_out else rearrange(t.expand(batch, n_pos, *t.shape[2:]), "b n ... -> (b n) 1 ...")
 
-        modules = {name: module for name, module in p.first} | {p.out_weight: p.out}
-        hooks = []
-        for u in update.updates:
-            if isinstance(u, RankOneUpdate):
-                hooks.append((modules[u.name], "fwd", add_rank_one(rows(u.row), rows(u.column))))
-            elif update.correction == "scale":
-                hooks.append((p.post_norm[1], "fwd", add_scaled(rows(u.delta), p.post_norm[1])))
-            else:
-                hooks.append((p.out, "fwd", add(rows(u.delta))))
+        hooks = edit_hooks(p, update, rows)
         x = update.query_input if fan_out else rows(update.query_input)  # [rows, 1, d_model] either way
         store: dict[str, Tensor] = {}
         hooks += [(p.layer, "pre_kw", substitute(x)), (p.layer, "fwd", save_output(store, "out"))]

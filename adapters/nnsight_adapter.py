@@ -52,7 +52,7 @@ class NNsightAdapter(HFAdapter):
     # decompose and verify run as traces (remote=False, "local" or True); the other analyses take no ``remote`` and
     # run on the wrapped model here, by the Hugging Face adapter's hooks (as verify's literal check does)
     capabilities = frozenset({"decompose", "absorbed", "attribution", "continuation", "lora", "prefix_onepass",
-                              "suffix_removal"})
+                              "suffix_removal", "generation"})
     limits = {
         "copy": "in a copy of a model nnsight wraps the modules' forwards still run the original's: use "
                 "`with implicit_updates.absorbed(model, prompt):`, which patches the model itself while it runs",

@@ -34,6 +34,7 @@ class ToyAdapter(HookPointCapture):
     limits = {
         "continuation": "a continuation is token ids, and the toy model reads continuous inputs",
         "lora": "a PEFT LoRA attaches to Hugging Face modules",
+        "generation": "generation emits token ids, and the toy model reads continuous inputs",
     }
 
     def __init__(self, model: ToyTransformer):

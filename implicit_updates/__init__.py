@@ -6,6 +6,7 @@ Dherin et al. 2025 ("Learning without training"), Innocenti & Achour 2025, Goldw
 from implicit_updates.analyses.absorb import AbsorbReport, absorb, absorbed, compare_absorbed
 from implicit_updates.analyses.attribution import Attribution, attribute
 from implicit_updates.analyses.decompose import Decomposition, decompose
+from implicit_updates.analyses.generate import Generation, generate
 from implicit_updates.analyses.verify import BlockReport, VerifyReport
 from implicit_updates.errors import NonFiniteActivationError, UnsupportedArchitectureError
 from implicit_updates.math.core import ZeroQueryNormError
@@ -19,10 +20,12 @@ __all__ = [
     "compare_absorbed",
     "BlockReport",
     "Decomposition",
+    "Generation",
     "NonFiniteActivationError",
     "UnsupportedArchitectureError",
     "VerifyReport",
     "ZeroQueryNormError",
     "decompose",
+    "generate",
 ]
 __version__ = "0.1.0"

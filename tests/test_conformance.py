@@ -253,6 +253,8 @@ def refusal(cap: str, subject: Subject, tmp: Path):
         return lambda: prefix_decomposition(model, prompt, dtype=F64, method="onepass")
     if cap == "suffix_removal":
         return lambda: suffix_removal(model, prompt, 1, dtype=F64)
+    if cap == "generation":
+        return lambda: iu.generate(model, prompt, 2, dtype=F64)
     raise AssertionError(f"no call for capability {cap!r}: add it to refusal() and SERVE")
 
 
@@ -382,9 +384,28 @@ def serve_suffix_removal(subject: Subject, tmp: Path) -> None:
     assert rel_err(unedited, outs[block][-1]) > BLOCK_CONTROL
 
 
+def serve_generation(subject: Subject, tmp: Path) -> None:
+    steps = 3
+    with subject.untouched():
+        result = iu.generate(subject.model, subject.prompt, steps, dtype=F64, keep_logits=True)
+    # the reference: plain greedy generation by a float64 copy, each step a forward of the whole history (no cache)
+    ref, history = f64_copy(subject.ref), subject.prompt
+    for step in range(steps):
+        full = plain_logits(ref, history)[-1]
+        control = plain_logits(ref, history[:, -1:])[-1]
+        assert result.tokens[step] == int(full.argmax()), step
+        assert float((result.logits[step][0] - full).abs().max()) <= LOGITS, step
+        assert float((result.logits[step][1] - full).abs().max()) <= LOGITS, step  # the absorbed model
+        assert float((result.logits[step][2] - control).abs().max()) <= LOGITS, step
+        assert float((control - full).abs().max()) > CONTROL, step
+        history = torch.cat([history, history.new_tensor([[result.tokens[step]]])], dim=1)
+    assert result.agree == steps and result.max_rel_block_err <= EXACT
+
+
 SERVE = {"decompose": serve_decompose, "copy": serve_copy, "absorbed": serve_absorbed,
          "attribution": serve_attribution, "continuation": serve_continuation, "lora": serve_lora,
-         "prefix_onepass": serve_prefix_onepass, "suffix_removal": serve_suffix_removal}
+         "prefix_onepass": serve_prefix_onepass, "suffix_removal": serve_suffix_removal,
+         "generation": serve_generation}
 
 
 # -- the suite -------------------------------------------------------------------------------------------------------

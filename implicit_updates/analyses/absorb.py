@@ -25,6 +25,7 @@ from implicit_updates.analyses.decompose import (
     untouched,
     working_model,
 )
+from implicit_updates.math.core import kl_divergence
 from implicit_updates.runtime.dispatch import Replacement, is_dispatched, swapped_while_running
 from implicit_updates.runtime.precision import computed_in, exact_formula
 
@@ -111,15 +112,11 @@ def compare_absorbed(model: nn.Module, prompt, dtype=None, k: int = 5) -> Absorb
     return AbsorbReport(
         max_abs_logit_diff=float((absorbed - full).abs().max()),
         top1_agree=bool(absorbed.argmax() == full.argmax()),
-        kl_full_vs_absorbed=_kl(logp["full"], logp["absorbed"]),
-        kl_full_vs_control=_kl(logp["full"], logp["control"]),
+        kl_full_vs_absorbed=kl_divergence(logp["full"], logp["absorbed"]),
+        kl_full_vs_control=kl_divergence(logp["full"], logp["control"]),
         max_abs_logit_diff_control=float((control - full).abs().max()),
         top_k={name: _top(lp, k) for name, lp in logp.items()},
     )
-
-
-def _kl(logp: Tensor, logq: Tensor) -> float:
-    return float((logp.exp() * (logp - logq)).sum().clamp_min(0))
 
 
 def _top(logp: Tensor, k: int) -> list[tuple[int, float]]:

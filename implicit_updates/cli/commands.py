@@ -109,6 +109,41 @@ def cmd_absorb(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from implicit_updates.analyses.generate import generate
+
+    check_writable(args.html, "--html")
+    if args.plot:
+        check_plot_backend(args)
+    if args.backend is None and not args.model.startswith("random:"):
+        args.backend = "hf"  # the KV-cached step runs on Hugging Face modules (a bridge's too), not HookedTransformer
+    model = load(args)
+    prompt = parse_prompt(model, args.prompt, args.seq_len, args.seed)
+    result = generate(model, prompt, args.tokens, dtype=args.dtype, progress=True, name=args.model)
+    decode = getattr(getattr(model, "tokenizer", None), "decode", None)
+    print(f"{'step':>4}  {'token':>16}  agrees  {'max |logit diff|':>16}  {'KL':>10}  {'block err':>10}  "
+          f"{'control diff':>12}")
+    for i, s in enumerate(result.steps):
+        token = repr(decode([s.token])) if decode else str(s.token)
+        print(f"{i:>4}  {token:>16}  {'yes' if s.agree else 'NO':>6}  {s.max_abs_logit_diff:>16.3e}  {s.kl:>10.3e}  "
+              f"{s.max_rel_block_err:>10.3e}  {s.control_max_abs_logit_diff:>12.3e}")
+    print(f"{result.agree}/{result.n_steps} steps agree; max |logit diff| {result.max_abs_logit_diff:.3e}; control "
+          f"at least {result.min_control_abs_logit_diff:.3e} off; {result.summary()['seconds']:.2f} s")
+    if result.text is not None:
+        print(f"text: {result.text!r}")
+    if args.plot:
+        result.plot(path=args.plot)
+        print(f"wrote {args.plot}")
+    if args.html:
+        from implicit_updates.views.html import generation_section, page
+
+        Path(args.html).write_text(page(f"implicit-updates generate: {args.model}",
+                                        generation_section(result.to_dict())))
+        print(f"wrote {args.html}")
+    write_json(args.json, result.to_dict())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     check_writable(args.json, "--json")  # before the import: the demo's modules take seconds to load
     from implicit_updates.experiments.demo import run_demo
@@ -271,6 +306,14 @@ def build_parser() -> Parser:
     absorb.add_argument("--lora", metavar="DIR", help="with --continuation: write the update as a PEFT LoRA adapter "
                         "directory (Hugging Face models and bridges; needs peft)")
     absorb.set_defaults(func=cmd_absorb)
+
+    gen = sub.add_parser("generate", help="greedy generation with the context so far absorbed into the weights at "
+                         "every step, each step checked against the full model")
+    add_model_arguments(gen)
+    gen.add_argument("--tokens", type=positive_int, default=20, help="tokens to generate (default 20)")
+    gen.add_argument("--plot", metavar="PATH", help="the per-step errors (needs matplotlib)")
+    gen.add_argument("--html", metavar="PATH", help="a self-contained HTML page of the steps")
+    gen.set_defaults(func=cmd_generate)
 
     demo = sub.add_parser("demo", help="offline: train an in-context regression transformer and decompose it")
     demo.add_argument("--steps", type=positive_int, default=100)

@@ -156,3 +156,8 @@ def reproduction_errors(patched_output: Float[Tensor, "*batch pos d_model"],
 
 class ZeroQueryNormError(ValueError):
     """The query's MLP input is the zero vector: no rank-one update through it exists."""
+
+
+def kl_divergence(log_p: Float[Tensor, " vocab"], log_q: Float[Tensor, " vocab"]) -> float:
+    """``KL(p || q)`` from log-probabilities (clamped at 0: rounding can make it a tiny negative)."""
+    return float((log_p.exp() * (log_p - log_q)).sum().clamp_min(0))

@@ -271,6 +271,25 @@ def absorb_section(a: dict) -> str:
     return meta + f'<div class="iu-absorb">{table(header, rows, left=4)}</div>'
 
 
+def generation_section(g: dict) -> str:
+    """Per step: the full model's token, whether the absorbed model's top-1 agrees, and both distances."""
+    rows = [[str(i), str(s["position"]), f"<code>{s['token']}</code>", "yes" if s["agree"] else "<b>no</b>",
+             fmt(s["max_abs_logit_diff"]), fmt(s["kl"]), fmt(s["max_rel_block_err"]),
+             fmt(s["control_max_abs_logit_diff"]), f"{s['seconds']:.3f}"]
+            for i, s in enumerate(g["steps"])]
+    header = ["step", "position", "token", "top-1 agrees", "max |logit diff|", "KL(full||absorbed)",
+              "worst block output (rel.)", "control max |logit diff|", "seconds"]
+    text = f', text: <code>{visible(g["text"])}</code>' if g.get("text") else ""
+    meta = (f'<div class="iu-meta">{g["agree"]} of {g["n_steps"]} steps agree; absorbed vs full: max |logit diff| '
+            f'<b>{fmt(g["max_abs_logit_diff"])}</b>; control vs full: at least '
+            f'{fmt(g["summary"]["min_control_max_abs_logit_diff"])} (dtype {escape(g["dtype"])}, '
+            f'{escape(g["backend"])}){text}</div>')
+    chart = line_chart("max |logit diff| per step", {
+        "absorbed": [s["max_abs_logit_diff"] for s in g["steps"]],
+        "control": [s["control_max_abs_logit_diff"] for s in g["steps"]]}, x0=0)
+    return meta + chart + legend_list(["absorbed", "control"]) + table(header, rows)
+
+
 def attribution_section(att: dict) -> str:
     extras = att["extras"]
     rows = [[str(b), fmt(extras["residual"][i]), fmt(extras["sink"][i]), fmt(extras["norm_rounding"][i]),
@@ -303,14 +322,18 @@ def report_body(payload: dict) -> str:
     return head + "".join(f'<section id="{sid}"><h2>{escape(h)}</h2>{s}</section>' for sid, h, s in sections) + notes
 
 
-def report_html(payload: dict) -> str:
-    """The whole report as one self-contained page (a Content-Security-Policy forbids any network request)."""
-    title = f"implicit-updates report: {payload['model']}"
+def page(title: str, body: str) -> str:
+    """``body`` as one self-contained page (a Content-Security-Policy forbids any network request)."""
     csp = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:")
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta http-equiv="Content-Security-Policy" '
             f'content="{csp}"><meta name="viewport" content="width=device-width,initial-scale=1">'
             f"<title>{escape(title)}</title><style>{CSS}</style></head><body>"
-            f'<div class="iu">{report_body(payload)}</div></body></html>')
+            f'<div class="iu">{body}</div></body></html>')
+
+
+def report_html(payload: dict) -> str:
+    """The whole report as one self-contained page."""
+    return page(f"implicit-updates report: {payload['model']}", report_body(payload))
 
 
 # -- the result objects' _repr_html_ and __repr__ ---------------------------------------------------------------
@@ -339,6 +362,16 @@ def absorb_html(report) -> str:
     from implicit_updates.views.data import absorb_data
 
     return fragment("<b>AbsorbReport</b> (token ids; the report decodes them)" + absorb_section(absorb_data(report)))
+
+
+def generation_html(g: dict) -> str:
+    return fragment("<b>Generation</b> (absorbed at every step)" + generation_section(g))
+
+
+def generation_repr(g: dict) -> str:
+    return (f"Generation(agree={g['agree']}/{g['n_steps']}, max_abs_logit_diff={g['max_abs_logit_diff']:.3e}, "
+            f"min_control_diff={g['summary']['min_control_max_abs_logit_diff']:.3e}, dtype={g['dtype']}, "
+            f"text={g['text']!r})")
 
 
 def attribution_html(att) -> str:

@@ -92,6 +92,30 @@ def attribution_heatmap(scores, tokens: Sequence[str], blocks: Sequence[int] | N
     return ax
 
 
+def generation_steps(g: Mapping, ax=None, path: str | None = None):
+    """Per generation step (a ``Generation.to_dict()``): max |logit diff| from the full model of the absorbed model
+    and of the unpatched control, on a log axis; disagreeing steps marked."""
+    ax = _axes(ax, (5.5, 3.4))
+    steps = g["steps"]
+    x = np.arange(len(steps))
+    floor = np.finfo(float).tiny  # an exact 0 cannot sit on a log axis
+    for key, label in (("max_abs_logit_diff", "absorbed"), ("control_max_abs_logit_diff", "control (unpatched)")):
+        ax.plot(x, [max(s[key], floor) for s in steps], marker="o", markersize=3, label=label)
+    bad = [i for i, s in enumerate(steps) if not s["agree"]]
+    if bad:
+        ax.scatter(bad, [max(steps[i]["max_abs_logit_diff"], floor) for i in bad], color="red", zorder=3,
+                   label="top-1 differs")
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(_pyplot().MaxNLocator(integer=True))
+    ax.set_xlabel("generation step")
+    ax.set_ylabel("max |logit diff| vs full model")
+    ax.set_title(f"{g.get('model') or ''} {g['dtype']}: {g['agree']}/{g['n_steps']} agree".strip(), fontsize="small")
+    ax.legend(fontsize="small")
+    if path:
+        save(ax, path)
+    return ax
+
+
 def save(ax, path: str, dpi: int = 110) -> None:
     """Tight layout and save the axes' figure to ``path``; closes it."""
     plt = _pyplot()
