@@ -187,4 +187,6 @@ def test_cli_generate_refuses_in_one_line(argv, message, capsys):
         main(["generate", *[x for kv in base.items() for x in kv]])
     assert info.value.code == 2
     err = capsys.readouterr().err
+    if "needs TransformerLens 3.x" in err:  # TransformerLens 4.x: no HookedTransformer to refuse
+        pytest.skip(err.strip())
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) <= 3
