@@ -6,7 +6,9 @@ For each task (a few-shot prefix P of lines "x -> y" and queries "{x} ->"), on a
 - ``one other``: the exact update absorbed from P for one training query q (``absorb_continuation(model, P, q)``,
   exact on q's tokens), applied as a weight edit to the model on a held-out q' alone;
 - ``mean of 4``: the mean of four such updates; ``stacked n``: one update exact on n training queries at once
-  (``continuation [n, K]``, rank <= n K);
+  (``continuation [n, K]``, rank <= n K); ``stacked 4, specials only`` (where the tokenizer prepends special tokens,
+  Gemma's ``<bos>``): the same stacked update absorbed from those tokens alone, without the examples, the control
+  that separates what the examples carry from what the special tokens do;
 - ``LoRA (GD)``: gradient descent on a LoRA of the same rank (4 K) on the same matrices (every block's gate, up and
   down projections), trained on the same four training queries to match the full model's next-token distributions at
   their K positions (context distillation; Adam, ``--steps`` steps, lr 1e-3, float32);
@@ -183,6 +185,10 @@ def run_task(model, tokenizer, name: str, pairs: list, steps: int) -> dict:
                                    - last_logits(model, torch.cat([prefix, q[None]], 1))).abs().max())
                             for q in train[:4])
             del stacked
+    if len(specials) and len(train) >= 4:  # the control: what the special tokens alone carry, without the examples
+        control = absorb_continuation(model, specials[None], torch.stack(train[:4]), dtype=torch.float64).patch()
+        evaluate("stacked 4, specials only", control)
+        del control
     start = time.perf_counter()
     lora, lora_loss = lora_gd(model, prefix, torch.stack(train[:4]), 4 * k, steps)
     lora_seconds = time.perf_counter() - start
@@ -204,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     from implicit_updates.models.pretrained import load_pretrained, prepare
 
     torch.manual_seed(0)
-    model = load_pretrained(args.model, "hf", dtype=torch.float64)
+    model = load_pretrained(args.model, "hf", dtype=torch.float64)  # qwen2.5-coder-0.5b: ~5 GB in float64
     tokenizer = load_tokenizer(prepare(args.model))
     out = {"model": args.model, "dtype": "float64", "tasks": []}
     for name in args.task or list(TASKS):
