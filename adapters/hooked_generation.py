@@ -10,8 +10,8 @@ and one forward of it alone, not a forward of the whole history (the HookedTrans
 - :func:`run_absorbing`: the model's own forward on the token alone (position 0, as ``absorb``'s copy runs it), as
   two rows. At each block's MLP input (row 0) the block's capture is complete, so the caller's ``update_for``
   computes the block's update there, and the factored-edit hooks of the patched block run
-  (:func:`~implicit_updates.adapters.hooked_transformer.edit_hooks`) are registered for the rest of that forward; they
-  act on the MLP as it runs. Row 1 gets zero factors: the unpatched control, in the same forward.
+  (``HookedTransformerAdapter.edit_hooks``) are registered for the rest of that forward; they act on the MLP as it
+  runs. Row 1 gets zero factors: the unpatched control, in the same forward.
 
 Block 0's input is the token's own embedding at position 0, as in ``absorb``; block l's is what the patched blocks
 before it output. Every block's output in the absorbed row is returned, for the caller to compare with the
@@ -26,7 +26,6 @@ from contextlib import ExitStack
 import torch
 from torch import Tensor
 
-from implicit_updates.adapters.hooked_transformer import edit_hooks
 from implicit_updates.adapters.tl_common import expert_rows
 from implicit_updates.errors import UnsupportedArchitectureError
 from implicit_updates.runtime.hooks import module_hooks
@@ -121,7 +120,7 @@ def run_absorbing(adapter, token: Tensor, context: dict[str, Tensor],
                 query = {key: value[:1] for key, value in alone.items() if key.startswith(f"blocks.{b}.")}
                 update = update_for(adapter.block_capture(b, context, query, query[f"blocks.{b}.hook_resid_pre"]))
                 live = {"m": args[0]}  # the MLP input of both rows (the control's factors are zero)
-                hook_points, torch_hooks = edit_hooks(adapter, update, absorbed_row, live)
+                hook_points, torch_hooks = adapter.edit_hooks(update, absorbed_row, live)
                 # registered now, they run as the MLP (and its output norm) run; removed when the stack closes
                 stack.enter_context(model.hooks(fwd_hooks=[(name, once(fn)) for name, fn in hook_points]))
                 stack.enter_context(module_hooks([(m, kind, once(fn)) for m, kind, fn in torch_hooks]))

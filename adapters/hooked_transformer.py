@@ -378,12 +378,53 @@ class HookedTransformerAdapter(HookPointCapture):
             return rearrange(t.expand(batch, n_pos, *t.shape[2:]), "b n ... -> (b n) 1 ...")
 
         live: dict[str, Tensor] = {}
-        hook_points, torch_hooks = edit_hooks(self, update, rows, live)
+        hook_points, torch_hooks = self.edit_hooks(update, rows, live)
         torch_hooks.insert(0, (self.model.blocks[b].mlp, "pre", lambda module, args: live.__setitem__("m", args[0])))
         x = update.query_input if fan_out else rows(update.query_input)
         with self.model.hooks(fwd_hooks=hook_points), module_hooks(torch_hooks), exact_alibi(self.model):
             out = self._run_alone(b, x)
         return out if fan_out else rearrange(out, "(b n) 1 d -> b n d", b=batch)
+
+    def edit_hooks(self, update: BlockUpdate, rows: Callable[[Tensor], Tensor], live: dict[str, Tensor]
+                   ) -> tuple[list[tuple[str, Callable]], list[tuple[nn.Module, str, Callable]]]:
+        """The hooks adding ``update``'s edits to its block in factored form, as the literal weight edits act:
+        hook-point hooks ``(name, fn)`` for ``model.hooks`` and torch hooks ``(module, kind, fn)`` for
+        ``module_hooks``.
+
+        A rank-one ``W + outer(row, column)`` adds ``(m . row) column`` where the map's output appears (``m``: the
+        MLP input, which the caller puts in ``live["m"]`` before the MLP runs); a post-MLP norm's scale change adds
+        ``delta * z`` to the MLP output (``z`` its normalized input, recorded into ``live`` by these hooks); an
+        output bias adds ``delta``. ``rows`` shapes each factor for the rows the block runs on. Shared by the
+        patched block run (``run_patched_block``) and absorbed generation's absorbing forward
+        (:mod:`.hooked_generation`), which registers them at the MLP input, once the update is known."""
+        b, p = update.block, f"blocks.{update.block}"
+        hook_points: list[tuple[str, Callable]] = []
+        torch_hooks: list[tuple[nn.Module, str, Callable]] = []
+        mlp = self.model.blocks[b].mlp
+        if self.output_norm:
+            hook_points.append((f"{p}.{self.output_norm}.hook_normalized",
+                                lambda act, hook: live.__setitem__("z", act)))
+        if self.kind == "MoE":
+            hook_points.append((f"{p}.mlp.hook_expert_indices", lambda act, hook: live.__setitem__("idx", act)))
+
+        for u in update.updates:
+            if isinstance(u, RankOneUpdate) and u.name == f"{p}.mlp.W_out":  # flattening before a post-MLP norm
+                hook_points.append((f"{p}.mlp.hook_post", lambda act, hook: live.__setitem__("p", act)))
+                torch_hooks.append((mlp, "fwd", _add_rank_one_at_output(live, rows(u.row), rows(u.column))))
+            elif isinstance(u, RankOneUpdate):
+                site = self._site(u.name)
+                if isinstance(site, str):
+                    hook_points.append((site, _add_rank_one_at_hook(live, rows(u.row), rows(u.column))))
+                else:
+                    module, expert = site
+                    row, column = (rearrange(rows(t), "r 1 d -> r d") for t in (u.row, u.column))
+                    torch_hooks.append((module, "fwd", _add_rank_one_at_linear(live, row, column, expert, mlp)))
+            elif u.name == f"{p}.mlp.b_out" and update.correction == "scale":  # flattening where the hidden is 0
+                torch_hooks.append((mlp, "fwd", _add_at_output(rows(u.delta))))
+            else:
+                hook_points.append((f"{p}.hook_mlp_out", _add_output_correction(live, rows(u.delta),
+                                                                                 update.correction == "scale")))
+        return hook_points, torch_hooks
 
     def _site(self, name: str):
         """Where a parameter's map output appears: a hook point name, or (nn.Linear module, expert index)."""
@@ -396,46 +437,6 @@ class HookedTransformerAdapter(HookPointCapture):
         parts = module_path.split(".")
         expert = int(parts[parts.index("experts") + 1]) if "experts" in parts else None
         return module, expert
-
-
-def edit_hooks(adapter: HookedTransformerAdapter, update: BlockUpdate, rows: Callable[[Tensor], Tensor],
-               live: dict[str, Tensor]) -> tuple[list[tuple[str, Callable]], list[tuple[nn.Module, str, Callable]]]:
-    """The hooks adding ``update``'s edits to its block in factored form, as the literal weight edits act: hook-point
-    hooks ``(name, fn)`` for ``model.hooks`` and torch hooks ``(module, kind, fn)`` for ``module_hooks``.
-
-    A rank-one ``W + outer(row, column)`` adds ``(m . row) column`` where the map's output appears (``m``: the MLP
-    input, which the caller puts in ``live["m"]`` before the MLP runs); a post-MLP norm's scale change adds
-    ``delta * z`` to the MLP output (``z`` its normalized input, recorded into ``live`` by these hooks); an output
-    bias adds ``delta``. ``rows`` shapes each factor for the rows the block runs on. Shared by the patched block run
-    (``run_patched_block``) and absorbed generation's absorbing forward (:mod:`.hooked_generation`)."""
-    b, p = update.block, f"blocks.{update.block}"
-    hook_points: list[tuple[str, Callable]] = []
-    torch_hooks: list[tuple[nn.Module, str, Callable]] = []
-    mlp = adapter.model.blocks[b].mlp
-    if adapter.output_norm:
-        hook_points.append((f"{p}.{adapter.output_norm}.hook_normalized",
-                            lambda act, hook: live.__setitem__("z", act)))
-    if adapter.kind == "MoE":
-        hook_points.append((f"{p}.mlp.hook_expert_indices", lambda act, hook: live.__setitem__("idx", act)))
-
-    for u in update.updates:
-        if isinstance(u, RankOneUpdate) and u.name == f"{p}.mlp.W_out":  # flattening before a post-MLP norm
-            hook_points.append((f"{p}.mlp.hook_post", lambda act, hook: live.__setitem__("p", act)))
-            torch_hooks.append((mlp, "fwd", _add_rank_one_at_output(live, rows(u.row), rows(u.column))))
-        elif isinstance(u, RankOneUpdate):
-            site = adapter._site(u.name)
-            if isinstance(site, str):
-                hook_points.append((site, _add_rank_one_at_hook(live, rows(u.row), rows(u.column))))
-            else:
-                module, expert = site
-                row, column = (rearrange(rows(t), "r 1 d -> r d") for t in (u.row, u.column))
-                torch_hooks.append((module, "fwd", _add_rank_one_at_linear(live, row, column, expert, mlp)))
-        elif u.name == f"{p}.mlp.b_out" and update.correction == "scale":  # flattening where the hidden is 0
-            torch_hooks.append((mlp, "fwd", _add_at_output(rows(u.delta))))
-        else:
-            hook_points.append((f"{p}.hook_mlp_out", _add_output_correction(live, rows(u.delta),
-                                                                             update.correction == "scale")))
-    return hook_points, torch_hooks
 
 
 def refuse_unexact_output_norm(cfg, block: nn.Module, output_norm: str | None) -> None:
