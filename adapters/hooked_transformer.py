@@ -93,11 +93,9 @@ class HookedTransformerAdapter(HookPointCapture):
 
     backend = "HookedTransformer"
     capabilities = frozenset({"decompose", "copy", "absorbed", "attribution", "continuation", "prefix_onepass",
-                              "suffix_removal"})
+                              "suffix_removal", "generation"})
     limits = {"lora": "a PEFT LoRA attaches to Hugging Face modules, and this is not a Hugging Face model or a "
-                      "TransformerBridge: apply the update with absorption.patched() (a copy with the weights edited)",
-              "generation": "the KV-cached step is not ported to HookedTransformer's cache yet: boot the model as a "
-                            "TransformerBridge (TransformerLens 4's model) or load it with Hugging Face"}
+                      "TransformerBridge: apply the update with absorption.patched() (a copy with the weights edited)"}
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -306,6 +304,18 @@ class HookedTransformerAdapter(HookPointCapture):
 
         return hooked_blocks(self, inputs, blocks, k, rcond, output)
 
+    def cached_step(self, inputs: Tensor, cache: object | None):
+        """The KV-cached forward of absorbed generation, on TransformerLens's cache (:mod:`.hooked_generation`)."""
+        from implicit_updates.adapters.hooked_generation import cached_step
+
+        return cached_step(self, inputs, cache)
+
+    def run_absorbing(self, token: Tensor, context: dict[str, Tensor], update_for):
+        """The absorbed and the control model on the token alone, in one batch (:mod:`.hooked_generation`)."""
+        from implicit_updates.adapters.hooked_generation import run_absorbing
+
+        return run_absorbing(self, token, context, update_for)
+
     def attention_readable(self):
         from implicit_updates.adapters.attribution_hooks import check_hooked
 
@@ -355,7 +365,7 @@ class HookedTransformerAdapter(HookPointCapture):
         runs on that single token and the MLP fans out: its first-layer output is broadcast to one row per
         position, each with its own update (attention runs once). Returns ``[batch, pos, d_model]``.
         """
-        b, p = update.block, f"blocks.{update.block}"
+        b = update.block
         batch, n_pos = update.target_output[:, positions].shape[:2]
         shared_query = update.query_input.shape[1] == 1
         fan_out = shared_query and self.kind != "MoE"  # MoE routes rows by index, so it gets one row per position
@@ -368,10 +378,29 @@ class HookedTransformerAdapter(HookPointCapture):
             return rearrange(t.expand(batch, n_pos, *t.shape[2:]), "b n ... -> (b n) 1 ...")
 
         live: dict[str, Tensor] = {}
+        hook_points, torch_hooks = self.edit_hooks(update, rows, live)
+        torch_hooks.insert(0, (self.model.blocks[b].mlp, "pre", lambda module, args: live.__setitem__("m", args[0])))
+        x = update.query_input if fan_out else rows(update.query_input)
+        with self.model.hooks(fwd_hooks=hook_points), module_hooks(torch_hooks), exact_alibi(self.model):
+            out = self._run_alone(b, x)
+        return out if fan_out else rearrange(out, "(b n) 1 d -> b n d", b=batch)
+
+    def edit_hooks(self, update: BlockUpdate, rows: Callable[[Tensor], Tensor], live: dict[str, Tensor]
+                   ) -> tuple[list[tuple[str, Callable]], list[tuple[nn.Module, str, Callable]]]:
+        """The hooks adding ``update``'s edits to its block in factored form, as the literal weight edits act:
+        hook-point hooks ``(name, fn)`` for ``model.hooks`` and torch hooks ``(module, kind, fn)`` for
+        ``module_hooks``.
+
+        A rank-one ``W + outer(row, column)`` adds ``(m . row) column`` where the map's output appears (``m``: the
+        MLP input, which the caller puts in ``live["m"]`` before the MLP runs); a post-MLP norm's scale change adds
+        ``delta * z`` to the MLP output (``z`` its normalized input, recorded into ``live`` by these hooks); an
+        output bias adds ``delta``. ``rows`` shapes each factor for the rows the block runs on. Shared by the
+        patched block run (``run_patched_block``) and absorbed generation's absorbing forward
+        (:mod:`.hooked_generation`), which registers them at the MLP input, once the update is known."""
+        b, p = update.block, f"blocks.{update.block}"
         hook_points: list[tuple[str, Callable]] = []
+        torch_hooks: list[tuple[nn.Module, str, Callable]] = []
         mlp = self.model.blocks[b].mlp
-        torch_hooks: list[tuple[nn.Module, str, Callable]] = [
-            (mlp, "pre", lambda module, args: live.__setitem__("m", args[0]))]
         if self.output_norm:
             hook_points.append((f"{p}.{self.output_norm}.hook_normalized",
                                 lambda act, hook: live.__setitem__("z", act)))
@@ -395,11 +424,7 @@ class HookedTransformerAdapter(HookPointCapture):
             else:
                 hook_points.append((f"{p}.hook_mlp_out", _add_output_correction(live, rows(u.delta),
                                                                                  update.correction == "scale")))
-
-        x = update.query_input if fan_out else rows(update.query_input)
-        with self.model.hooks(fwd_hooks=hook_points), module_hooks(torch_hooks), exact_alibi(self.model):
-            out = self._run_alone(b, x)
-        return out if fan_out else rearrange(out, "(b n) 1 d -> b n d", b=batch)
+        return hook_points, torch_hooks
 
     def _site(self, name: str):
         """Where a parameter's map output appears: a hook point name, or (nn.Linear module, expert index)."""

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_untouched, build, hook_count
+from conftest import ARCHITECTURES, assert_untouched, build, hook_count
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_hf import CONFIGS, tiny_hf, tokens
+from test_toy_extras import prompt as toy_prompt
+from test_toy_extras import toy
 
 import implicit_updates as iu
 from implicit_updates.analyses import generate as generate_module
@@ -142,10 +144,85 @@ def test_bad_input_is_refused_in_one_line(stories):
         iu.generate(gpt2, tokens(62), 4)
 
 
-def test_hooked_transformer_is_refused_by_capability():
-    model = build(n_layers=2)
-    with assert_untouched(model), pytest.raises(UnsupportedArchitectureError, match="capability 'generation'"):
-        iu.generate(model, tokens(4), 2)
+def test_a_backend_without_generation_is_refused_by_capability():
+    """The toy reads continuous inputs, so it declares no generation: refused by the capability, in one line."""
+    model = toy(n_layers=2)
+    with assert_untouched(model), pytest.raises(UnsupportedArchitectureError, match="capability 'generation'") as info:
+        iu.generate(model, toy_prompt(4), 2)
+    assert len(str(info.value).splitlines()) == 1
+
+
+# -- HookedTransformer (TransformerLens 3.x): its own KV cache for the step, its hook points for the absorbing run ---
+
+
+def hooked_plain(model, ids: torch.Tensor) -> torch.Tensor:
+    """The last position's logits of a HookedTransformer's plain forward (no cache, no hooks)."""
+    with torch.no_grad():
+        return model(ids)[0, -1]
+
+
+@settings(max_examples=20, deadline=None)
+@given(arch=st.sampled_from(sorted(ARCHITECTURES)), n=st.integers(1, 7), steps=st.integers(1, 3),
+       seed=st.integers(0, 50))
+def test_hooked_every_step_matches_plain_forwards_of_the_history(arch, n, steps, seed):
+    """Every HookedTransformer block variant of conftest (norms before/after, gated, SoLU, parallel, rotary GQA,
+    shortformer, ALiBi, local windows, post-norm, mixture of experts), prompt lengths from one token (no context at
+    the first step) and seeds: every step's full (TransformerLens's KV-cached step), absorbed and control logits equal
+    plain float64 forwards of the whole history and of the token alone, and every absorbed block output its
+    with-context one."""
+    model = build(seed=seed % 3, **ARCHITECTURES[arch])
+    reference = copy.deepcopy(model).to(F64)
+    history = tokens(n, seed=seed)
+    with assert_untouched(model):
+        result = iu.generate(model, history, steps, dtype=F64, keep_logits=True)
+    assert result.backend == "HookedTransformer"
+    for step in range(steps):
+        full = hooked_plain(reference, history)
+        assert result.tokens[step] == int(full.argmax()), (arch, step)
+        for got in result.logits[step][:2]:  # the full model's cached step, and the absorbed model
+            assert float((got - full).abs().max()) <= 1e-9, (arch, step)
+        assert float((result.logits[step][2] - hooked_plain(reference, history[:, -1:])).abs().max()) <= 1e-9
+        history = torch.cat([history, torch.tensor([[result.tokens[step]]])], dim=1)
+    assert result.max_rel_block_err <= 1e-10
+
+
+@pytest.mark.parametrize("arch", ["layernorm", "gqa-rotary", "pre-post-norm-gemma", "shortformer"])
+def test_hooked_each_step_is_the_literal_absorb_of_the_whole_history(arch):
+    """The incremental path equals ``absorb`` of the whole history (a copy with its weights literally edited) run on
+    the token alone: biases, rotary GQA, a post-MLP norm's scale correction, shortformer positions."""
+    model = build(**ARCHITECTURES[arch])
+    history, steps = tokens(6, seed=5), 4
+    with assert_untouched(model):
+        result = iu.generate(model, history, steps, dtype=F64, keep_logits=True)
+    for step in range(steps):
+        patched = iu.absorb(model, history, dtype=F64)  # decomposes the whole history, edits real weights
+        absorbed = hooked_plain(patched, history[:, -1:])
+        assert float((result.logits[step][1] - absorbed).abs().max()) <= 1e-12, (arch, step)
+        assert float((result.logits[step][2] - absorbed).abs().max()) > 1e-3  # the edits did something
+        history = torch.cat([history, torch.tensor([[result.tokens[step]]])], dim=1)
+    assert result.agree == steps
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(attention_dir="bidirectional"), "attention_dir='bidirectional'"),
+    (dict(ARCHITECTURES["gqa-rotary"], ungroup_grouped_query_attention=True), "ungroup_grouped_query_attention"),
+])
+def test_hooked_what_the_cache_cannot_carry_is_refused_in_one_line(overrides, match):
+    model = build(**overrides)
+    with assert_untouched(model), pytest.raises(UnsupportedArchitectureError, match=match) as info:
+        iu.generate(model, tokens(4), 2, dtype=F64)
+    assert len(str(info.value).splitlines()) == 1
+
+
+def test_hooked_non_finite_activations_leave_no_hook():
+    """An error raised inside the absorbing forward, after block 0's edit hooks were registered in it (block 1's
+    update cannot be computed from a NaN), leaves no hook and the model as it was."""
+    model = build(**ARCHITECTURES["gated"])
+    with torch.no_grad():
+        model.blocks[1].mlp.W_in[0, 0] = float("nan")
+    with assert_untouched(model), pytest.raises(NonFiniteActivationError, match="block 1"):
+        iu.generate(model, tokens(4), 2, dtype=F64)
+    assert hook_count(model) == 0
 
 
 def test_non_finite_activations_leave_no_hook(stories):
@@ -174,9 +251,28 @@ def test_cli_generate_writes_the_json_the_issue_names(tmp_path, capsys):
     assert "Content-Security-Policy" in (tmp_path / "gen.html").read_text()
 
 
+def test_cli_generate_runs_a_hooked_transformer(tmp_path, capsys):
+    """random:PRESET models are HookedTransformers: generated through TransformerLens's own cache."""
+    from implicit_updates.cli import main
+
+    out = tmp_path / "gen.json"
+    try:
+        code = main(["generate", "--model", "random:llama", "--prompt", "1,2,3,4", "--tokens", "3", "--dtype",
+                     "float64", "--json", str(out)])
+    except SystemExit as exit_:  # TransformerLens 4.x: no HookedTransformer to build random:PRESET with
+        err = capsys.readouterr().err
+        if "needs TransformerLens 3.x" in err:
+            pytest.skip(err.strip())
+        raise AssertionError(err) from exit_
+    assert code == 0
+    payload = json.loads(out.read_text())
+    assert payload["backend"] == "HookedTransformer" and payload["n_steps"] == 3 and payload["agree"] == 3
+    assert payload["max_abs_logit_diff"] <= 1e-9 and payload["summary"]["max_rel_block_err"] <= 1e-10
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--tokens", "0"], "must be at least 1"),
-    (["--model", "random:gpt2-small"], "capability 'generation'"),
+    (["--model", "random:llama", "--tokens", "600"], "at most 510 tokens"),  # 512 positions, 3 in the prompt
 ])
 def test_cli_generate_refuses_in_one_line(argv, message, capsys):
     from implicit_updates.cli import main
@@ -187,6 +283,6 @@ def test_cli_generate_refuses_in_one_line(argv, message, capsys):
         main(["generate", *[x for kv in base.items() for x in kv]])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    if "needs TransformerLens 3.x" in err:  # TransformerLens 4.x: no HookedTransformer to refuse
+    if "needs TransformerLens 3.x" in err:  # TransformerLens 4.x: no HookedTransformer to build random:PRESET with
         pytest.skip(err.strip())
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) <= 3

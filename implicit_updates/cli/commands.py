@@ -116,7 +116,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.plot:
         check_plot_backend(args)
     if args.backend is None and not args.model.startswith("random:"):
-        args.backend = "hf"  # the KV-cached step runs on Hugging Face modules (a bridge's too), not HookedTransformer
+        args.backend = "hf"  # a local model generates with its own Hugging Face forward and cache (no conversion)
     model = load(args)
     prompt = parse_prompt(model, args.prompt, args.seq_len, args.seed)
     result = generate(model, prompt, args.tokens, dtype=args.dtype, progress=True, name=args.model)
