@@ -69,10 +69,7 @@ def cached_step(adapter, inputs: Tensor, cache: object | None) -> tuple[dict[str
     mask = torch.ones(inputs.shape, dtype=torch.long, device=inputs.device)
     with adapter._capturing(blocks, store):  # (exact ALiBi tables of the cached length + the new tokens)
         logits = model(inputs, past_kv_cache=cache, attention_mask=mask)
-    last = last_position(adapter, store, inputs.shape[1])
-    for b in blocks:  # the name generate() reads each block's with-context output by (as on the module backends)
-        last[f"{b}.resid_post"] = last[f"blocks.{b}.hook_resid_post"]
-    return last, logits[:, -1], cache
+    return last_position(adapter, store, inputs.shape[1]), logits[:, -1], cache
 
 
 def last_position(adapter, store: dict[str, Tensor], n: int) -> dict[str, Tensor]:

@@ -135,19 +135,26 @@ def generate(model: nn.Module, prompt: str | Sequence[int] | Tensor, max_new_tok
                              f"model's {limit} positions: ask for at most {limit - inputs.shape[1] + 1} tokens")
         steps, tokens, logits = [], [], []
         history = inputs
+        targets: dict[int, Tensor] = {}  # each block's with-context output, from the capture its update came from
+
+        def update_for(capture: BlockCapture) -> BlockUpdate:
+            targets[capture.block] = capture.output[0, -1]
+            return _update(capture)
+
         with untouched(adapter.model):
             start = time.perf_counter()
             context, full, cache = adapter.cached_step(inputs, None)
             for step in tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False):
+                targets.clear()
                 try:
-                    both, outputs = adapter.run_absorbing(history[:, -1:], context, _update)
+                    both, outputs = adapter.run_absorbing(history[:, -1:], context, update_for)
                 except ZeroQueryNormError as err:
                     raise ZeroQueryNormError(f"step {step} (token {int(history[0, -1])} at position "
                                              f"{history.shape[1] - 1}): {err}") from err
                 token = int(full[0].argmax())
-                targets = torch.stack([context[f"{b}.resid_post"][0, -1] for b in range(adapter.n_blocks)])
+                target = torch.stack([targets[b] for b in range(adapter.n_blocks)])
                 steps.append(_step(history.shape[1] - 1, token, full[0], both[0], both[1],
-                                   float(core.relative_errors(outputs, targets).max()), time.perf_counter() - start))
+                                   float(core.relative_errors(outputs, target).max()), time.perf_counter() - start))
                 tokens.append(token)
                 if keep_logits:
                     logits.append(torch.stack([full[0], both[0], both[1]]))
