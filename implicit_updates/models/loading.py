@@ -4,8 +4,9 @@
 - ``"bridge"``: TransformerLens's ``TransformerBridge`` around that HF model (TL 3.x ships it; TL 4.x's only model).
 - ``"nnsight"``: that HF model wrapped as an nnsight model (its traces run the HF model's own modules).
 - ``"hooked"``: a TransformerLens 3.x ``HookedTransformer`` built from the HF config with TransformerLens's own
-  Llama weight conversion and no weight processing (no LayerNorm folding, no centering), i.e. the numerics of
-  ``from_pretrained_no_processing``; TL 3.x's ``from_pretrained`` only accepts official model names.
+  Llama (or Qwen2: a Llama with q/k/v biases) weight conversion and no weight processing (no LayerNorm folding, no
+  centering), i.e. the numerics of ``from_pretrained_no_processing``; TL 3.x's ``from_pretrained`` only accepts
+  official model names.
 
 Everything is offline: ``HF_HUB_OFFLINE=1`` is set so a missing file fails fast instead of reaching for the hub.
 """
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 BACKENDS = ("hooked", "bridge", "hf", "nnsight")
+HOOKED_TYPES = ("llama", "qwen2")  # the HF model types load_hooked converts
 
 
 class HookedTransformerUnavailable(ImportError):
@@ -99,12 +101,15 @@ def load_bridge(path: str | Path, device: str = "cpu", dtype: torch.dtype = torc
 
 def hooked_config(hf_config, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """A ``HookedTransformerConfig`` for a Llama-family HF config (what TL's ``convert_hf_model_config`` builds
-    for official Llama names)."""
+    for official Llama and Qwen2 names; a Qwen2 tokenizer adds no BOS, so none is prepended)."""
     _, HookedTransformerConfig = hooked_classes()
     arch = (hf_config.architectures or ["?"])[0]
-    if hf_config.model_type != "llama":
+    if hf_config.model_type not in HOOKED_TYPES:
         raise ValueError(f"loading a local {hf_config.model_type} ({arch}) as a HookedTransformer is not supported: "
-                         "only Llama checkpoints are converted; use backend='bridge' or 'hf'")
+                         "only Llama and Qwen2 checkpoints are converted; use backend='bridge' or 'hf'")
+    if getattr(hf_config, "use_sliding_window", False):
+        raise ValueError(f"{arch} with sliding-window attention has no HookedTransformer equivalent here; use 'bridge'")
+    qwen2 = hf_config.model_type == "qwen2"
     rope = getattr(hf_config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"rope_type {rope['rope_type']!r} has no HookedTransformer equivalent here; use 'bridge'")
@@ -116,19 +121,21 @@ def hooked_config(hf_config, device: str = "cpu", dtype: torch.dtype = torch.flo
         act_fn=hf_config.hidden_act, n_key_value_heads=hf_config.num_key_value_heads,
         normalization_type="RMS", positional_embedding_type="rotary", rotary_adjacent_pairs=False,
         rotary_dim=head_dim, rotary_base=rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)),
-        final_rms=True, gated_mlp=True, original_architecture=arch, tokenizer_prepends_bos=True,
-        device=device, dtype=dtype)
+        final_rms=True, gated_mlp=True, original_architecture=arch, tokenizer_prepends_bos=not qwen2,
+        default_prepend_bos=not qwen2, device=device, dtype=dtype)
 
 
 def load_hooked(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
     HookedTransformer, _ = hooked_classes()
     from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
+    from transformer_lens.pretrained.weight_conversions.qwen2 import convert_qwen2_weights
 
     hf = load_hf(path, dtype=dtype)
     cfg = hooked_config(hf.config, device=device, dtype=dtype)
+    convert = convert_qwen2_weights if hf.config.model_type == "qwen2" else convert_llama_weights
     with contextlib.redirect_stdout(io.StringIO()):
         model = HookedTransformer(cfg, tokenizer=load_tokenizer(path), move_to_device=False)
-        model.load_and_process_state_dict(convert_llama_weights(hf, cfg), fold_ln=False,
+        model.load_and_process_state_dict(convert(hf, cfg), fold_ln=False,
                                           center_writing_weights=False, center_unembed=False,
                                           fold_value_biases=False, refactor_factored_attn_matrices=False)
     return model.to(device)

@@ -8,7 +8,11 @@ float64 is exact, so the forward sees the very numbers an upcast deep copy (``co
 holds: results equal the whole-copy path's. A module's floating buffers are upcast with its parameters, as the copy's
 are. Embedding tables are not upcast at all: a lookup of float32 rows cast to float64 is the lookup of
 the float64 table, so an embedding's output is cast instead (Gemma's scaled embedding multiplies in the compute
-dtype, as the upcast copy does). The user's ``Parameter`` objects are put back on every exit, exceptions included.
+dtype, as the upcast copy does). A vocabulary-sized projection (an ``nn.Linear`` or TransformerLens ``Unembed``
+with more than :data:`CHUNK_ELEMENTS` weights: the unembedding, 151,936 x 1,536 for Qwen2.5-1.5B) is not upcast
+whole either: while it runs its forward computes its output in slices of output rows, each slice of the weight upcast
+only for its own product, the same numbers with one slice's upcast copy alive at a time.
+The user's ``Parameter`` objects are put back on every exit, exceptions included.
 On a model dispatched by accelerate (``device_map``, offload) the upcast runs inside each module's accelerate hook,
 after it loaded the offloaded parameters and before it offloads them (:mod:`implicit_updates.runtime.dispatch`).
 
@@ -181,7 +185,7 @@ def _upcast(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
                 for name, value in (*owner._parameters.items(), *owner._buffers.items())  # a bridge's lm_head bias
                 if value is not None and value.is_floating_point() and value.dtype != dtype]  # is a buffer
 
-    replacements, lookups = {}, []
+    replacements, lookups, chunked = {}, [], []
     for module in model.modules():
         own = [p for owner in _owners(module) for p in (*owner.parameters(recurse=False), *owner.buffers(False))
                if p.is_floating_point() and p.dtype != dtype]  # a rotary table's buffer too, as the copy has it
@@ -189,6 +193,8 @@ def _upcast(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
             continue
         if _is_lookup(module):
             lookups.append((module, "fwd", _cast_lookup(dtype)))
+        elif _is_chunked(module):
+            chunked.append(module)
         else:
             replacements[module] = partial(upcast, module)
     cfg = getattr(model, "cfg", None)
@@ -197,11 +203,75 @@ def _upcast(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
         if isinstance(cfg_dtype, torch.dtype):  # TransformerLens builds masks and tables in cfg.dtype
             cfg.dtype = dtype
         # on an accelerate-dispatched module: after its offload loaded the parameters
-        with swapped_while_running(replacements, lookups):
+        with swapped_while_running(replacements, lookups), _chunked_forwards(chunked, dtype):
             yield
     finally:
         if isinstance(cfg_dtype, torch.dtype):
             cfg.dtype = cfg_dtype
+
+
+CHUNK_ELEMENTS = 1 << 24  # a projection with more weights than this computes in slices of at most this many
+
+
+def _is_chunked(module: nn.Module) -> bool:
+    """A large projection (in practice the unembedding) computed in slices of output rows instead of upcast whole:
+    a plain ``nn.Linear``, or TransformerLens's ``Unembed``, with more than :data:`CHUNK_ELEMENTS` weights."""
+    if type(module) is nn.Linear:
+        return module.weight.numel() > CHUNK_ELEMENTS
+    return (type(module).__name__ == "Unembed" and hasattr(module, "cfg") and isinstance(getattr(module, "W_U", None),
+            Tensor) and {n for n, _ in module.named_children()} <= {"hook_in", "hook_out"}
+            and module.W_U.numel() > CHUNK_ELEMENTS)
+
+
+@contextmanager
+def _chunked_forwards(modules: list[nn.Module], dtype: torch.dtype) -> Iterator[None]:
+    """While the block runs, each of ``modules`` computes its output in ``dtype`` slice by slice of output rows (at
+    most :data:`CHUNK_ELEMENTS` upcast weights at a time); its own ``forward`` is back on any exit. On a module
+    accelerate drives, its inner ``_old_forward`` is the one replaced (the hook has loaded the weights by then)."""
+    saved = []
+    try:
+        for module in modules:
+            attr = "_old_forward" if "_old_forward" in module.__dict__ else "forward"
+            saved.append((module, attr, module.__dict__.get(attr)))
+            setattr(module, attr, partial(_chunked_forward, module, dtype))
+    except BaseException:
+        _put_back_forwards(saved)
+        raise
+    try:
+        yield
+    finally:
+        _put_back_forwards(saved)
+
+
+def _put_back_forwards(saved: list) -> None:
+    for module, attr, original in reversed(saved):
+        if original is None:
+            module.__dict__.pop(attr, None)
+        else:
+            setattr(module, attr, original)
+
+
+def _chunked_forward(module: nn.Module, dtype: torch.dtype, x: Tensor) -> Tensor:
+    """``module(x)`` with its weight and bias upcast to ``dtype``, computed over slices of output rows: an
+    ``nn.Linear``'s ``x W^T + b`` or an ``Unembed``'s ``x W_U + b_U`` (through its ``hook_in`` / ``hook_out``), each
+    slice's weights upcast just for its own product."""
+    linear = isinstance(module, nn.Linear)
+    if not linear and hasattr(module, "hook_in"):
+        x = module.hook_in(x)
+    weight = module.weight if linear else module.W_U
+    bias = module.bias if linear else module.b_U
+    n_out, n_in = (weight.shape if linear else weight.shape[::-1])
+    step = max(1, CHUNK_ELEMENTS // max(1, n_in))
+    out = None
+    for start in range(0, n_out, step):
+        rows = slice(start, start + step)
+        w = (weight[rows] if linear else weight[:, rows].T).to(dtype)
+        b = None if bias is None else bias[rows].to(dtype)
+        part = F.linear(x, w, b)
+        if out is None:
+            out = part.new_empty((*part.shape[:-1], n_out))
+        out[..., rows] = part
+    return out if linear or not hasattr(module, "hook_out") else module.hook_out(out)
 
 
 def _owners(module: nn.Module) -> list[nn.Module]:
@@ -215,7 +285,7 @@ def _owners(module: nn.Module) -> list[nn.Module]:
         if not module._parameters and children and not any(True for c in children for _ in c.children()):
             # an attention or MLP of leaf projections may read one's dtype before calling it (GLM-DSA's indexer:
             # ``weights_proj(h.to(weights_proj.weight.dtype))``): all of them, as the upcast copy has them
-            return [module, *(c for c in children if not _is_lookup(c))]
+            return [module, *(c for c in children if not _is_lookup(c) and not _is_chunked(c))]
         return [module]
     name = type(module).__name__
     if name.endswith("Bridge") and any(part in name for part in ("Attention", "MLP", "MoE")):
