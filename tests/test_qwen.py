@@ -177,3 +177,17 @@ def test_absorbed_matches_the_full_model(small):
         control = small(ids[:, -1:])[0, -1]
     assert float((absorbed - full).abs().max()) <= 1e-9 and absorbed.argmax() == full.argmax()
     assert float((control - full).abs().max()) > 1.0
+
+
+def test_generation_absorbed_at_every_step(small):
+    """Absorbed generation on the real 0.5B (HookedTransformer, float64): each step's absorbed model gives the full
+    model's logits and every block's with-context output; the tokens are plain float64 greedy generation's."""
+    ids = small.to_tokens(CODE)
+    with assert_untouched(small):
+        result = iu.generate(small, ids, 4, dtype=torch.float64)
+    assert result.agree == 4 and result.max_abs_logit_diff <= 1e-9 and result.max_rel_block_err <= 1e-12
+    assert result.min_control_abs_logit_diff > 1.0
+    with torch.no_grad(), computed_in(small, torch.float64):
+        for token in result.tokens:
+            assert int(small(ids)[0, -1].argmax()) == token
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
