@@ -24,7 +24,7 @@ from implicit_updates.errors import UnsupportedArchitectureError
 if TYPE_CHECKING:
     from implicit_updates.capture import BlockCapture
     from implicit_updates.math.attribution import AttentionCapture
-    from implicit_updates.math.lowrank import BlockContinuation
+    from implicit_updates.math.lowrank import BlockSystem
     from implicit_updates.math.updates import BlockUpdate
 
 # capability -> what it serves (the analyses that need it)
@@ -104,9 +104,9 @@ class Adapter(Protocol):
                         progress: bool | None = None) -> list[BlockCapture]:
         """``prefix_onepass``: every prefix ``[c_1..c_i, x]`` of ``inputs`` as one position."""
 
-    def continuation_blocks(self, inputs: Tensor, blocks: list[int], k: int, rcond: float,
-                            output: str) -> tuple[list[BlockContinuation], Tensor]:
-        """``continuation``: each block's rank-K update over the last ``k`` tokens, and the full logits there."""
+    def continuation_systems(self, inputs: Tensor, blocks: list[int], k: int) -> tuple[list[BlockSystem], Tensor]:
+        """``continuation``: what each block's update over the last ``k`` tokens is solved from (plain rows; the
+        solving is :func:`implicit_updates.math.lowrank.solve_block`'s), and the full logits there."""
 
     def attention_readable(self) -> AbstractContextManager:
         """``attribution``: a context in which the attention pattern is readable (checks support on entry)."""

@@ -7,20 +7,12 @@ import torch
 from torch import Tensor
 
 from implicit_updates.errors import UnsupportedArchitectureError
-from implicit_updates.math.lowrank import (
-    BlockContinuation,
-    LowRankUpdate,
-    at_continuation,
-    checked_pinv,
-    first_layer_updates,
-    output_correction,
-    post_norm_target,
-)
+from implicit_updates.math.lowrank import BlockSystem, PostNorm, RoutedOutputs, at_continuation
 
 
-def hooked_blocks(adapter, inputs: Tensor, block_ids: list[int], k: int, rcond: float,
-                   output: str) -> tuple[list[BlockContinuation], Tensor]:
-    """The per-block updates of a HookedTransformer, and the full model's logits at the continuation."""
+def hooked_systems(adapter, inputs: Tensor, block_ids: list[int], k: int) -> tuple[list[BlockSystem], Tensor]:
+    """Each block's :class:`~implicit_updates.math.lowrank.BlockSystem` of a HookedTransformer at the continuation,
+    and the full model's logits there."""
     check(adapter)
     model_ = adapter.model
     store: dict[str, Tensor] = {}
@@ -29,44 +21,35 @@ def hooked_blocks(adapter, inputs: Tensor, block_ids: list[int], k: int, rcond: 
     with adapter._capturing(block_ids, store), model_.hooks(fwd_hooks=hidden_hooks):
         full_logits = at_continuation(model_(inputs), k)
     x = model_(inputs[:, -k:], stop_at_layer=0)  # block 0's input on S alone (positions 0..K-1)
-    blocks = []
+    systems = []
+
+    def rows(t: Tensor) -> Tensor:
+        return at_continuation(t, k)
+
     for b in block_ids:
         p = f"blocks.{b}"
         alone: dict[str, Tensor] = {}
         with adapter._capturing([b], alone):  # (its hooks include fresh ALiBi tables)
             model_.blocks[b](x)
-        m, m_alone = at_continuation(store[f"{p}.mlp.input"], k), at_continuation(alone[f"{p}.mlp.input"], k)
-        r, r_alone = at_continuation(adapter._residual(store, b), k), at_continuation(adapter._residual(alone, b), k)
-        updates, cond_m = first_layer_updates(m, m_alone, adapter._first_layer_maps(b), rcond,
-                                              f"block {b}: the continuation's MLP inputs run alone")
-        # with these, the MLP's hidden (and its output h) at S alone is the with-context one; what the output
-        # layer must still add to it:
-        change = r - r_alone
+        r, r_alone = rows(adapter._residual(store, b)), rows(adapter._residual(alone, b))
+        post_norm = routed = None
         if adapter.output_norm:
             norm = getattr(model_.blocks[b], adapter.output_norm)
-            h = at_continuation(store[f"{p}.mlp.output"], k)
-            wanted = at_continuation(store[f"{p}.hook_resid_post"], k) - r_alone
-            target, scale_delta = post_norm_target(wanted, h, norm.eps, norm.w)
-            change = target - h
-            updates.append((f"{p}.{adapter.output_norm}.w", scale_delta))
+            post_norm = PostNorm(f"{p}.{adapter.output_norm}.w", norm.eps, norm.w, rows(store[f"{p}.mlp.output"]),
+                                 rows(store[f"{p}.hook_resid_post"]) - r_alone)
         if adapter.kind == "MoE":
             experts = adapter._experts(b, store)
             pairs = zip(experts["routing_weights"].unbind(-1), experts["expert_hidden"], strict=True)
             # [K, n_experts * d_mlp]: what the experts' output matrices read, weighted by the routing
-            weighted = torch.cat([at_continuation(w[..., None] * hid, k) for w, hid in pairs], dim=-1)
-            pinv_q, cond_p = checked_pinv(weighted, rcond, f"block {b}: the routed experts' weighted hidden "
-                                                           "activations")
-            d_mlp = experts["expert_hidden"][0].shape[-1]
-            updates += [LowRankUpdate(name, pinv_q[e * d_mlp:(e + 1) * d_mlp], change, transposed=True)
-                        for e, name in enumerate(experts["names"])]
-        else:
-            bias = f"{p}.mlp.b_out" if output == "auto" and not adapter.output_norm else None
-            update, cond_p = output_correction(at_continuation(store[f"{p}.mlp.hook_post"], k), change,
-                                               f"{p}.mlp.W_out", False, bias, rcond, b)
-            updates.append(update)
-        blocks.append(BlockContinuation(b, tuple(updates), cond_m, cond_p, m.shape[0]))
+            weighted = torch.cat([rows(w[..., None] * hid) for w, hid in pairs], dim=-1)
+            routed = RoutedOutputs(weighted, tuple(experts["names"]), experts["expert_hidden"][0].shape[-1])
+        systems.append(BlockSystem(
+            b, rows(store[f"{p}.mlp.input"]), rows(alone[f"{p}.mlp.input"]), tuple(adapter._first_layer_maps(b)),
+            r - r_alone, rows(store[f"{p}.mlp.hook_post"]) if routed is None else None, f"{p}.mlp.W_out", False,
+            None if adapter.output_norm else f"{p}.mlp.b_out", rows(store[f"{p}.hook_resid_post"]),
+            rows(alone[f"{p}.hook_resid_post"]), post_norm=post_norm, routed=routed))
         x = store[f"{p}.hook_resid_post"][:, -k:]  # the next block's input, which this block's patch reproduces
-    return blocks, full_logits
+    return systems, full_logits
 
 
 def check(adapter) -> None:

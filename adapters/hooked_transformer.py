@@ -298,11 +298,11 @@ class HookedTransformerAdapter(HookPointCapture):
 
         return capture_prefixes(self, inputs, blocks, chunk_size=chunk_size, progress=progress)
 
-    def continuation_blocks(self, inputs: Tensor, blocks: list[int], k: int, rcond: float, output: str):
-        """Each block's rank-K update over the last ``k`` tokens (:mod:`.hooked_continuation`)."""
-        from implicit_updates.adapters.hooked_continuation import hooked_blocks
+    def continuation_systems(self, inputs: Tensor, blocks: list[int], k: int):
+        """What each block's update over the last ``k`` tokens is solved from (:mod:`.hooked_continuation`)."""
+        from implicit_updates.adapters.hooked_continuation import hooked_systems
 
-        return hooked_blocks(self, inputs, blocks, k, rcond, output)
+        return hooked_systems(self, inputs, blocks, k)
 
     def cached_step(self, inputs: Tensor, cache: object | None):
         """The KV-cached forward of absorbed generation, on TransformerLens's cache (:mod:`.hooked_generation`)."""

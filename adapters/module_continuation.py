@@ -25,20 +25,13 @@ from implicit_updates.adapters.module_hooks import (
     weight_view,
 )
 from implicit_updates.errors import UnsupportedArchitectureError
-from implicit_updates.math.lowrank import (
-    BlockContinuation,
-    at_continuation,
-    first_layer_updates,
-    output_correction,
-    post_norm_target,
-)
+from implicit_updates.math.lowrank import BlockSystem, PostNorm, at_continuation
 from implicit_updates.runtime.dispatch import loaded_parameter, own_forward
 
 
-def module_blocks(adapter, inputs: Tensor, block_ids: list[int], k: int, rcond: float, output: str) -> tuple:
-    """``(blocks, full_logits)``: each block's :class:`~implicit_updates.analyses.continuation.BlockContinuation` and
-    the
-    full model's logits ``[K, d_vocab]`` at the continuation (the last ``k`` of ``inputs``)."""
+def module_systems(adapter, inputs: Tensor, block_ids: list[int], k: int) -> tuple[list[BlockSystem], Tensor]:
+    """Each block's :class:`~implicit_updates.math.lowrank.BlockSystem` at the continuation (the last ``k`` of
+    ``inputs``), and the full model's logits there ``[n * K, d_vocab]``."""
     if inputs.is_floating_point():
         raise ValueError("absorbing a continuation takes token ids")
     whole = [b for b in block_ids if getattr(adapter.parts[b], "whole", False)]
@@ -58,31 +51,32 @@ def module_blocks(adapter, inputs: Tensor, block_ids: list[int], k: int, rcond: 
              for b in block_ids if b > 0]
     adapter._run(ids, [*swaps, *_hooks(adapter, block_ids, alone)], stop_after=max(block_ids))
     unflatten(alone, ids.shape)
-    blocks, norm_err = [], 0.0
+    systems, norm_err = [], 0.0
+
+    def rows(t: Tensor) -> Tensor:
+        return at_continuation(t, k)
+
     for b in block_ids:
         p = adapter.parts[b]
-        m, m_alone = at_continuation(store[f"{b}.m"], k), at_continuation(alone[f"{b}.m"], k)
-        r, r_alone = at_continuation(adapter._residual(store, b), k), at_continuation(adapter._residual(alone, b), k)
-        updates, cond_m = first_layer_updates(m, m_alone, [weight_view(n, mod) for n, mod in p.first], rcond,
-                                              f"block {b}: the continuation's MLP inputs run alone")
-        change = (r - r_alone) / p.residual_scale  # the MLP output must move by this at each position
-        if p.post_norm is not None:  # the norm's output must: the MLP output goes to what post_norm_target says
-            h = at_continuation(store[f"{b}.h"], k)
-            wanted = at_continuation(store[f"{b}.resid_post"], k) - r_alone
-            target, scale_delta, err = _post_norm(p.post_norm[1], wanted / p.residual_scale, h, b)
-            change, norm_err = target - h, max(norm_err, err)
-            updates.append((p.post_norm[0], scale_delta))
-        update, cond_p = output_correction(at_continuation(store[f"{b}.hidden"], k), change, p.out_weight,
-                                           isinstance(unwrap(p.out), nn.Linear),
-                                           p.out_bias if output == "auto" else None, rcond, b)
-        updates.append(update)
-        blocks.append(BlockContinuation(b, tuple(updates), cond_m, cond_p, m.shape[0]))
-    if norm_err > 1e3 * torch.finfo(m.dtype).eps:
-        warnings.warn(f"the norms after the MLP compute in a lower precision than {m.dtype} (their output is up to "
-                      f"{norm_err:.1e} off the {m.dtype} formula; transformers computes Gemma's in float32), so the "
+        r, r_alone = rows(adapter._residual(store, b)), rows(adapter._residual(alone, b))
+        post_norm = None
+        if p.post_norm is not None:  # the norm's output must move; the solver finds the MLP outputs that do it
+            h = rows(store[f"{b}.h"])
+            wanted = (rows(store[f"{b}.resid_post"]) - r_alone) / p.residual_scale
+            eps, scale, err = _post_norm(p.post_norm[1], h, b)
+            post_norm, norm_err = PostNorm(p.post_norm[0], eps, scale, h, wanted), max(norm_err, err)
+        systems.append(BlockSystem(
+            b, rows(store[f"{b}.m"]), rows(alone[f"{b}.m"]), tuple(weight_view(n, mod) for n, mod in p.first),
+            (r - r_alone) / p.residual_scale, rows(store[f"{b}.hidden"]), p.out_weight,
+            isinstance(unwrap(p.out), nn.Linear), p.out_bias, rows(store[f"{b}.resid_post"]),
+            rows(alone[f"{b}.resid_post"]), p.residual_scale, post_norm))
+    dtype = systems[0].mlp_input.dtype
+    if norm_err > 1e3 * torch.finfo(dtype).eps:
+        warnings.warn(f"the norms after the MLP compute in a lower precision than {dtype} (their output is up to "
+                      f"{norm_err:.1e} off the {dtype} formula; transformers computes Gemma's in float32), so the "
                       "continuation is absorbed only to about that relative precision, not to float64 rounding",
                       stacklevel=3)
-    return blocks, full_logits
+    return systems, full_logits
 
 
 def _hooks(adapter, blocks: list[int], store: dict[str, Tensor]) -> list:
@@ -91,13 +85,13 @@ def _hooks(adapter, blocks: list[int], store: dict[str, Tensor]) -> list:
             *((adapter.parts[b].out, "pre", save_input(store, f"{b}.hidden")) for b in blocks)]
 
 
-def _post_norm(norm: nn.Module, wanted: Tensor, h: Tensor, b: int) -> tuple[Tensor, Tensor, float]:
-    """:func:`~implicit_updates.math.lowrank.post_norm_target` for a Hugging Face RMSNorm after the MLP, which
-    multiplies
-    ``z(h)`` by its scale ``w`` or by ``1 + w`` (Gemma). transformers computes some of these norms in float32 whatever
-    the model's dtype (Gemma, OLMo 2): measured on the with-context MLP outputs, the norm's own output is compared
-    with the formula in ``h``'s dtype, and that relative difference is returned (the caller warns where it exceeds
-    rounding); a norm computing something else (off by more than 1e-5) is refused."""
+def _post_norm(norm: nn.Module, h: Tensor, b: int) -> tuple[float, Tensor, float]:
+    """``(eps, effective scale, err)`` of a Hugging Face RMSNorm after the MLP, which multiplies ``z(h)`` by its scale
+    ``w`` or by ``1 + w`` (Gemma), for :func:`~implicit_updates.math.lowrank.post_norm_target`. transformers computes
+    some of these norms in float32 whatever the model's dtype (Gemma, OLMo 2): measured on the with-context MLP
+    outputs, the norm's own output is compared with the formula in ``h``'s dtype, and that relative difference is
+    returned (the caller warns where it exceeds rounding); a norm computing something else (off by more than 1e-5)
+    is refused."""
     module = unwrap(norm)
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     weight = getattr(module, "weight", None)
@@ -108,7 +102,7 @@ def _post_norm(norm: nn.Module, wanted: Tensor, h: Tensor, b: int) -> tuple[Tens
             "eps the output has a fixed size)")
     with norm_params(norm, h.dtype, 0.0) as zero:
         offset = 1.0 if bool((own_forward(zero)(h) != 0).any()) else 0.0  # (1 + w) z: nonzero at w = 0
-    scale = loaded_parameter(module, "weight").to(h.dtype) + offset
+    scale = loaded_parameter(module, "weight").to(h.dtype) + offset  # the delta of offset + w is w's
     with norm_params(norm, h.dtype) as upcast:
         own = own_forward(upcast)(h)
     exact = scale * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
@@ -117,4 +111,4 @@ def _post_norm(norm: nn.Module, wanted: Tensor, h: Tensor, b: int) -> tuple[Tens
         raise UnsupportedArchitectureError(
             f"block {b}: the norm after the MLP ({type(module).__name__}) does not compute (w or 1 + w) * h / "
             f"sqrt(mean(h^2) + eps) (off by {err:.1e}), the RMSNorm a continuation is absorbed through")
-    return (*post_norm_target(wanted, h, eps, scale), err)  # the delta of the effective scale offset + w is w's
+    return eps, scale, err

@@ -105,11 +105,11 @@ class ModuleAdapter:
 
     # -- optional capabilities (adapters/base.py) -----------------------------------------------------------------
 
-    def continuation_blocks(self, inputs: Tensor, blocks: list[int], k: int, rcond: float, output: str):
-        """Each block's rank-K update over the last ``k`` tokens (:mod:`.module_continuation`)."""
-        from implicit_updates.adapters.module_continuation import module_blocks
+    def continuation_systems(self, inputs: Tensor, blocks: list[int], k: int):
+        """What each block's update over the last ``k`` tokens is solved from (:mod:`.module_continuation`)."""
+        from implicit_updates.adapters.module_continuation import module_systems
 
-        return module_blocks(self, inputs, blocks, k, rcond, output)
+        return module_systems(self, inputs, blocks, k)
 
     def attention_readable(self):
         """Eager attention while attribution runs (both captures), after checking every block can be read."""

@@ -26,6 +26,7 @@ from implicit_updates.adapters.base import require
 from implicit_updates.analyses.decompose import check_copy_is_its_own, prepared, untouched, working_model
 from implicit_updates.math.lowrank import (  # noqa: F401 (re-exported: the public names of this module)
     BlockContinuation,
+    Fit,
     LowRankUpdate,
     at_continuation,
     checked_pinv,
@@ -35,6 +36,7 @@ from implicit_updates.math.lowrank import (  # noqa: F401 (re-exported: the publ
     output_update,
     positive_solution,
     post_norm_target,
+    solve_block,
 )
 from implicit_updates.runtime.precision import exact_formula
 
@@ -142,7 +144,8 @@ def absorb_continuation(model: nn.Module, prefix: Tensor, continuation: Tensor,
     with prepared(model, full, None, dtype) as (adapter, block_ids, inputs):
         require(adapter, "continuation")
         rcond = default_rcond(adapter.compute_dtype) if rcond is None else rcond
-        blocks, full_logits = adapter.continuation_blocks(inputs, block_ids, continuation.shape[1], rcond, output)
+        systems, full_logits = adapter.continuation_systems(inputs, block_ids, continuation.shape[1])
+        blocks = [solve_block(system, Fit(rcond), output) for system in systems]
     return ContinuationAbsorption(model, adapter.compute_dtype, blocks, inputs[:, -continuation.shape[1]:],
                                   full_logits)
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from implicit_updates.capture import FirstLayerMap
+from implicit_updates.errors import UnsupportedArchitectureError
 
 
 @dataclass(frozen=True)
@@ -56,30 +57,93 @@ def checked_pinv(rows: Tensor, rcond: float, what: str) -> tuple[Tensor, float]:
     return torch.linalg.pinv(rows), cond
 
 
-def first_layer_updates(m: Tensor, m_alone: Tensor, maps: Sequence[FirstLayerMap], rcond: float,
+@dataclass(frozen=True)
+class Fit:
+    """How each map's update is solved from the N input rows ``X`` it reads and the changes ``T`` its outputs need.
+
+    ``ridge = 0``, ``rank = None``, ``kind = "matrix"``: exactly, ``delta = pinv(X) T``, refusing numerically dependent
+    rows (the continuation: exact on every row). Otherwise a *thought patch*, query-independent and fitted by least
+    squares over all rows (:func:`implicit_updates.analyses.thought.thought_patch`): ``ridge`` adds
+    ``ridge ||delta||^2`` to ``||X delta - T||^2``, ``rank`` caps the rank (reduced-rank ridge regression), and
+    ``kind`` chooses the patch: the maps (``"matrix"``), one additive change of each block's output (``"vector"``),
+    or both (``"both"``).
+    """
+
+    rcond: float
+    ridge: float = 0.0
+    rank: int | None = None
+    kind: str = "matrix"
+
+    @property
+    def exact(self) -> bool:
+        return self.ridge == 0 and self.rank is None and self.kind == "matrix"
+
+
+class Solver:
+    """``delta = argmin ||X delta - T||^2 + ridge ||delta||^2`` over ``rank(delta) <= rank``, in factors.
+
+    With ``X = U S V^T`` (thin SVD), the ridge solution is ``V diag(s / (s^2 + ridge)) U^T T`` (Hoerl & Kennard 1970;
+    at ridge 0 the minimum-norm least-squares solution, directions below ``rcond`` of the largest singular value
+    dropped). The rank cap is reduced-rank ridge regression (Mukherjee & Zhu 2011): the ridge solution projected onto
+    the top ``rank`` right singular vectors of its fitted values on the augmented data ``[X; sqrt(ridge) I]``, which is
+    the least-squares optimum among updates of that rank (Izenman 1975 at ridge 0). The fitted values are computed
+    through a QR of ``[X L; sqrt(ridge) L]`` (``L`` the left factor, at most N columns), never as a d x d matrix. The
+    exact fit keeps :func:`checked_pinv`'s refusal of dependent rows.
+    """
+
+    def __init__(self, rows: Tensor, fit: Fit, what: str):
+        self.rows, self.fit = rows, fit
+        if fit.exact:
+            self.left, self.cond = checked_pinv(rows, fit.rcond, what)
+            self.project = None
+            return
+        u, sv, vh = torch.linalg.svd(rows, full_matrices=False)
+        self.cond = float(sv[0] / sv[-1]) if sv[-1] > 0 else float("inf")
+        keep = sv > (fit.rcond * sv[0] if fit.ridge == 0 else 0)
+        self.left = vh[keep].T * (sv[keep] / (sv[keep].pow(2) + fit.ridge))  # [d_in, k]
+        self.project = u[:, keep].T  # [k, N]
+
+    def apply(self, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """``(left [d_in, r], right [r, d_out])`` with ``left @ right`` the fitted ``delta`` for ``targets``."""
+        if self.project is None:
+            return self.left, targets
+        right = self.project @ targets
+        if self.fit.rank is None or self.fit.rank >= right.shape[0]:
+            return self.left, right
+        design = self.rows @ self.left
+        if self.fit.ridge > 0:
+            design = torch.cat([design, self.fit.ridge ** 0.5 * self.left])
+        _, r = torch.linalg.qr(design)  # fitted values = q @ (r @ right), q orthonormal
+        top = torch.linalg.svd(r @ right, full_matrices=False)[2][: self.fit.rank]  # [rank, d_out]
+        return self.left @ (right @ top.T), top
+
+
+def first_layer_updates(m: Tensor, m_alone: Tensor, maps: Sequence[FirstLayerMap], fit: Fit,
                         what: str) -> tuple[list[LowRankUpdate], float]:
     """``delta_W = pinv(M') (M - M') W`` for every map ``W`` reading the MLP input (``m``, ``m_alone``: ``[K, d]``),
-    so the continuation-alone inputs give the with-context pre-activations; and the condition number of ``M'``."""
-    pinv, cond = checked_pinv(m_alone, rcond, what)
-    return [LowRankUpdate(w.name, pinv, (m - m_alone) @ w.weight.to(m.dtype), w.transposed) for w in maps], cond
+    so the continuation-alone inputs give the with-context pre-activations (or its :class:`Fit` least-squares
+    version); and the condition number of ``M'``."""
+    solver = Solver(m_alone, fit, what)
+    return [LowRankUpdate(w.name, *solver.apply((m - m_alone) @ w.weight.to(m.dtype)), w.transposed)
+            for w in maps], solver.cond
 
 
-def output_update(hidden: Tensor, change: Tensor, name: str, transposed: bool, rcond: float,
+def output_update(hidden: Tensor, change: Tensor, name: str, transposed: bool, fit: Fit,
                   what: str) -> tuple[LowRankUpdate, float]:
     """``delta_W_out = pinv(P) D``: the output matrix (``p @ W_out``) then adds ``D`` (``[K, d_model]``) to the MLP
     output at each of the K hidden activations ``P`` (``[K, d_mlp]``) (Dherin et al. Thm A.2 for K positions)."""
-    pinv, cond = checked_pinv(hidden, rcond, what)
-    return LowRankUpdate(name, pinv, change, transposed), cond
+    solver = Solver(hidden, fit, what)
+    return LowRankUpdate(name, *solver.apply(change), transposed), solver.cond
 
 
-def output_correction(hidden: Tensor, change: Tensor, name: str, transposed: bool, bias: str | None, rcond: float,
+def output_correction(hidden: Tensor, change: Tensor, name: str, transposed: bool, bias: str | None, fit: Fit,
                       block: int) -> tuple[LowRankUpdate | tuple[str, Tensor], float]:
     """What carries the output change ``D``: the output bias ``bias`` (``(bias, D[0])``, Dherin et al. Thm A.2) when
-    there is one position and a bias is offered, else :func:`output_update`; with ``D``'s condition number (inf for
-    the bias)."""
-    if change.shape[0] == 1 and bias is not None:
+    there is one position, a bias is offered and the fit is exact, else :func:`output_update`; with ``D``'s
+    condition number (inf for the bias)."""
+    if change.shape[0] == 1 and bias is not None and fit.exact:
         return (bias, change[0]), float("inf")
-    return output_update(hidden, change, name, transposed, rcond, f"block {block}: the with-context hidden activations")
+    return output_update(hidden, change, name, transposed, fit, f"block {block}: the with-context hidden activations")
 
 
 def post_norm_target(wanted: Tensor, mlp_output: Tensor, eps: float, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -167,3 +231,123 @@ class BlockContinuation:
     cond_mlp_input: float  # condition number of M' (the S-alone MLP inputs)
     cond_hidden: float  # condition number of P (the with-context hidden activations), inf when K = 1 (bias)
     rank: int
+
+
+@dataclass(frozen=True)
+class OutputShift:
+    """A thought vector: ``vector`` added to block ``block``'s output (the residual stream after it) at every
+    position. ``bias`` names the MLP output bias that carries it exactly as a weight edit (``delta = vector / s``),
+    where the block has one and no norm after the MLP; elsewhere it is a steering vector."""
+
+    block: int
+    vector: Tensor
+    bias: str | None = None
+    residual_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class PostNorm:
+    """An RMSNorm after the MLP: its scale's parameter name, ``eps``, its effective scale (``w`` or ``1 + w``), the
+    with-context MLP outputs ``h`` and what the norm's output must become, ``wanted`` (each ``[K, d]``, already
+    divided by the residual scale)."""
+
+    name: str
+    eps: float
+    scale: Tensor
+    mlp_output: Tensor
+    wanted: Tensor
+
+
+@dataclass(frozen=True)
+class RoutedOutputs:
+    """A mixture's output side: the routed experts' weighted hidden activations side by side ``[K, E * d_mlp]``,
+    and each expert's output-matrix name (``d_mlp`` columns each)."""
+
+    weighted_hidden: Tensor
+    names: tuple[str, ...]
+    d_mlp: int
+
+
+@dataclass(frozen=True)
+class BlockSystem:
+    """What one block's rank-K update is solved from, as plain ``[K, ...]`` rows at the continuation's positions
+    (every stacked sequence's, sequence-major), gathered by an adapter: the MLP inputs with context (``M``) and of the
+    block run on the continuation alone (``M'``, its input the with-context one), the maps reading them, what the MLP
+    output must move by (``change = (R - R') / s``), the with-context hidden activations ``P`` (None for a mixture:
+    ``routed``), the output matrix, and the block's outputs with context and alone unpatched (the thought vector's
+    data)."""
+
+    block: int
+    mlp_input: Tensor
+    query_mlp_input: Tensor
+    maps: tuple[FirstLayerMap, ...]
+    change: Tensor
+    hidden: Tensor | None
+    output_weight: str
+    output_transposed: bool
+    output_bias: str | None
+    output: Tensor
+    query_output: Tensor
+    residual_scale: float = 1.0
+    post_norm: PostNorm | None = None
+    routed: RoutedOutputs | None = None
+
+
+def solve_block(system: BlockSystem, fit: Fit, output: str = "auto") -> BlockContinuation:
+    """One block's update from its :class:`BlockSystem`: exact (the continuation, :class:`Fit` defaults) or a
+    thought patch (ridge, rank, vector). ``output="matrix"`` puts a single position's output change into the output
+    matrix instead of the bias (as a LoRA needs).
+
+    The thought vector (``kind="vector"``) is the least-squares constant output change over the rows,
+    ``v = sum_i (y_i - y'_i) / (N + ridge)`` (``y'``: the block alone, unpatched). With ``kind="both"`` the output
+    matrix is fitted with an intercept: ``delta_W_out`` from the centred rows ``(P - mean P, D - mean D)``, and the
+    intercept ``mean D - (mean P) delta_W_out`` (unpenalised) becomes the block's output shift, times the residual
+    scale; with the first-layer maps patched as in ``"matrix"``.
+    """
+    b, n = system.block, system.mlp_input.shape[0]
+    if fit.kind not in ("matrix", "vector", "both"):
+        raise ValueError(f"kind must be 'matrix', 'vector' or 'both', not {fit.kind!r}")
+    if fit.kind == "vector":
+        vector = (system.output - system.query_output).sum(0) / (n + fit.ridge)
+        return BlockContinuation(b, (_shift(system, vector),), float("inf"), float("inf"), 1)
+    if not fit.exact and (system.post_norm is not None or system.routed is not None):
+        part = "a norm after the MLP" if system.post_norm is not None else "a mixture of experts' routed outputs"
+        raise UnsupportedArchitectureError(
+            f"block {b}: a ridge, rank-limited or intercept thought matrix through {part} is not implemented (the "
+            "update through it is solved exactly for independent rows only): use kind='vector', or ridge=0, rank=None")
+    updates, cond_m = first_layer_updates(system.mlp_input, system.query_mlp_input, system.maps, fit,
+                                          f"block {b}: the continuation's MLP inputs run alone")
+    change = system.change
+    if system.post_norm is not None:  # the norm's output must move: the MLP output goes to what post_norm_target says
+        norm = system.post_norm
+        target, scale_delta = post_norm_target(norm.wanted, norm.mlp_output, norm.eps, norm.scale)
+        change = target - norm.mlp_output
+        updates.append((norm.name, scale_delta))
+    if system.routed is not None:
+        routed = system.routed
+        pinv_q, cond_p = checked_pinv(routed.weighted_hidden, fit.rcond,
+                                      f"block {b}: the routed experts' weighted hidden activations")
+        updates += [LowRankUpdate(name, pinv_q[e * routed.d_mlp:(e + 1) * routed.d_mlp], change, transposed=True)
+                    for e, name in enumerate(routed.names)]
+        return BlockContinuation(b, tuple(updates), cond_m, cond_p, n)
+    hidden = system.hidden
+    if fit.kind == "both":
+        mean_hidden, mean_change = hidden.mean(0), change.mean(0)
+        update, cond_p = output_update(hidden - mean_hidden, change - mean_change, system.output_weight,
+                                       system.output_transposed, fit, f"block {b}: the with-context hidden activations")
+        intercept = mean_change - mean_hidden @ update.rows @ update.columns
+        return BlockContinuation(b, (*updates, update, _shift(system, system.residual_scale * intercept)), cond_m,
+                                 cond_p, update.rank)
+    update, cond_p = output_correction(hidden, change, system.output_weight, system.output_transposed,
+                                       system.output_bias if output == "auto" else None, fit, b)
+    updates.append(update)
+    return BlockContinuation(b, tuple(updates), cond_m, cond_p, n if fit.exact else _rank(updates))
+
+
+def _shift(system: BlockSystem, vector: Tensor) -> OutputShift:
+    bias = system.output_bias if system.post_norm is None and system.routed is None else None
+    return OutputShift(system.block, vector, bias, system.residual_scale)
+
+
+def _rank(updates: list) -> int:
+    return max((u.rank for u in updates if isinstance(u, LowRankUpdate)), default=0)
