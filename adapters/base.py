@@ -108,6 +108,10 @@ class Adapter(Protocol):
         """``continuation``: what each block's update over the last ``k`` tokens is solved from (plain rows; the
         solving is :func:`implicit_updates.math.lowrank.solve_block`'s), and the full logits there."""
 
+    def output_shifts(self, vectors: dict[int, Tensor]) -> AbstractContextManager:
+        """``continuation``: a context adding ``vectors[b]`` to block b's output (the residual stream after it) while
+        it is open: a thought patch's steering vectors."""
+
     def attention_readable(self) -> AbstractContextManager:
         """``attribution``: a context in which the attention pattern is readable (checks support on entry)."""
 

@@ -298,6 +298,11 @@ class HookedTransformerAdapter(HookPointCapture):
 
         return capture_prefixes(self, inputs, blocks, chunk_size=chunk_size, progress=progress)
 
+    def output_shifts(self, vectors: dict[int, Tensor]):
+        """A context adding ``vectors[b]`` to block b's output (``hook_resid_post``) while it is open."""
+        return self.model.hooks(fwd_hooks=[(f"blocks.{b}.hook_resid_post", partial(_shifted, v))
+                                           for b, v in vectors.items()])
+
     def continuation_systems(self, inputs: Tensor, blocks: list[int], k: int):
         """What each block's update over the last ``k`` tokens is solved from (:mod:`.hooked_continuation`)."""
         from implicit_updates.adapters.hooked_continuation import hooked_systems
@@ -526,3 +531,5 @@ def _add_rank_one_at_linear(live: dict, row: Tensor, column: Tensor, expert: int
     return hook
 
 
+def _shifted(vector: Tensor, act: Tensor, hook) -> Tensor:
+    return act + vector.to(act.dtype)

@@ -105,6 +105,10 @@ class ModuleAdapter:
 
     # -- optional capabilities (adapters/base.py) -----------------------------------------------------------------
 
+    def output_shifts(self, vectors: dict[int, Tensor]):
+        """A context adding ``vectors[b]`` to layer b's output while it is open (hooks removed on any exit)."""
+        return module_hooks([(self.parts[b].layer, "fwd", add_first(v[None, None])) for b, v in vectors.items()])
+
     def continuation_systems(self, inputs: Tensor, blocks: list[int], k: int):
         """What each block's update over the last ``k`` tokens is solved from (:mod:`.module_continuation`)."""
         from implicit_updates.adapters.module_continuation import module_systems

@@ -320,6 +320,14 @@ def build_parser() -> Parser:
     gen.add_argument("--html", metavar="PATH", help="a self-contained HTML page of the steps")
     gen.set_defaults(func=cmd_generate)
 
+    thought = sub.add_parser("thought", help="fit one query-independent patch per block over training queries (a "
+                             "thought matrix and/or vector); its transfer to held-out queries")
+    add_model_arguments(thought)
+    from implicit_updates.cli import thought as thought_cli
+
+    thought_cli.add_arguments(thought)
+    thought.set_defaults(func=thought_cli.cmd_thought)
+
     demo = sub.add_parser("demo", help="offline: train an in-context regression transformer and decompose it")
     demo.add_argument("--steps", type=positive_int, default=100)
     add_common_arguments(demo)

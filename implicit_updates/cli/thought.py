@@ -1,0 +1,77 @@
+"""``implicit-updates thought``: a thought patch (:func:`implicit_updates.analyses.thought.thought_patch`) fitted over
+training queries run after a prefix, its fit on them and its transfer to held-out queries, optionally exported as a
+PEFT LoRA (the matrices) and a safetensors file of steering vectors."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from implicit_updates.cli.common import UsageError, check_writable, load, write_json
+from implicit_updates.cli.continuation import check_lora_dir, parse_continuation
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--query", action="append", required=True, metavar="TEXT",
+                        help="a training query run after the prompt (repeatable; one token length for all: text "
+                             "without BOS, or comma-separated token ids)")
+    parser.add_argument("--held-out", action="append", default=[], metavar="TEXT",
+                        help="a held-out query: the patch alone vs the full model on prompt + query (repeatable)")
+    parser.add_argument("--kind", choices=["matrix", "vector", "both"], default="matrix")
+    parser.add_argument("--ridge", type=float, default=0.0, help="ridge penalty (default 0: the exact stacked update)")
+    parser.add_argument("--rank", type=int, default=None, help="cap on each map's update's rank")
+    parser.add_argument("--lora", metavar="DIR", help="write the matrices as a PEFT LoRA adapter directory")
+    parser.add_argument("--steering", metavar="PATH", help="write the thought vectors as a safetensors file")
+
+
+def queries_of(model, texts: list[str], option: str) -> torch.Tensor:
+    ids = [parse_continuation(model, t) for t in texts]
+    lengths = sorted({q.shape[1] for q in ids})
+    if len(lengths) > 1:
+        raise UsageError(f"{option}: the queries have {lengths} tokens; a thought patch stacks queries of one length "
+                         "(give queries of equal token length)")
+    return torch.cat(ids)
+
+
+def cmd_thought(args: argparse.Namespace) -> int:
+    from implicit_updates.analyses.thought import thought_patch
+
+    if args.ridge < 0 or (args.rank is not None and args.rank < 1):
+        raise UsageError("--ridge must be >= 0 and --rank >= 1")
+    check_lora_dir(args.lora)
+    check_writable(args.steering, "--steering")
+    if args.steering and args.kind == "matrix":
+        raise UsageError("--steering writes thought vectors: use --kind vector or both")
+    if args.prompt is None:
+        raise UsageError("--prompt is the prefix the queries run after: give text or comma-separated token ids")
+    model = load(args)
+    from implicit_updates.adapters import adapter_for
+    from implicit_updates.cli.common import token_ids
+
+    prefix = token_ids(args.prompt, next(model.parameters()).device)
+    prefix = adapter_for(model).tokenize(args.prompt)[None] if prefix is None else prefix
+    train = queries_of(model, args.query, "--query")
+    start = time.perf_counter()
+    patch = thought_patch(model, prefix, train, rank=args.rank, ridge=args.ridge, kind=args.kind, dtype=args.dtype)
+    fit = patch.compare_on(prefix, train)
+    held = [patch.compare_on(prefix, parse_continuation(model, t)) for t in args.held_out]
+    seconds = time.perf_counter() - start
+    print(f"{args.model}: thought patch ({args.kind}, ridge {args.ridge:g}, rank {args.rank or 'uncapped'}) over "
+          f"{train.shape[0]} queries x {train.shape[1]} tokens after a {prefix.shape[1]}-token prompt")
+    print(f"training queries: top-1 agrees {fit['agree']:.2f}, KL {fit['kl']:.3e}, max |logit diff| "
+          f"{fit['max_abs_logit_diff']:.3e}")
+    for text, r in zip(args.held_out, held, strict=True):
+        print(f"held out {text!r}: top-1 agrees {r['agree']:.2f}, KL {r['kl']:.3e}")
+    if args.lora:
+        patch.save_lora(args.lora)
+        print(f"wrote the LoRA adapter to {args.lora}")
+    if args.steering:
+        patch.save_steering(args.steering)
+        print(f"wrote the steering vectors to {args.steering}")
+    write_json(args.json, {"model": args.model, "dtype": str(patch.dtype).removeprefix("torch."), "kind": args.kind,
+                           "ridge": args.ridge, "rank": args.rank, "training": fit,
+                           "held_out": [{"query": t, **r} for t, r in zip(args.held_out, held, strict=True)],
+                           "lora": args.lora, "steering": args.steering, "seconds": seconds})
+    return 0
