@@ -55,6 +55,9 @@ MODULE_GENERATION = [GENERATE + t for t in ("test_every_step_matches_plain_forwa
                                             "test_bad_input_is_refused_in_one_line",
                                             "test_non_finite_activations_leave_no_hook")] + [
     f"{CONFORMANCE}[{b}-generation]" for b in MODULE_BACKENDS]
+# a bridge's components (and the modules they wrap) streamed in float64: GPT-2's, and Llama's against plain HF
+STREAMED_BRIDGE = ["tests/test_bridge.py::test_bridge_literal_weight_edit[gpt2-float64]",
+                   "tests/test_bridge.py::test_bridge_decomposition_equals_hf"]
 # module -> (the mutants' source file, the tests that run against them)
 SELECTIONS: dict[str, tuple[str, list[str]]] = {
     "core": ("implicit_updates/math/core.py", CORE_TESTS + VERIFY_TESTS[:1] + ["tests/test_analysis.py"]),
@@ -82,8 +85,8 @@ SELECTIONS: dict[str, tuple[str, list[str]]] = {
                                                                        "tests/test_toy.py"]),
     "dispatch": ("implicit_updates/runtime/dispatch.py", ["tests/test_swap.py", "tests/test_accelerate.py",
                                                           "tests/test_absorb.py", "tests/test_streaming.py"]),
-    "precision": ("implicit_updates/runtime/precision.py", ["tests/test_streaming.py",
-                                                            "tests/test_float64_formula.py"]),
+    "precision": ("implicit_updates/runtime/precision.py", ["tests/test_streaming.py", "tests/test_float64_formula.py",
+                                                            *STREAMED_BRIDGE]),
     # the one patched run's edit application (verify's factored run, absorbed generation): edit_hooks, add_*
     "module_hooks": ("adapters/module_hooks.py", ["tests/test_hf.py::test_literal_weight_edit_every_layout",
                                                   "tests/test_hf.py::test_gemma_post_norm_exact"]
