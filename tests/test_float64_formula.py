@@ -6,6 +6,8 @@ Gemma 2, GLM-4-MoE, Llama); and the probe leaves the model, its hooks and the RN
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -141,7 +143,7 @@ def test_probe_sees_each_kind_of_cast_and_restores_hooks_and_mark(read, ran_befo
     on one that ran before."""
     model = Reads(READS[read][0])
     if ran_before:
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.suppress(IndexError):  # (its hooks and mark are installed first)
             model(torch.zeros(1, 2, dtype=torch.long))
     before = hook_tables(model)
     assert casts_parameters(model, F64) is READS[read][1]
