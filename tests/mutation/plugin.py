@@ -53,7 +53,8 @@ GENERATE = "tests/test_generate.py::"
 # against plain float64 forwards, refusals, and each backend's conformance case
 MODULE_GENERATION = [GENERATE + t for t in ("test_every_step_matches_plain_forwards_of_the_history",
                                             "test_bad_input_is_refused_in_one_line",
-                                            "test_non_finite_activations_leave_no_hook")] + [
+                                            "test_non_finite_activations_leave_no_hook",
+                                            "test_what_the_absorbing_run_cannot_patch")] + [
     f"{CONFORMANCE}[{b}-generation]" for b in MODULE_BACKENDS]
 # a bridge's components (and the modules they wrap) streamed in float64: GPT-2's, and Llama's against plain HF
 STREAMED_BRIDGE = ["tests/test_bridge.py::test_bridge_literal_weight_edit[gpt2-float64]",
