@@ -44,9 +44,6 @@ def check_support(adapter) -> None:
         raise UnsupportedArchitectureError(
             f"{name}: block {whole[0]}'s MLP is a mixture of experts read as a whole module, whose routed calls the "
             "absorbing run does not patch while it runs: use compare_absorbed on each prefix")
-    flat = [b for b, p in enumerate(adapter.parts) if getattr(adapter, "flat_mlps", None) and b in adapter.flat_mlps]
-    if flat:
-        raise UnsupportedArchitectureError(f"{name}: block {flat[0]}'s MLP reads a flattened batch")
 
 
 def cached_step(adapter, inputs: Tensor, cache: object | None) -> tuple[dict[str, Tensor], Tensor, object]:

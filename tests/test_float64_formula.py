@@ -6,6 +6,8 @@ Gemma 2, GLM-4-MoE, Llama); and the probe leaves the model, its hooks and the RN
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -74,3 +76,77 @@ def test_exact_formula_is_the_plain_forward_for_other_models():
         with exact_formula(model, F64):
             formula = model(input_ids=ids).logits
     assert torch.equal(plain, formula)
+
+
+def test_keep_precision_every_named_cast_and_what_it_leaves():
+    """Every tensor-type name is a cast kept; a product of two float32 tensors, and an in-place operation on a float32
+    tensor, are left as torch has them; a cast to another tensor keeps that tensor's device (here ``meta``)."""
+    x = torch.randn(2, 3, dtype=F64)
+    x32 = torch.randn(3, 2)
+    with KeepPrecision(F64):
+        named = [x.type(name) for name in ("torch.FloatTensor", "torch.HalfTensor", "torch.BFloat16Tensor")]
+        plain = x32 @ x32.T  # no float64 operand: float32, as torch computes it
+        inplace = x32.clone()
+        inplace.add_(x.T)  # into the float32 tensor itself, rounded to float32 there
+        on_meta = torch.empty(2, dtype=F64, device="meta").to(torch.empty(1, device="meta"))
+    assert all(t.dtype == F64 and torch.equal(t, x) for t in named)
+    assert plain.dtype == F32 and torch.equal(plain, x32 @ x32.T)
+    assert inplace.dtype == F32 and torch.allclose(inplace, (x32.double() + x.T).float())  # x32 + x, not x32
+    assert on_meta.dtype == F64 and on_meta.device.type == "meta"
+
+
+class Reads(torch.nn.Module):
+    """A token model reading its one parameter as ``read`` says; like transformers on a first forward, it installs
+    hooks (with keyword arguments, always called, pre-hooks) and marks itself, once."""
+
+    def __init__(self, read):
+        super().__init__()
+        self.embed = torch.nn.Embedding(5, 3)
+        self.w = torch.nn.Parameter(torch.randn(3, 3))
+        self.read = read
+
+    def forward(self, ids):
+        if not getattr(self, "_output_capturing_hooks_installed", False):
+            self.embed.register_forward_hook(lambda m, a, k, o: o, with_kwargs=True, always_call=True)
+            self.embed.register_forward_hook(lambda m, a, o: o)
+            self.embed.register_forward_pre_hook(lambda m, a, k: (a, k), with_kwargs=True)
+            self.embed.register_forward_pre_hook(lambda m, a: a)
+            self._output_capturing_hooks_installed = True
+        h = self.embed(ids)
+        torch.zeros(size=(1,))  # an operation with keyword arguments only
+        return h @ self.read(self.w, h)
+
+
+READS = {  # how the forward reads w, and whether that is a cast of a parameter to a less precise dtype
+    "as-is": (lambda w, h: w, False),
+    "to-its-own-dtype": (lambda w, h: w.to(h.dtype), False),
+    "times-a-float32-tensor": (lambda w, h: w * torch.ones(3, 3, dtype=F32, device=h.device), False),
+    "float": (lambda w, h: w.float().to(h.dtype), True),
+    "to-dtype-keyword": (lambda w, h: w.to(dtype=F32).to(h.dtype), True),
+    "type_as": (lambda w, h: w.type_as(torch.ones(1, dtype=F32)).to(h.dtype), True),
+    "half": (lambda w, h: w.half().to(h.dtype), True),
+    "cannot-run": (lambda w, h: w.float().to(h.dtype)[99], False),  # the probe cannot run it: nothing to lift
+}
+
+
+def hook_tables(model):
+    return [(len(m._forward_hooks), len(m._forward_hooks_with_kwargs), len(m._forward_hooks_always_called),
+             len(m._forward_pre_hooks), len(m._forward_pre_hooks_with_kwargs),
+             m.__dict__.get("_output_capturing_hooks_installed")) for m in model.modules()]
+
+
+@pytest.mark.parametrize("read", sorted(READS))
+@pytest.mark.parametrize("ran_before", [False, True], ids=["fresh", "ran-before"])
+def test_probe_sees_each_kind_of_cast_and_restores_hooks_and_mark(read, ran_before):
+    """The probe (of a model that is not Hugging Face's or TransformerLens's) reports exactly the reads that cast a
+    parameter down, and leaves every hook table and transformers' mark as they were: absent on a fresh model, kept
+    on one that ran before."""
+    model = Reads(READS[read][0])
+    if ran_before:
+        with torch.no_grad(), contextlib.suppress(IndexError):  # (its hooks and mark are installed first)
+            model(torch.zeros(1, 2, dtype=torch.long))
+    before = hook_tables(model)
+    assert casts_parameters(model, F64) is READS[read][1]
+    assert casts_parameters(model, F32) is False  # nothing to lift below float64, even a cast to half precision
+    assert hook_tables(model) == before
+    assert next(model.parameters()).dtype == F32

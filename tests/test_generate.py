@@ -286,3 +286,27 @@ def test_cli_generate_refuses_in_one_line(argv, message, capsys):
     if "needs TransformerLens 3.x" in err:  # TransformerLens 4.x: no HookedTransformer to build random:PRESET with
         pytest.skip(err.strip())
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) <= 3
+
+
+def test_what_the_absorbing_run_cannot_patch_is_refused_in_one_line():
+    """A mixture of experts read as a whole module (its routed calls are not patched while the token runs) is
+    refused before anything runs, naming the block; so is a remote nnsight model, and a step of other than one
+    sequence's token ids."""
+    from test_zoo import tiny
+
+    from implicit_updates.adapters import adapter_for
+    from implicit_updates.adapters.module_generation import cached_step, check_support
+
+    moe = tiny("mixtral")
+    with assert_untouched(moe), pytest.raises(UnsupportedArchitectureError) as info:
+        iu.generate(moe, tokens(4), 2, dtype=F64)
+    assert str(info.value).startswith("MixtralForCausalLM: block 0's MLP is a mixture of experts read as a whole "
+                                      "module") and len(str(info.value).splitlines()) == 1
+    adapter = adapter_for(tiny_hf("llama"))
+    for ids in (tokens(3).float(), torch.cat([tokens(3), tokens(3, seed=1)])):
+        with pytest.raises(ValueError, match=r"token ids of one sequence, \[1, new tokens\]"):
+            cached_step(adapter, ids, None)
+    check_support(adapter)  # served as it is
+    adapter.remote = "local"
+    with pytest.raises(UnsupportedArchitectureError, match=r"remote='local' is not supported: use remote=False"):
+        check_support(adapter)

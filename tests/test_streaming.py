@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import ARCHITECTURES, assert_untouched, build
+from test_hf import tiny_hf
 
 import implicit_updates as iu
 from implicit_updates.analyses.dynamics import max_relative_difference, prefix_decomposition
 from implicit_updates.models import PRESETS, random_model
-from implicit_updates.runtime.precision import computed_in
+from implicit_updates.runtime.precision import computed_in, exact_formula
 
 
 def tokens(vocab: int, n: int = 16, seed: int = 0) -> torch.Tensor:
@@ -115,6 +118,7 @@ def test_absorbed_restores_on_error():
             raise RuntimeError("inside")
 
 
+<<<<<<< HEAD
 @pytest.mark.parametrize("kind", ["hooked", "hf"])
 def test_large_unembedding_computed_in_slices(kind, monkeypatch):
     """A vocabulary-sized projection (TransformerLens ``Unembed``, an HF ``lm_head``) is never upcast whole: its
@@ -156,3 +160,78 @@ def test_large_unembedding_computed_in_slices(kind, monkeypatch):
     slices = [s for s in upcasts if s[-1] == 64 and s[0] <= 512 // 5]  # [rows, d_model]: the unembedding's
     assert len(slices) >= 5 and not any(sorted(s) == [64, 512] for s in upcasts)  # never the whole matrix
     assert "forward" not in head.__dict__  # the module's own forward again
+=======
+class _Indexer(torch.nn.Module):
+    """No parameters of its own, leaf children: a table and a projection whose dtype it reads before calling it
+    (GLM-DSA's indexer: ``weights_proj(h.to(weights_proj.weight.dtype))``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(7, 4)
+        self.proj = torch.nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.proj(self.embed(ids).to(self.proj.weight.dtype))
+
+
+class _ReadsChildDtype(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.indexer = _Indexer()
+        self.norm = torch.nn.LayerNorm(3)
+
+    def forward(self, ids):
+        return self.norm(self.indexer(ids))
+
+
+def _table_dtypes_while_running(model, names, ids):
+    """The dtype of each named table's weight while its own forward runs (streamed), and the output."""
+    seen = {}
+    tables = dict(model.named_modules())
+
+    def record(name):
+        def hook(module, args, output):
+            seen[name] = {p.dtype for p in module.parameters()}
+
+        return hook
+
+    hooks = [tables[name].register_forward_hook(record(name)) for name in names]
+    try:
+        with torch.no_grad(), computed_in(model, torch.float64):
+            out = model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen, out if isinstance(out, torch.Tensor) else out.logits
+
+
+def test_a_module_reading_its_childs_dtype_gets_it_upcast_and_tables_never_are():
+    """A parameterless module of leaf children upcasts them with itself (it reads one's dtype before calling it),
+    except a table: embedding tables are never upcast (their output is cast), and the result is the float64 copy's."""
+    model = _ReadsChildDtype()
+    with assert_untouched(model):
+        seen, out = _table_dtypes_while_running(model, ["indexer.embed"], tokens(7, 5))
+    with torch.no_grad():
+        copied = copy.deepcopy(model).double()(tokens(7, 5))
+    assert seen == {"indexer.embed": {torch.float32}}
+    assert out.dtype == torch.float64 and torch.equal(out, copied)
+
+
+@pytest.mark.parametrize("build_model,tables", [
+    (lambda: random_model("llama"), ["embed"]),  # TransformerLens's Embed
+    (lambda: build(**ARCHITECTURES["layernorm"]), ["embed", "pos_embed"]),  # and PosEmbed
+    (lambda: tiny_hf("gpt2"), ["transformer.wte", "transformer.wpe"]),  # nn.Embedding
+    (lambda: tiny_hf("gemma2"), ["model.embed_tokens"]),  # Gemma's scaled embedding, scaled in float64
+], ids=["hooked-embed", "hooked-pos-embed", "hf-embedding", "hf-gemma-scaled"])
+def test_embedding_tables_are_never_upcast(build_model, tables):
+    """The largest parameters are the tables: streamed, each is read as float32 rows and its output cast (their
+    float64 lookup exactly), never copied to float64; the logits are the float64 copy's."""
+    model = build_model()
+    ids = tokens(model.cfg.d_vocab if hasattr(model, "cfg") else model.config.vocab_size, 5)
+    seen, logits = _table_dtypes_while_running(model, tables, ids)
+    assert seen == dict.fromkeys(tables, {torch.float32})
+    with torch.no_grad(), exact_formula(model, torch.float64):
+        ref = copy.deepcopy(model).to(torch.float64)(ids)
+    ref = ref if isinstance(ref, torch.Tensor) else ref.logits
+    assert logits.dtype == torch.float64 and float((logits - ref).abs().max()) <= 1e-12
+>>>>>>> h-mut

@@ -137,23 +137,35 @@ def casts_parameters(model: nn.Module, dtype: torch.dtype) -> bool:
 def _no_trace(model: nn.Module) -> Iterator[None]:
     """The probe's forward leaves the model as it found it: transformers installs output-capturing hooks on a model's
     first forward (and marks it so); those are removed and the mark put back."""
-    mark = "_output_capturing_hooks_installed"
-    before = {m: (set(m._forward_hooks), set(m._forward_pre_hooks), m.__dict__.get(mark)) for m in model.modules()}
+    before = _hook_state(model)
     try:
         yield
     finally:
-        for m, (hooks, pre_hooks, marked) in before.items():
-            for key in set(m._forward_hooks) - hooks:
-                del m._forward_hooks[key]
-                m._forward_hooks_with_kwargs.pop(key, None)
-                m._forward_hooks_always_called.pop(key, None)
-            for key in set(m._forward_pre_hooks) - pre_hooks:
-                del m._forward_pre_hooks[key]
-                m._forward_pre_hooks_with_kwargs.pop(key, None)
-            if marked is None:
-                m.__dict__.pop(mark, None)
-            else:
-                m.__dict__[mark] = marked
+        _restore_hook_state(before)
+
+
+_MARK = "_output_capturing_hooks_installed"
+
+
+def _hook_state(model: nn.Module) -> dict[nn.Module, tuple[set, set, object]]:
+    """Each module's forward hooks, forward pre-hooks and transformers' mark (``None`` when unmarked)."""
+    return {m: (set(m._forward_hooks), set(m._forward_pre_hooks), m.__dict__.get(_MARK)) for m in model.modules()}
+
+
+def _restore_hook_state(before: dict[nn.Module, tuple[set, set, object]]) -> None:
+    """Removes the hooks added since :func:`_hook_state` and puts each module's mark back as it was."""
+    for m, (hooks, pre_hooks, marked) in before.items():
+        for key in set(m._forward_hooks) - hooks:
+            del m._forward_hooks[key]
+            m._forward_hooks_with_kwargs.pop(key, None)
+            m._forward_hooks_always_called.pop(key, None)
+        for key in set(m._forward_pre_hooks) - pre_hooks:
+            del m._forward_pre_hooks[key]
+            m._forward_pre_hooks_with_kwargs.pop(key, None)
+        if marked is None:
+            m.__dict__.pop(_MARK, None)
+        else:
+            m.__dict__[_MARK] = marked
 
 
 @contextmanager
@@ -162,8 +174,13 @@ def exact_formula(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
     where it reads a parameter through a float32 cast (:func:`casts_parameters`) every cast to a less precise dtype
     keeps ``dtype`` (:class:`KeepPrecision`). ``with exact_formula(model, torch.float64): model(ids)`` is the
     reference to compare a decomposition or an absorbed model with."""
-    with KeepPrecision(dtype) if casts_parameters(model, dtype) else nullcontext():
+    with _formula(model, dtype):
         yield
+
+
+def _formula(model: nn.Module, dtype: torch.dtype) -> KeepPrecision | nullcontext:
+    """:func:`exact_formula`'s mode: :class:`KeepPrecision` where ``model`` casts a parameter, else nothing."""
+    return KeepPrecision(dtype) if casts_parameters(model, dtype) else nullcontext()
 
 
 @contextmanager
@@ -176,16 +193,33 @@ def computed_in(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
 
 @contextmanager
 def _upcast(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
-    if not needs_upcast(model, dtype):
+    plan = _upcast_plan(model, dtype)
+    if plan is None:
         yield
         return
+    replacements, lookups = plan
+    cfg_dtype = None
+    try:
+        cfg_dtype = _set_cfg_dtype(model, dtype)  # TransformerLens builds masks and tables in cfg.dtype
+        # on an accelerate-dispatched module: after its offload loaded the parameters
+        with swapped_while_running(replacements, lookups):
+            yield
+    finally:
+        if cfg_dtype is not None:
+            _set_cfg_dtype(model, cfg_dtype)
 
-    def upcast(module: nn.Module) -> list[Replacement]:
-        return [(owner, name, value.detach().to(dtype)) for owner in _owners(module)
-                for name, value in (*owner._parameters.items(), *owner._buffers.items())  # a bridge's lm_head bias
-                if value is not None and value.is_floating_point() and value.dtype != dtype]  # is a buffer
 
+<<<<<<< HEAD
     replacements, lookups, chunked = {}, [], []
+=======
+def _upcast_plan(model: nn.Module, dtype: torch.dtype) -> tuple[dict, list] | None:
+    """What :func:`_upcast` swaps while each module runs: per module with parameters or floating buffers not in
+    ``dtype``, its (and its :func:`_owners`') values upcast, or for a table lookup its output cast; ``None`` when
+    every parameter is in ``dtype`` already."""
+    if not needs_upcast(model, dtype):
+        return None
+    replacements, lookups = {}, []
+>>>>>>> h-mut
     for module in model.modules():
         own = [p for owner in _owners(module) for p in (*owner.parameters(recurse=False), *owner.buffers(False))
                if p.is_floating_point() and p.dtype != dtype]  # a rotary table's buffer too, as the copy has it
@@ -196,8 +230,22 @@ def _upcast(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
         elif _is_chunked(module):
             chunked.append(module)
         else:
-            replacements[module] = partial(upcast, module)
+            replacements[module] = partial(_upcast_values, module, dtype)
+    return replacements, lookups
+
+
+def _upcast_values(module: nn.Module, dtype: torch.dtype) -> list[Replacement]:
+    """The floating parameters and buffers of ``module``'s :func:`_owners` not in ``dtype``, upcast."""
+    return [(owner, name, value.detach().to(dtype)) for owner in _owners(module)
+            for name, value in (*owner._parameters.items(), *owner._buffers.items())  # a bridge's lm_head bias
+            if value is not None and value.is_floating_point() and value.dtype != dtype]  # is a buffer
+
+
+def _set_cfg_dtype(model: nn.Module, dtype: torch.dtype) -> torch.dtype | None:
+    """Sets a TransformerLens model's ``cfg.dtype`` to ``dtype``; returns the one it replaced (``None``, and nothing
+    set, for a model without one)."""
     cfg = getattr(model, "cfg", None)
+<<<<<<< HEAD
     cfg_dtype = getattr(cfg, "dtype", None)
     try:
         if isinstance(cfg_dtype, torch.dtype):  # TransformerLens builds masks and tables in cfg.dtype
@@ -208,6 +256,13 @@ def _upcast(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
     finally:
         if isinstance(cfg_dtype, torch.dtype):
             cfg.dtype = cfg_dtype
+=======
+    previous = getattr(cfg, "dtype", None)
+    if not isinstance(previous, torch.dtype):
+        return None
+    cfg.dtype = dtype
+    return previous
+>>>>>>> h-mut
 
 
 CHUNK_ELEMENTS = 1 << 24  # a projection with more weights than this computes in slices of at most this many

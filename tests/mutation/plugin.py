@@ -45,6 +45,20 @@ SCALED_AND_DEAD = "tests/test_scaled_and_dead.py"  # Granite's scaled joins, ref
 VERIFY_TESTS = [CHECKERS + t for t in ("test_verify_reports_a_corrupted_output_correction_exactly",
                                        "test_verify_query_self_reports_the_corrupted_position",
                                        "test_verify_report_table_and_json")]
+MODULE_BACKENDS = ("Hugging_Face-gpt2", "Hugging_Face-llama", "TransformerBridge-gpt2", "TransformerBridge-llama",
+                   "nnsight-gpt2", "nnsight-llama")  # (stories260K's cases skip under mutants/: no ../shared there)
+CONFORMANCE = "tests/test_conformance.py::test_capability"
+GENERATE = "tests/test_generate.py::"
+# absorbed generation on the backends run by their own forward (HF, TransformerBridge, nnsight): drawn architectures
+# against plain float64 forwards, refusals, and each backend's conformance case
+MODULE_GENERATION = [GENERATE + t for t in ("test_every_step_matches_plain_forwards_of_the_history",
+                                            "test_bad_input_is_refused_in_one_line",
+                                            "test_non_finite_activations_leave_no_hook",
+                                            "test_what_the_absorbing_run_cannot_patch")] + [
+    f"{CONFORMANCE}[{b}-generation]" for b in MODULE_BACKENDS]
+# a bridge's components (and the modules they wrap) streamed in float64: GPT-2's, and Llama's against plain HF
+STREAMED_BRIDGE = ["tests/test_bridge.py::test_bridge_literal_weight_edit[gpt2-float64]",
+                   "tests/test_bridge.py::test_bridge_decomposition_equals_hf"]
 # module -> (the mutants' source file, the tests that run against them)
 SELECTIONS: dict[str, tuple[str, list[str]]] = {
     "core": ("implicit_updates/math/core.py", CORE_TESTS + VERIFY_TESTS[:1] + ["tests/test_analysis.py"]),
@@ -72,8 +86,14 @@ SELECTIONS: dict[str, tuple[str, list[str]]] = {
                                                                        "tests/test_toy.py"]),
     "dispatch": ("implicit_updates/runtime/dispatch.py", ["tests/test_swap.py", "tests/test_accelerate.py",
                                                           "tests/test_absorb.py", "tests/test_streaming.py"]),
-    "precision": ("implicit_updates/runtime/precision.py", ["tests/test_streaming.py",
-                                                            "tests/test_float64_formula.py"]),
+    "precision": ("implicit_updates/runtime/precision.py", ["tests/test_streaming.py", "tests/test_float64_formula.py",
+                                                            *STREAMED_BRIDGE]),
+    # the one patched run's edit application (verify's factored run, absorbed generation): edit_hooks, add_*
+    "module_hooks": ("adapters/module_hooks.py", ["tests/test_hf.py::test_literal_weight_edit_every_layout",
+                                                  "tests/test_hf.py::test_gemma_post_norm_exact"]
+                     + MODULE_GENERATION[:1] + [f"{CONFORMANCE}[{b}-{c}]" for b in MODULE_BACKENDS
+                                                for c in ("decompose", "generation")]),
+    "module_generation": ("adapters/module_generation.py", MODULE_GENERATION),
 }
 
 
