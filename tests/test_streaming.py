@@ -118,7 +118,6 @@ def test_absorbed_restores_on_error():
             raise RuntimeError("inside")
 
 
-<<<<<<< HEAD
 @pytest.mark.parametrize("kind", ["hooked", "hf"])
 def test_large_unembedding_computed_in_slices(kind, monkeypatch):
     """A vocabulary-sized projection (TransformerLens ``Unembed``, an HF ``lm_head``) is never upcast whole: its
@@ -160,7 +159,8 @@ def test_large_unembedding_computed_in_slices(kind, monkeypatch):
     slices = [s for s in upcasts if s[-1] == 64 and s[0] <= 512 // 5]  # [rows, d_model]: the unembedding's
     assert len(slices) >= 5 and not any(sorted(s) == [64, 512] for s in upcasts)  # never the whole matrix
     assert "forward" not in head.__dict__  # the module's own forward again
-=======
+
+
 class _Indexer(torch.nn.Module):
     """No parameters of its own, leaf children: a table and a projection whose dtype it reads before calling it
     (GLM-DSA's indexer: ``weights_proj(h.to(weights_proj.weight.dtype))``)."""
@@ -234,4 +234,3 @@ def test_embedding_tables_are_never_upcast(build_model, tables):
         ref = copy.deepcopy(model).to(torch.float64)(ids)
     ref = ref if isinstance(ref, torch.Tensor) else ref.logits
     assert logits.dtype == torch.float64 and float((logits - ref).abs().max()) <= 1e-12
->>>>>>> h-mut

@@ -197,29 +197,25 @@ def _upcast(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
     if plan is None:
         yield
         return
-    replacements, lookups = plan
+    replacements, lookups, chunked = plan
     cfg_dtype = None
     try:
         cfg_dtype = _set_cfg_dtype(model, dtype)  # TransformerLens builds masks and tables in cfg.dtype
         # on an accelerate-dispatched module: after its offload loaded the parameters
-        with swapped_while_running(replacements, lookups):
+        with swapped_while_running(replacements, lookups), _chunked_forwards(chunked, dtype):
             yield
     finally:
         if cfg_dtype is not None:
             _set_cfg_dtype(model, cfg_dtype)
 
 
-<<<<<<< HEAD
-    replacements, lookups, chunked = {}, [], []
-=======
-def _upcast_plan(model: nn.Module, dtype: torch.dtype) -> tuple[dict, list] | None:
+def _upcast_plan(model: nn.Module, dtype: torch.dtype) -> tuple[dict, list, list] | None:
     """What :func:`_upcast` swaps while each module runs: per module with parameters or floating buffers not in
-    ``dtype``, its (and its :func:`_owners`') values upcast, or for a table lookup its output cast; ``None`` when
-    every parameter is in ``dtype`` already."""
+    ``dtype``, its (and its :func:`_owners`') values upcast, for a table lookup its output cast, and the large
+    projections computed in slices (:func:`_is_chunked`); ``None`` when every parameter is in ``dtype`` already."""
     if not needs_upcast(model, dtype):
         return None
-    replacements, lookups = {}, []
->>>>>>> h-mut
+    replacements, lookups, chunked = {}, [], []
     for module in model.modules():
         own = [p for owner in _owners(module) for p in (*owner.parameters(recurse=False), *owner.buffers(False))
                if p.is_floating_point() and p.dtype != dtype]  # a rotary table's buffer too, as the copy has it
@@ -231,7 +227,7 @@ def _upcast_plan(model: nn.Module, dtype: torch.dtype) -> tuple[dict, list] | No
             chunked.append(module)
         else:
             replacements[module] = partial(_upcast_values, module, dtype)
-    return replacements, lookups
+    return replacements, lookups, chunked
 
 
 def _upcast_values(module: nn.Module, dtype: torch.dtype) -> list[Replacement]:
@@ -245,24 +241,11 @@ def _set_cfg_dtype(model: nn.Module, dtype: torch.dtype) -> torch.dtype | None:
     """Sets a TransformerLens model's ``cfg.dtype`` to ``dtype``; returns the one it replaced (``None``, and nothing
     set, for a model without one)."""
     cfg = getattr(model, "cfg", None)
-<<<<<<< HEAD
-    cfg_dtype = getattr(cfg, "dtype", None)
-    try:
-        if isinstance(cfg_dtype, torch.dtype):  # TransformerLens builds masks and tables in cfg.dtype
-            cfg.dtype = dtype
-        # on an accelerate-dispatched module: after its offload loaded the parameters
-        with swapped_while_running(replacements, lookups), _chunked_forwards(chunked, dtype):
-            yield
-    finally:
-        if isinstance(cfg_dtype, torch.dtype):
-            cfg.dtype = cfg_dtype
-=======
     previous = getattr(cfg, "dtype", None)
     if not isinstance(previous, torch.dtype):
         return None
     cfg.dtype = dtype
     return previous
->>>>>>> h-mut
 
 
 CHUNK_ELEMENTS = 1 << 24  # a projection with more weights than this computes in slices of at most this many
