@@ -288,6 +288,8 @@ def prepare(name: str, verbose: bool = True) -> Path:
             state = {k: v for k, v in state.items() if k != "lm_head.weight"}
         save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
                   metadata={"format": "pt"})
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(str(out))
         del state, model
         config.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
