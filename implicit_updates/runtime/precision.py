@@ -182,8 +182,8 @@ def _upcast(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
         yield
         return
 
-    def upcast(module: nn.Module) -> list[Replacement]:
-        return [(owner, name, value.detach().to(dtype)) for owner in _owners(module)
+    def upcast(module: nn.Module) -> list[Replacement]:  # (a bridge's unembedding: its lm_head runs in slices)
+        return [(owner, name, value.detach().to(dtype)) for owner in _owners(module) if not _is_chunked(owner)
                 for name, value in (*owner._parameters.items(), *owner._buffers.items())  # a bridge's lm_head bias
                 if value is not None and value.is_floating_point() and value.dtype != dtype]  # is a buffer
 
