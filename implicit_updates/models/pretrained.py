@@ -274,6 +274,7 @@ def prepare(name: str, verbose: bool = True) -> Path:
         # A plain float model: without the quantization_config the saved directory loads as an ordinary checkpoint.
         config = model.config
         del config.quantization_config
+        config.architectures = [type(model).__name__]  # what save_pretrained records (a bridge boots by it)
         out = work / "model"
         out.mkdir()
         if verbose:
