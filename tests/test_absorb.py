@@ -128,3 +128,19 @@ def test_copy_based_paths_accept_faithful_copies():
     with assert_untouched(model):
         assert iu.compare_absorbed(model, ids, dtype=torch.float64).max_abs_logit_diff <= 1e-9
         assert iu.decompose(model, ids, dtype=torch.float64, upcast="copy").verify().max_rel_err <= 1e-10
+
+
+def test_compare_absorbed_upcast_patches_in_place(monkeypatch):
+    """A model computed in another dtype than its own is compared without any copy of it (a 1.5B held in bfloat16 and
+    computed in float64 would need 12 GB more): the weights are patched while each module runs, and the numbers are
+    those of the patched copy that absorb() makes."""
+    model = build(n_layers=2)  # float32, computed in float64
+    prompt = torch.randint(0, 61, (1, 9), generator=torch.Generator().manual_seed(4))
+    copied = iu.absorb(model, prompt, dtype=torch.float64)
+    with torch.no_grad():
+        want = copied(prompt[:, -1:])[0, -1]
+    monkeypatch.setattr(copy, "deepcopy", lambda *a, **k: pytest.fail("compare_absorbed copied the model"))
+    with assert_untouched(model):
+        report = iu.compare_absorbed(model, prompt, dtype=torch.float64, k=3)
+    assert report.max_abs_logit_diff <= 1e-9 and report.top1_agree and report.max_abs_logit_diff_control > 1e-3
+    assert report.top_k["absorbed"][0][0] == int(want.argmax())
