@@ -131,11 +131,13 @@ class Adapter(Protocol):
         grown by ``inputs``."""
 
     def run_absorbing(self, token: Tensor, context: dict[str, Tensor],
-                      update_for: Callable[[BlockCapture], BlockUpdate]) -> tuple[Tensor, Tensor]:
+                      update_for: Callable[[BlockCapture], BlockUpdate], control: bool = True
+                      ) -> tuple[Tensor, Tensor]:
         """``generation``: the model on ``token`` ``[1, 1]`` alone (position 0) as two rows of one batch. Row 0 is
         the absorbed model: each block's update, computed by ``update_for`` from the block's capture (``context``
         and the query-alone quantities of the input the block actually receives), is added in factored form while
-        the block runs. Row 1 runs unpatched (the control). Returns both rows' logits ``[2, d_vocab]`` and every
+        the block runs. Row 1 runs unpatched (the control; none with ``control=False``). Returns the rows' logits
+        ``[2 or 1, d_vocab]`` and every
         block's output in row 0 ``[n_blocks, d_model]`` (an update computed where a block actually runs maps any input
         to its with-context output, so only these show an earlier block's error)."""
 

@@ -88,9 +88,10 @@ def last_position(adapter, store: dict[str, Tensor], n: int) -> dict[str, Tensor
     return last
 
 
-def run_absorbing(adapter, token: Tensor, context: dict[str, Tensor],
-                  update_for: Callable) -> tuple[Tensor, Tensor]:
-    """Rows 0 (absorbed) and 1 (control) of the model on ``token`` ``[1, 1]`` alone: their logits ``[2, d_vocab]``,
+def run_absorbing(adapter, token: Tensor, context: dict[str, Tensor], update_for: Callable,
+                  control: bool = True) -> tuple[Tensor, Tensor]:
+    """Rows 0 (absorbed) and 1 (control; none with ``control=False``) of the model on ``token`` ``[1, 1]`` alone:
+    their logits ``[2 or 1, d_vocab]``,
     and every block's output in row 0 ``[n_blocks, d_model]``."""
     check_support(adapter)
     model, blocks = adapter.model, list(range(adapter.n_blocks))
@@ -99,7 +100,7 @@ def run_absorbing(adapter, token: Tensor, context: dict[str, Tensor],
     computed: list[int] = []
 
     def absorbed_row(t: Tensor) -> Tensor:  # a [1, ...] factor on row 0, zeros on the control's row 1
-        return torch.cat([t, torch.zeros_like(t)])
+        return torch.cat([t, torch.zeros_like(t)]) if control else t
 
     def once(fn: Callable) -> Callable:
         key = object()
@@ -127,7 +128,7 @@ def run_absorbing(adapter, token: Tensor, context: dict[str, Tensor],
 
         stack.enter_context(adapter._capturing(blocks, alone))  # its MLP pre-hooks run before compute's
         stack.enter_context(module_hooks([(model.blocks[b].mlp, "pre", compute(b)) for b in blocks]))
-        logits = model(token.expand(2, 1))
+        logits = model(token.expand(2 if control else 1, 1))
     if computed != blocks or pending:
         raise RuntimeError(f"blocks {computed} computed an update and {len(pending)} edit hooks never ran: the block "
                            "structure does not match the hook points the forward ran")

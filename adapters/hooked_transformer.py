@@ -315,11 +315,11 @@ class HookedTransformerAdapter(HookPointCapture):
 
         return cached_step(self, inputs, cache)
 
-    def run_absorbing(self, token: Tensor, context: dict[str, Tensor], update_for):
+    def run_absorbing(self, token: Tensor, context: dict[str, Tensor], update_for, control: bool = True):
         """The absorbed and the control model on the token alone, in one batch (:mod:`.hooked_generation`)."""
         from implicit_updates.adapters.hooked_generation import run_absorbing
 
-        return run_absorbing(self, token, context, update_for)
+        return run_absorbing(self, token, context, update_for, control)
 
     def attention_readable(self):
         from implicit_updates.adapters.attribution_hooks import check_hooked

@@ -63,9 +63,10 @@ def cached_step(adapter, inputs: Tensor, cache: object | None) -> tuple[dict[str
     return last, adapter._final_logits(output)[:, -1], output.past_key_values
 
 
-def run_absorbing(adapter, token: Tensor, context: dict[str, Tensor],
-                  update_for: Callable) -> tuple[Tensor, Tensor]:
-    """Rows 0 (absorbed) and 1 (control) of the model on ``token`` ``[1, 1]`` alone: their logits ``[2, d_vocab]``,
+def run_absorbing(adapter, token: Tensor, context: dict[str, Tensor], update_for: Callable,
+                  control: bool = True) -> tuple[Tensor, Tensor]:
+    """Rows 0 (absorbed) and 1 (control; none with ``control=False``) of the model on ``token`` ``[1, 1]`` alone:
+    their logits ``[2 or 1, d_vocab]``,
     and every block's output in row 0 ``[n_blocks, d_model]``."""
     check_support(adapter)
     blocks = list(range(adapter.n_blocks))
@@ -73,7 +74,7 @@ def run_absorbing(adapter, token: Tensor, context: dict[str, Tensor],
     edits: dict[int, list] = {}  # id(module) -> the hooks adding the current update to that module's output
 
     def absorbed_row(t: Tensor) -> Tensor:  # a [1, ...] factor on row 0, zeros on the control's row 1
-        return torch.cat([t, torch.zeros_like(t)])
+        return torch.cat([t, torch.zeros_like(t)]) if control else t
 
     def compute(b: int) -> Callable:
         def hook(module, args):
@@ -95,7 +96,7 @@ def run_absorbing(adapter, token: Tensor, context: dict[str, Tensor],
         hooks.append((p.mlp, "pre", compute(b)))  # after _capturing's hooks there: the MLP input is recorded
         targets = [module for _, module in p.first] + [p.out] + ([p.post_norm[1]] if p.post_norm else [])
         hooks += [(module, "fwd", apply) for module in dict.fromkeys(targets)]
-    output = forward_hf(adapter, token.expand(2, 1), hooks, use_cache=False)
+    output = forward_hf(adapter, token.expand(2 if control else 1, 1), hooks, use_cache=False)
     if edits:
         raise RuntimeError(f"edits computed but never applied (modules {sorted(edits)}): the block structure does "
                            "not match the modules the forward ran")

@@ -137,11 +137,11 @@ class ModuleAdapter:
 
         return cached_step(self, inputs, cache)
 
-    def run_absorbing(self, token: Tensor, context: dict[str, Tensor], update_for):
+    def run_absorbing(self, token: Tensor, context: dict[str, Tensor], update_for, control: bool = True):
         """The absorbed and the control model on the token alone, in one batch (:mod:`.module_generation`)."""
         from implicit_updates.adapters.module_generation import run_absorbing
 
-        return run_absorbing(self, token, context, update_for)
+        return run_absorbing(self, token, context, update_for, control)
 
     # -- running ---------------------------------------------------------------------------------------------
 

@@ -310,3 +310,17 @@ def test_what_the_absorbing_run_cannot_patch_is_refused_in_one_line():
     adapter.remote = "local"
     with pytest.raises(UnsupportedArchitectureError, match=r"remote='local' is not supported: use remote=False"):
         check_support(adapter)
+
+
+def test_without_the_control_the_absorbed_steps_are_the_same(stories, tmp_path):
+    """control=False runs the absorbed model alone (one row): the same tokens and absorbed logits, no control."""
+    prompt = "Lily had a red ball."
+    both = iu.generate(stories, prompt, 3, dtype=F64, keep_logits=True)
+    alone = iu.generate(stories, prompt, 3, dtype=F64, keep_logits=True, control=False)
+    assert alone.tokens == both.tokens and alone.agree == 3 and alone.max_rel_block_err <= 1e-12
+    for with_control, without in zip(both.logits, alone.logits, strict=True):
+        assert without.shape[0] == 2 and float((without[1] - with_control[1]).abs().max()) <= 1e-12
+    assert alone.min_control_abs_logit_diff is None and alone.steps[0].control_kl is None
+    assert "agree=3/3" in repr(alone) and "n/a" in alone._repr_html_()
+    pytest.importorskip("matplotlib")
+    alone.plot(path=str(tmp_path / "alone.png"))

@@ -39,8 +39,8 @@ class GenerationStep:
     agree: bool
     max_abs_logit_diff: float
     kl: float  # KL(full || absorbed)
-    control_max_abs_logit_diff: float
-    control_kl: float  # KL(full || control)
+    control_max_abs_logit_diff: float | None  # None: generated with control=False
+    control_kl: float | None  # KL(full || control)
     max_rel_block_err: float  # the worst block output of the absorbed model vs with context (relative)
     seconds: float
 
@@ -56,7 +56,7 @@ class Generation:
     backend: str
     text: str | None  # the generated tokens decoded (None without a tokenizer)
     model: str | None = None
-    logits: tuple[Tensor, ...] | None = None  # per step [3, d_vocab]: full, absorbed, control (``keep_logits``)
+    logits: tuple[Tensor, ...] | None = None  # per step [3 or 2, d_vocab]: full, absorbed, control (``keep_logits``)
 
     @property
     def n_steps(self) -> int:
@@ -76,8 +76,9 @@ class Generation:
         return max(s.max_rel_block_err for s in self.steps)
 
     @property
-    def min_control_abs_logit_diff(self) -> float:
-        return min(s.control_max_abs_logit_diff for s in self.steps)
+    def min_control_abs_logit_diff(self) -> float | None:
+        values = [s.control_max_abs_logit_diff for s in self.steps if s.control_max_abs_logit_diff is not None]
+        return min(values) if values else None
 
     def summary(self) -> dict:
         """The summary row: agreement, the largest absorbed error and the smallest control distance, time."""
@@ -113,14 +114,16 @@ class Generation:
 
 def generate(model: nn.Module, prompt: str | Sequence[int] | Tensor, max_new_tokens: int = 20,
              dtype: torch.dtype | str | None = None, progress: bool | None = None,
-             name: str | None = None, keep_logits: bool = False) -> Generation:
+             name: str | None = None, keep_logits: bool = False, control: bool = True) -> Generation:
     """Greedy generation by ``model``; at each step the whole context so far is absorbed into its weights (the
     updates of ``absorb``) and the absorbed model runs the last token alone, compared with the full model.
 
     Each step costs one KV-cached step of the full model and one forward of the token alone (absorbed and control
     rows in one batch), computed in ``dtype`` (the model's by default; half precision computes in float32). The
     user's model is left bit-identical, without hooks, in its mode. ``name`` labels the result (the CLI's model);
-    ``keep_logits`` keeps each step's three logit vectors (``Generation.logits``).
+    ``keep_logits`` keeps each step's logit vectors (``Generation.logits``). ``control=False`` leaves out the
+    unpatched model on the token (its distances are then None): a step is then one cached step and one forward of
+    the token alone.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r}")
@@ -147,17 +150,17 @@ def generate(model: nn.Module, prompt: str | Sequence[int] | Tensor, max_new_tok
             for step in tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False):
                 targets.clear()
                 try:
-                    both, outputs = adapter.run_absorbing(history[:, -1:], context, update_for)
+                    both, outputs = adapter.run_absorbing(history[:, -1:], context, update_for, control)
                 except ZeroQueryNormError as err:
                     raise ZeroQueryNormError(f"step {step} (token {int(history[0, -1])} at position "
                                              f"{history.shape[1] - 1}): {err}") from err
                 token = int(full[0].argmax())
                 target = torch.stack([targets[b] for b in range(adapter.n_blocks)])
-                steps.append(_step(history.shape[1] - 1, token, full[0], both[0], both[1],
+                steps.append(_step(history.shape[1] - 1, token, full[0], both[0], both[1] if control else None,
                                    float(core.relative_errors(outputs, target).max()), time.perf_counter() - start))
                 tokens.append(token)
                 if keep_logits:
-                    logits.append(torch.stack([full[0], both[0], both[1]]))
+                    logits.append(torch.stack([full[0], *both]))
                 history = torch.cat([history, history.new_tensor([[token]])], dim=1)
                 start = time.perf_counter()
                 if step + 1 < max_new_tokens:
@@ -172,13 +175,14 @@ def _update(capture: BlockCapture) -> BlockUpdate:
     return decompose_captures([capture])[0]
 
 
-def _step(position: int, token: int, full: Tensor, absorbed: Tensor, control: Tensor, block_err: float,
+def _step(position: int, token: int, full: Tensor, absorbed: Tensor, control: Tensor | None, block_err: float,
           seconds: float) -> GenerationStep:
     logp = {name: torch.log_softmax(t.double(), -1) for name, t in
-            (("full", full), ("absorbed", absorbed), ("control", control))}
+            (("full", full), ("absorbed", absorbed), ("control", control)) if t is not None}
     return GenerationStep(
         position=position, token=token, absorbed_token=int(absorbed.argmax()),
         agree=bool(int(absorbed.argmax()) == token),
         max_abs_logit_diff=float((absorbed - full).abs().max()), kl=kl_divergence(logp["full"], logp["absorbed"]),
-        control_max_abs_logit_diff=float((control - full).abs().max()),
-        control_kl=kl_divergence(logp["full"], logp["control"]), max_rel_block_err=block_err, seconds=seconds)
+        control_max_abs_logit_diff=None if control is None else float((control - full).abs().max()),
+        control_kl=None if control is None else kl_divergence(logp["full"], logp["control"]),
+        max_rel_block_err=block_err, seconds=seconds)

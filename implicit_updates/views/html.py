@@ -370,7 +370,7 @@ def generation_html(g: dict) -> str:
 
 def generation_repr(g: dict) -> str:
     return (f"Generation(agree={g['agree']}/{g['n_steps']}, max_abs_logit_diff={g['max_abs_logit_diff']:.3e}, "
-            f"min_control_diff={g['summary']['min_control_max_abs_logit_diff']:.3e}, dtype={g['dtype']}, "
+            f"min_control_diff={fmt(g['summary']['min_control_max_abs_logit_diff'])}, dtype={g['dtype']}, "
             f"text={g['text']!r})")
 
 

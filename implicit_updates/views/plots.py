@@ -100,7 +100,8 @@ def generation_steps(g: Mapping, ax=None, path: str | None = None):
     x = np.arange(len(steps))
     floor = np.finfo(float).tiny  # an exact 0 cannot sit on a log axis
     for key, label in (("max_abs_logit_diff", "absorbed"), ("control_max_abs_logit_diff", "control (unpatched)")):
-        ax.plot(x, [max(s[key], floor) for s in steps], marker="o", markersize=3, label=label)
+        if all(s[key] is not None for s in steps):  # generated with control=False: no control curve
+            ax.plot(x, [max(s[key], floor) for s in steps], marker="o", markersize=3, label=label)
     bad = [i for i, s in enumerate(steps) if not s["agree"]]
     if bad:
         ax.scatter(bad, [max(steps[i]["max_abs_logit_diff"], floor) for i in bad], color="red", zorder=3,
