@@ -16,7 +16,7 @@ K = 1 the two coincide). The math is in :mod:`implicit_updates.math.lowrank`; th
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -132,24 +132,36 @@ def absorb_continuation(model: nn.Module, prefix: Tensor, continuation: Tensor,
     """
     if output not in ("auto", "matrix"):
         raise ValueError(f"output must be 'auto' or 'matrix', not {output!r}")
-    prefix, continuation = _ids(prefix), _ids(continuation)
+    return ContinuationAbsorption(model, *solved_blocks(model, prefix, continuation, dtype, Fit(rcond), output))
+
+
+def solved_blocks(model: nn.Module, prefix: Tensor, continuation: Tensor, dtype, fit: Fit, output: Output
+                  ) -> tuple[torch.dtype, list[BlockContinuation], Tensor, Tensor]:
+    """Every block's update over ``continuation`` (``[n, K]``, each run after ``prefix``) as ``fit`` solves it (its
+    ``rcond`` None: the compute dtype's default): the compute dtype, the blocks, the continuation's inputs and
+    the full model's logits there. Shared by the continuation and the thought patches."""
+    prefix, continuation = token_batch(prefix), token_batch(continuation)
     if continuation.shape[1] < 1:
         raise ValueError("the continuation is empty: give at least one token")
     if prefix.shape[0] != 1:
         raise ValueError(f"one prefix (batch 1) is absorbed, got a batch of {prefix.shape[0]}")
     # n stacked continuations [n, K], each run after the prefix: one update exact on all n * K positions
     # (any trailing shape: continuous inputs reach prepared(), whose adapter refuses them by its capability)
-    full = torch.cat([prefix.expand(continuation.shape[0], *prefix.shape[1:]), continuation.to(prefix.device)],
-                     dim=1)
-    with prepared(model, full, None, dtype) as (adapter, block_ids, inputs):
+    with prepared(model, after_prefix(prefix, continuation), None, dtype) as (adapter, block_ids, inputs):
         require(adapter, "continuation")
-        rcond = default_rcond(adapter.compute_dtype) if rcond is None else rcond
+        if fit.rcond is None:
+            fit = replace(fit, rcond=default_rcond(adapter.compute_dtype))
         systems, full_logits = adapter.continuation_systems(inputs, block_ids, continuation.shape[1])
-        blocks = [solve_block(system, Fit(rcond), output) for system in systems]
-    return ContinuationAbsorption(model, adapter.compute_dtype, blocks, inputs[:, -continuation.shape[1]:],
-                                  full_logits)
+        blocks = [solve_block(system, fit, output) for system in systems]
+    return adapter.compute_dtype, blocks, inputs[:, -continuation.shape[1]:], full_logits
 
 
-def _ids(tokens: Tensor) -> Tensor:
+def after_prefix(prefix: Tensor, continuation: Tensor) -> Tensor:
+    """``[n, P + K]``: the prefix ``[1, P]`` before each of the n stacked continuations ``[n, K]``."""
+    return torch.cat([prefix.expand(continuation.shape[0], *prefix.shape[1:]), continuation.to(prefix.device)], dim=1)
+
+
+def token_batch(tokens) -> Tensor:
+    """Token ids as a batch: ``[pos]`` -> ``[1, pos]``; ``[batch, pos]`` as it is."""
     tokens = torch.as_tensor(tokens)
     return tokens[None] if tokens.dim() == 1 else tokens

@@ -27,11 +27,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from implicit_updates.adapters.base import require
-from implicit_updates.analyses.continuation import ContinuationAbsorption
-from implicit_updates.analyses.decompose import prepared, torch_module, untouched
+from implicit_updates.analyses.continuation import ContinuationAbsorption, after_prefix, solved_blocks, token_batch
+from implicit_updates.analyses.decompose import torch_module, untouched
 from implicit_updates.math.core import kl_divergence
-from implicit_updates.math.lowrank import BlockContinuation, Fit, OutputShift, default_rcond, solve_block
+from implicit_updates.math.lowrank import BlockContinuation, Fit, OutputShift, default_rcond
 from implicit_updates.runtime.hooks import swapped_parameters
 from implicit_updates.runtime.precision import computed_in
 
@@ -93,7 +92,7 @@ class ThoughtPatch(ContinuationAbsorption):
         """``[n * K, d_vocab]``: the patched model on each query alone (token ids ``[n, K]``)."""
         from implicit_updates.adapters import adapter_for
 
-        queries = _ids(queries)
+        queries = token_batch(queries)
         with self.applied() as module:
             logits = adapter_for(module).logits(queries.to(self.continuation.device))
         return logits.reshape(-1, logits.shape[-1])
@@ -106,9 +105,9 @@ class ThoughtPatch(ContinuationAbsorption):
         position: top-1 agreement rate, mean KL(full || patched), max |logit diff|."""
         from implicit_updates.adapters import adapter_for
 
-        prefix, queries = _ids(prefix), _ids(queries)
+        prefix, queries = token_batch(prefix), token_batch(queries)
         module = torch_module(self.model)
-        full_ids = torch.cat([prefix.expand(queries.shape[0], -1), queries], dim=1)
+        full_ids = after_prefix(prefix, queries)
         with untouched(module), computed_in(module, self.dtype):
             full = adapter_for(module).logits(full_ids)[:, -queries.shape[1]:].reshape(-1, self.full_logits.shape[-1])
         patched = self.logits_on(queries)
@@ -156,22 +155,10 @@ def thought_patch(model: nn.Module, prefix: Tensor, queries: Tensor | Sequence[T
         raise ValueError(f"ridge must be >= 0, not {ridge!r}")
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive integer or None, not {rank!r}")
-    prefix = _ids(prefix)
-    queries = torch.stack([_ids(q)[0] for q in queries]) if isinstance(queries, (list, tuple)) else _ids(queries)
-    if prefix.shape[0] != 1:
-        raise ValueError(f"one prefix (batch 1), got a batch of {prefix.shape[0]}")
-    if queries.shape[1] < 1:
-        raise ValueError("the queries are empty: give at least one token each")
-    full = torch.cat([prefix.expand(queries.shape[0], -1), queries.to(prefix.device)], dim=1)
-    with prepared(model, full, None, dtype) as (adapter, block_ids, inputs):
-        require(adapter, "continuation")
-        fit = Fit(default_rcond(adapter.compute_dtype) if rcond is None else rcond, float(ridge), rank, kind)
-        systems, full_logits = adapter.continuation_systems(inputs, block_ids, queries.shape[1])
-        blocks = [solve_block(system, fit, output="matrix") for system in systems]
-    return ThoughtPatch(model, adapter.compute_dtype, blocks, inputs[:, -queries.shape[1]:], full_logits, fit)
+    if isinstance(queries, (list, tuple)):
+        queries = torch.stack([token_batch(q)[0] for q in queries])
+    solved = solved_blocks(model, prefix, queries, dtype, Fit(rcond, float(ridge), rank, kind), output="matrix")
+    rcond = default_rcond(solved[0]) if rcond is None else rcond  # as solved_blocks resolved it
+    return ThoughtPatch(model, *solved, fit=Fit(rcond, float(ridge), rank, kind))
 
 
-
-def _ids(tokens) -> Tensor:
-    tokens = torch.as_tensor(tokens)
-    return tokens[None] if tokens.dim() == 1 else tokens
