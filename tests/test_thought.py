@@ -32,13 +32,15 @@ def objective(x, t, delta, ridge):
 @given(n=st.integers(1, 12), d_in=st.integers(1, 10), d_out=st.integers(1, 9), ridge=st.sampled_from([0.0, 1e-3, 0.7,
        5.0]), rank=st.one_of(st.none(), st.integers(1, 6)), seed=st.integers(0, 10_000))
 def test_solver_is_the_reduced_rank_ridge_optimum(n, d_in, d_out, ridge, rank, seed):
-    """Against closed forms: ridge ``(X^T X + l I)^-1 X^T T`` (the minimum-norm least squares at l = 0); with a rank
+    """Against closed forms: ridge ``(X^T X + l I)^-1 X^T T`` with ``l = ridge ||X||_F^2 / N`` (the minimum-norm least
+    squares at l = 0); with a rank
     cap, the reduced-rank ridge solution built from the explicit augmented data, no worse than any other update of
     that rank tried (truncations of the full solution, random ones), and of rank <= the cap."""
     gen = torch.Generator().manual_seed(seed)
     x, t = torch.randn(n, d_in, generator=gen, dtype=F64), torch.randn(n, d_out, generator=gen, dtype=F64)
     left, right = Solver(x, Fit(1e-10, ridge, rank, "both"), "rows").apply(t)
     delta = left @ right
+    ridge = ridge * float(x.pow(2).sum()) / n  # the penalty: relative to the rows' mean squared norm
     full = torch.linalg.lstsq(x, t, driver="gelsd").solution if ridge == 0 else \
         torch.linalg.solve(x.T @ x + ridge * torch.eye(d_in, dtype=F64), x.T @ t)
     if rank is None or rank >= min(n, d_in, d_out):
@@ -179,10 +181,30 @@ def test_bad_input_and_refusals():
                           (dict(rank=0), "rank must be")]:
         with assert_untouched(model), pytest.raises(ValueError, match=match):
             iu.thought_patch(model, prefix, queries, **kwargs)
-    gemma = tiny_hf("gemma3")  # a norm after the MLP: only the exact fit and the vector go through it
+    gemma = tiny_hf("gemma3")  # a norm after the MLP: "both"'s intercept would live before it
     with assert_untouched(gemma), pytest.raises(UnsupportedArchitectureError, match="block 0: .*norm after the MLP"):
-        iu.thought_patch(gemma, prefix, queries, ridge=0.1, dtype=F64)
+        iu.thought_patch(gemma, prefix, queries, ridge=0.1, kind="both", dtype=F64)
     assert iu.thought_patch(gemma, prefix, queries, kind="vector", dtype=F64).steering_vectors()
+
+
+def test_systems_fit_subsets_and_post_norm_sweeps():
+    """One gathering, many fits: a subset's fit equals thought_patch on those queries alone; through Gemma's norm
+    after the MLP a ridge / rank-capped matrix goes through the pre-norm targets, tending to the exact update as the
+    ridge goes to 0 and equal to it with a rank cap no lower than the rows."""
+    for kind in ("llama", "gemma3"):
+        model = tiny_hf(kind)
+        prefix, queries = tokens(8, seed=0), torch.cat([tokens(2, seed=s) for s in (1, 2, 3, 4)])
+        with assert_untouched(model):
+            systems = iu.thought_systems(model, prefix, queries, dtype=F64)
+            sub = systems.fit(ridge=0.05, queries=[1, 3])
+            alone = iu.thought_patch(model, prefix, queries[[1, 3]], ridge=0.05, dtype=F64)
+        assert torch.equal(sub.continuation, queries[[1, 3]])
+        assert all(float((sub.patch()[n] - d).abs().max()) <= 1e-10 for n, d in alone.patch().items())
+        errors = [systems.fit(ridge=r).compare()["max_abs_logit_diff"] for r in (1e-1, 1e-4, 1e-8)]
+        assert errors[0] > errors[1] > errors[2] and errors[0] > 1e-3
+        assert systems.fit().compare()["max_abs_logit_diff"] <= 1e-9
+        assert systems.fit(rank=8).compare()["max_abs_logit_diff"] <= 1e-9  # 8 rows: the cap does not bind
+        assert systems.fit(rank=1).compare()["max_abs_logit_diff"] > 1e-3
 
 
 def test_cli_thought(tmp_path, capsys):

@@ -140,6 +140,15 @@ def solved_blocks(model: nn.Module, prefix: Tensor, continuation: Tensor, dtype,
     """Every block's update over ``continuation`` (``[n, K]``, each run after ``prefix``) as ``fit`` solves it (its
     ``rcond`` None: the compute dtype's default): the compute dtype, the blocks, the continuation's inputs and
     the full model's logits there. Shared by the continuation and the thought patches."""
+    dtype, systems, inputs, full_logits, fit = gathered_systems(model, prefix, continuation, dtype, fit)
+    return dtype, [solve_block(system, fit, output) for system in systems], inputs, full_logits
+
+
+def gathered_systems(model: nn.Module, prefix: Tensor, continuation: Tensor, dtype, fit: Fit
+                     ) -> tuple[torch.dtype, list, Tensor, Tensor, Fit]:
+    """Every block's :class:`~implicit_updates.math.lowrank.BlockSystem` over ``continuation`` (``[n, K]``, each run
+    after ``prefix``), unsolved: the compute dtype, the systems, the continuation's inputs, the full model's logits
+    there, and ``fit`` with its ``rcond`` resolved (None: the compute dtype's default)."""
     prefix, continuation = token_batch(prefix), token_batch(continuation)
     if continuation.shape[1] < 1:
         raise ValueError("the continuation is empty: give at least one token")
@@ -152,8 +161,7 @@ def solved_blocks(model: nn.Module, prefix: Tensor, continuation: Tensor, dtype,
         if fit.rcond is None:
             fit = replace(fit, rcond=default_rcond(adapter.compute_dtype))
         systems, full_logits = adapter.continuation_systems(inputs, block_ids, continuation.shape[1])
-        blocks = [solve_block(system, fit, output) for system in systems]
-    return adapter.compute_dtype, blocks, inputs[:, -continuation.shape[1]:], full_logits
+    return adapter.compute_dtype, systems, inputs[:, -continuation.shape[1]:], full_logits, fit
 
 
 def after_prefix(prefix: Tensor, continuation: Tensor) -> Tensor:

@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from implicit_updates.analyses.continuation import ContinuationAbsorption, after_prefix, solved_blocks, token_batch
+from implicit_updates.analyses.continuation import ContinuationAbsorption, after_prefix, gathered_systems, token_batch
 from implicit_updates.analyses.decompose import torch_module, untouched
 from implicit_updates.math.core import kl_divergence
-from implicit_updates.math.lowrank import BlockContinuation, Fit, OutputShift, default_rcond
+from implicit_updates.math.lowrank import BlockContinuation, BlockSystem, Fit, OutputShift, select_rows, solve_block
 from implicit_updates.runtime.hooks import swapped_parameters
 from implicit_updates.runtime.precision import computed_in
 
@@ -137,6 +137,50 @@ class ThoughtPatch(ContinuationAbsorption):
         return path
 
 
+@dataclass
+class ThoughtSystems:
+    """Every block's rows over n training queries, gathered once (one run with the prefix, one per block alone);
+    :meth:`fit` solves a thought patch from them, so a sweep over ridges, ranks, kinds or subsets of the queries
+    costs one gathering."""
+
+    model: nn.Module
+    dtype: torch.dtype
+    systems: list[BlockSystem]
+    queries: Tensor  # [n, K] token ids
+    full_logits: Tensor  # [n * K, d_vocab], sequence-major
+    rcond: float
+
+    def fit(self, ridge: float = 0.0, rank: int | None = None, kind: str = "matrix",
+            queries: Sequence[int] | None = None) -> ThoughtPatch:
+        """The thought patch over all queries, or over ``queries`` (their indices): as :func:`thought_patch`."""
+        _check(ridge, rank, kind)
+        k = self.queries.shape[1]
+        chosen = torch.arange(self.queries.shape[0]) if queries is None else torch.as_tensor(list(queries))
+        rows = (chosen[:, None] * k + torch.arange(k)).reshape(-1)
+        fit = Fit(self.rcond, float(ridge), rank, kind)
+        blocks = [solve_block(select_rows(system, rows), fit, "matrix") for system in self.systems]
+        return ThoughtPatch(self.model, self.dtype, blocks, self.queries[chosen], self.full_logits[rows], fit=fit)
+
+
+def thought_systems(model: nn.Module, prefix: Tensor, queries: Tensor | Sequence[Tensor],
+                    dtype: torch.dtype | str | None = None, rcond: float | None = None) -> ThoughtSystems:
+    """Gather every block's rows over ``queries`` (``[n, K]``) run after ``prefix``, to fit many thought patches
+    (:meth:`ThoughtSystems.fit`). Any backend with the ``continuation`` capability; the user's model is untouched."""
+    if isinstance(queries, (list, tuple)):
+        queries = torch.stack([token_batch(q)[0] for q in queries])
+    dtype, systems, inputs, full_logits, fit = gathered_systems(model, prefix, queries, dtype, Fit(rcond))
+    return ThoughtSystems(model, dtype, systems, inputs, full_logits, fit.rcond)
+
+
+def _check(ridge, rank, kind) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    if not ridge >= 0:
+        raise ValueError(f"ridge must be >= 0, not {ridge!r}")
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be a positive integer or None, not {rank!r}")
+
+
 def thought_patch(model: nn.Module, prefix: Tensor, queries: Tensor | Sequence[Tensor], rank: int | None = None,
                   ridge: float = 0.0, kind: str = "matrix", dtype: torch.dtype | str | None = None,
                   rcond: float | None = None) -> ThoughtPatch:
@@ -147,18 +191,11 @@ def thought_patch(model: nn.Module, prefix: Tensor, queries: Tensor | Sequence[T
     output), or ``"both"`` (the maps, and the output matrix with the vector as its intercept). ``ridge >= 0``,
     ``rank``: a cap on each map's update's rank. ``ridge=0``, ``rank=None``, ``kind="matrix"`` is the exact stacked
     update (``absorb_continuation(..., output="matrix")``), exact on all n K positions when their rows are
-    independent. Any backend with the ``continuation`` capability; the user's model is untouched.
+    independent. ``ridge`` is relative to the fitted rows' mean squared norm (:class:`~implicit_updates.math.lowrank.
+    Solver`), so one value means the same in every block. For sweeps, :func:`thought_systems` gathers once. Any
+    backend with the ``continuation`` capability; the user's model is untouched.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
-    if not ridge >= 0:
-        raise ValueError(f"ridge must be >= 0, not {ridge!r}")
-    if rank is not None and (not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"rank must be a positive integer or None, not {rank!r}")
-    if isinstance(queries, (list, tuple)):
-        queries = torch.stack([token_batch(q)[0] for q in queries])
-    solved = solved_blocks(model, prefix, queries, dtype, Fit(rcond, float(ridge), rank, kind), output="matrix")
-    rcond = default_rcond(solved[0]) if rcond is None else rcond  # as solved_blocks resolved it
-    return ThoughtPatch(model, *solved, fit=Fit(rcond, float(ridge), rank, kind))
+    _check(ridge, rank, kind)
+    return thought_systems(model, prefix, queries, dtype, rcond).fit(ridge, rank, kind)
 
 

@@ -11,7 +11,7 @@ MLP output must still move by. Both are exact when ``M'`` and ``P`` have full ro
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -64,7 +64,8 @@ class Fit:
     ``ridge = 0``, ``rank = None``, ``kind = "matrix"``: exactly, ``delta = pinv(X) T``, refusing numerically dependent
     rows (the continuation: exact on every row). Otherwise a *thought patch*, query-independent and fitted by least
     squares over all rows (:func:`implicit_updates.analyses.thought.thought_patch`): ``ridge`` adds
-    ``ridge ||delta||^2`` to ``||X delta - T||^2``, ``rank`` caps the rank (reduced-rank ridge regression), and
+    ``ridge * mean_i ||x_i||^2 * ||delta||^2`` to ``||X delta - T||^2`` (relative to the rows' mean squared norm, so
+    one value means the same in every block and model), ``rank`` caps the rank (reduced-rank ridge regression), and
     ``kind`` chooses the patch: the maps (``"matrix"``), one additive change of each block's output (``"vector"``),
     or both (``"both"``).
     """
@@ -80,27 +81,29 @@ class Fit:
 
 
 class Solver:
-    """``delta = argmin ||X delta - T||^2 + ridge ||delta||^2`` over ``rank(delta) <= rank``, in factors.
+    """``delta = argmin ||X delta - T||^2 + l ||delta||^2`` over ``rank(delta) <= rank``, in factors, with the
+    penalty ``l = ridge * ||X||_F^2 / N`` (the ridge relative to the N rows' mean squared norm).
 
-    With ``X = U S V^T`` (thin SVD), the ridge solution is ``V diag(s / (s^2 + ridge)) U^T T`` (Hoerl & Kennard 1970;
+    With ``X = U S V^T`` (thin SVD), the ridge solution is ``V diag(s / (s^2 + l)) U^T T`` (Hoerl & Kennard 1970;
     at ridge 0 the minimum-norm least-squares solution, directions below ``rcond`` of the largest singular value
     dropped). The rank cap is reduced-rank ridge regression (Mukherjee & Zhu 2011): the ridge solution projected onto
     the top ``rank`` right singular vectors of its fitted values on the augmented data ``[X; sqrt(ridge) I]``, which is
     the least-squares optimum among updates of that rank (Izenman 1975 at ridge 0). The fitted values are computed
-    through a QR of ``[X L; sqrt(ridge) L]`` (``L`` the left factor, at most N columns), never as a d x d matrix. The
+    through a QR of ``[X L; sqrt(l) L]`` (``L`` the left factor, at most N columns), never as a d x d matrix. The
     exact fit keeps :func:`checked_pinv`'s refusal of dependent rows.
     """
 
     def __init__(self, rows: Tensor, fit: Fit, what: str):
         self.rows, self.fit = rows, fit
+        self.penalty = fit.ridge * float(rows.pow(2).sum()) / rows.shape[0] if fit.ridge else 0.0
         if fit.exact:
             self.left, self.cond = checked_pinv(rows, fit.rcond, what)
             self.project = None
             return
         u, sv, vh = torch.linalg.svd(rows, full_matrices=False)
         self.cond = float(sv[0] / sv[-1]) if sv[-1] > 0 else float("inf")
-        keep = sv > (fit.rcond * sv[0] if fit.ridge == 0 else 0)
-        self.left = vh[keep].T * (sv[keep] / (sv[keep].pow(2) + fit.ridge))  # [d_in, k]
+        keep = sv > (fit.rcond * sv[0] if self.penalty == 0 else 0)
+        self.left = vh[keep].T * (sv[keep] / (sv[keep].pow(2) + self.penalty))  # [d_in, k]
         self.project = u[:, keep].T  # [k, N]
 
     def apply(self, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -111,8 +114,8 @@ class Solver:
         if self.fit.rank is None or self.fit.rank >= right.shape[0]:
             return self.left, right
         design = self.rows @ self.left
-        if self.fit.ridge > 0:
-            design = torch.cat([design, self.fit.ridge ** 0.5 * self.left])
+        if self.penalty > 0:
+            design = torch.cat([design, self.penalty ** 0.5 * self.left])
         _, r = torch.linalg.qr(design)  # fitted values = q @ (r @ right), q orthonormal
         top = torch.linalg.svd(r @ right, full_matrices=False)[2][: self.fit.rank]  # [rank, d_out]
         return self.left @ (right @ top.T), top
@@ -293,6 +296,20 @@ class BlockSystem:
     routed: RoutedOutputs | None = None
 
 
+def select_rows(system: BlockSystem, rows: Tensor) -> BlockSystem:
+    """The same block's system on a subset of its rows (``rows``: indices into the N rows), e.g. some of the stacked
+    queries, so that fits over subsets share one gathering."""
+    pick = {f: getattr(system, f)[rows] for f in ("mlp_input", "query_mlp_input", "change", "output", "query_output")}
+    if system.hidden is not None:
+        pick["hidden"] = system.hidden[rows]
+    if system.post_norm is not None:
+        pick["post_norm"] = replace(system.post_norm, mlp_output=system.post_norm.mlp_output[rows],
+                                    wanted=system.post_norm.wanted[rows])
+    if system.routed is not None:
+        pick["routed"] = replace(system.routed, weighted_hidden=system.routed.weighted_hidden[rows])
+    return replace(system, **pick)
+
+
 def solve_block(system: BlockSystem, fit: Fit, output: str = "auto") -> BlockContinuation:
     """One block's update from its :class:`BlockSystem`: exact (the continuation, :class:`Fit` defaults) or a
     thought patch (ridge, rank, vector). ``output="matrix"`` puts a single position's output change into the output
@@ -302,7 +319,10 @@ def solve_block(system: BlockSystem, fit: Fit, output: str = "auto") -> BlockCon
     ``v = sum_i (y_i - y'_i) / (N + ridge)`` (``y'``: the block alone, unpatched). With ``kind="both"`` the output
     matrix is fitted with an intercept: ``delta_W_out`` from the centred rows ``(P - mean P, D - mean D)``, and the
     intercept ``mean D - (mean P) delta_W_out`` (unpenalised) becomes the block's output shift, times the residual
-    scale; with the first-layer maps patched as in ``"matrix"``.
+    scale; with the first-layer maps patched as in ``"matrix"``. Through a norm after the MLP (Gemma), a ridge or
+    rank-capped output matrix is fitted to the pre-norm targets of :func:`post_norm_target` (least squares before the
+    norm, a surrogate of the normed output's); ``"both"`` is refused there, and every non-exact matrix through routed
+    experts.
     """
     b, n = system.block, system.mlp_input.shape[0]
     if fit.kind not in ("matrix", "vector", "both"):
@@ -310,15 +330,21 @@ def solve_block(system: BlockSystem, fit: Fit, output: str = "auto") -> BlockCon
     if fit.kind == "vector":
         vector = (system.output - system.query_output).sum(0) / (n + fit.ridge)
         return BlockContinuation(b, (_shift(system, vector),), float("inf"), float("inf"), 1)
-    if not fit.exact and (system.post_norm is not None or system.routed is not None):
-        part = "a norm after the MLP" if system.post_norm is not None else "a mixture of experts' routed outputs"
+    if system.routed is not None and not fit.exact:
         raise UnsupportedArchitectureError(
-            f"block {b}: a ridge, rank-limited or intercept thought matrix through {part} is not implemented (the "
-            "update through it is solved exactly for independent rows only): use kind='vector', or ridge=0, rank=None")
+            f"block {b}: a ridge, rank-limited or intercept thought matrix through a mixture of experts' routed "
+            "outputs is not implemented (the update through it is solved exactly for independent rows only): use "
+            "kind='vector', or ridge=0, rank=None")
+    if system.post_norm is not None and fit.kind == "both":
+        raise UnsupportedArchitectureError(
+            f"block {b}: kind='both' through a norm after the MLP is not implemented (its intercept lives before the "
+            "norm, not in the block output): use kind='matrix' or kind='vector'")
     updates, cond_m = first_layer_updates(system.mlp_input, system.query_mlp_input, system.maps, fit,
                                           f"block {b}: the continuation's MLP inputs run alone")
     change = system.change
-    if system.post_norm is not None:  # the norm's output must move: the MLP output goes to what post_norm_target says
+    # a norm after the MLP: the MLP output must reach what post_norm_target says (with its exact scale patch, shared
+    # by every row); a least-squares output matrix fits those pre-norm targets, not the normed output itself
+    if system.post_norm is not None:
         norm = system.post_norm
         target, scale_delta = post_norm_target(norm.wanted, norm.mlp_output, norm.eps, norm.scale)
         change = target - norm.mlp_output
