@@ -224,3 +224,19 @@ def test_cli_thought(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv[:-2] + ["--query", "1,2,3"])
     assert info.value.code == 2 and "one length" in capsys.readouterr().err
+
+
+def test_exact_fit_keeps_a_repeated_position_once():
+    """Queries sharing their first tokens give the same rows there (same prefix, same tokens): the exact fit keeps
+    each once and stays exact on every position (a literal edit), where the stacked continuation refuses the
+    dependent rows."""
+    model = tiny_hf("llama")
+    prefix = tokens(8, seed=0)
+    queries = torch.cat([tokens(3, seed=s) for s in (1, 2, 3)])
+    queries[:, :2] = queries[0, :2]  # every query starts with the same two tokens
+    with pytest.raises(ValueError, match="numerically dependent"):
+        absorb_continuation(model, prefix, queries, dtype=F64, output="matrix")
+    patch = iu.thought_patch(model, prefix, queries, dtype=F64)
+    edited, reference = literal_edit(model, patch.patch()), copy.deepcopy(model).double()
+    full = hf_logits(reference, torch.cat([prefix.expand(3, -1), queries], 1))[:, -3:]
+    assert float((hf_logits(edited, queries) - full).abs().max()) <= 1e-9

@@ -158,7 +158,10 @@ class ThoughtSystems:
         chosen = torch.arange(self.queries.shape[0]) if queries is None else torch.as_tensor(list(queries))
         rows = (chosen[:, None] * k + torch.arange(k)).reshape(-1)
         fit = Fit(self.rcond, float(ridge), rank, kind)
-        blocks = [solve_block(select_rows(system, rows), fit, "matrix") for system in self.systems]
+        solved = rows
+        if fit.exact:  # a position whose query tokens so far repeat another's is the same constraint: kept once
+            solved = rows[_first_occurrences(self.queries[chosen])]
+        blocks = [solve_block(select_rows(system, solved), fit, "matrix") for system in self.systems]
         return ThoughtPatch(self.model, self.dtype, blocks, self.queries[chosen], self.full_logits[rows], fit=fit)
 
 
@@ -170,6 +173,19 @@ def thought_systems(model: nn.Module, prefix: Tensor, queries: Tensor | Sequence
         queries = torch.stack([token_batch(q)[0] for q in queries])
     dtype, systems, inputs, full_logits, fit = gathered_systems(model, prefix, queries, dtype, Fit(rcond))
     return ThoughtSystems(model, dtype, systems, inputs, full_logits, fit.rcond)
+
+
+def _first_occurrences(queries: Tensor) -> Tensor:
+    """Indices of the ``[n * K]`` rows (sequence-major) whose query tokens up to and including that position appear
+    for the first time: the others are the same row (same prefix, same tokens), with and without the context."""
+    seen: set[tuple] = set()
+    keep = []
+    for i, query in enumerate(queries.tolist()):
+        for j in range(len(query)):
+            if tuple(query[: j + 1]) not in seen:
+                seen.add(tuple(query[: j + 1]))
+                keep.append(i * len(query) + j)
+    return torch.tensor(keep)
 
 
 def _check(ridge, rank, kind) -> None:
@@ -191,7 +207,8 @@ def thought_patch(model: nn.Module, prefix: Tensor, queries: Tensor | Sequence[T
     output), or ``"both"`` (the maps, and the output matrix with the vector as its intercept). ``ridge >= 0``,
     ``rank``: a cap on each map's update's rank. ``ridge=0``, ``rank=None``, ``kind="matrix"`` is the exact stacked
     update (``absorb_continuation(..., output="matrix")``), exact on all n K positions when their rows are
-    independent. ``ridge`` is relative to the fitted rows' mean squared norm (:class:`~implicit_updates.math.lowrank.
+    independent (positions whose query tokens so far repeat another query's are the same row, kept once). ``ridge`` is
+    relative to the fitted rows' mean squared norm (:class:`~implicit_updates.math.lowrank.
     Solver`), so one value means the same in every block. For sweeps, :func:`thought_systems` gathers once. Any
     backend with the ``continuation`` capability; the user's model is untouched.
     """

@@ -1,0 +1,324 @@
+"""Thought patches against exact updates and gradient descent: what transfers to held-out queries, and why.
+
+For each task (``examples/thought_tasks.py``) and seed (which 4 examples are the shots, which 16 queries train),
+on a pretrained model in float64: the few-shot prefix P (the tokenizer's special tokens first), 16 training queries
+``"{x} ->"`` of one token length K, and 20+ held-out queries of any length. Conditions, each run on a held-out query
+alone (its answer's tokens after it, teacher-forced):
+
+- ``full``: P + query (in-context learning); ``zero-shot`` (and ``zero-shot + specials`` where the tokenizer prepends
+  special tokens): the query alone;
+- ``exact 4`` / ``exact 16``: the exact stacked update over 4 / 16 training queries (``iu.thought_systems(...).fit()``:
+  exact on all their n K positions); ``mean of 16 exact``: the mean of the 16 per-query exact updates;
+- ``matrix ridge R``: thought matrices fitted by ridge least squares over all 16 K positions (``R`` relative to each
+  block's rows' mean squared norm); ``matrix rank r``: reduced-rank least squares (ridge 0); ``vector``: one
+  additive change of each block's output; ``both``: matrices with the vector as intercept (ridge 1e-2);
+- ``LoRA GD rank 4``: gradient descent (context distillation, Adam, ``--steps`` steps, lr 1e-3, float32) on a LoRA of
+  rank 4 on every gate/up/down projection, on the same 16 training queries: equal rank to ``matrix rank 4``;
+- ``exact 16, specials only`` (where there are special tokens): the exact stacked update absorbed from the special
+  tokens alone, without the examples (what the examples add).
+
+Per condition, over the held-out queries: top-1 agreement with the full model and KL(full || condition) at the first
+answer position, first-token accuracy, and whole-answer accuracy (every answer token the greedy choice). Spreads are
+over seeds. Also greedy continuations of two held-out queries per task (seed 0), and the per-block transfer
+diagnostic (``iu.transfer_diagnostic``) of the 16 training queries against the held-out ones.
+
+    python examples/thought_study.py --model smollm2-135m --json examples/figures/thought_smollm2.json \\
+        --plot examples/figures/thought_smollm2.png
+
+Numbers are whatever they turn out to be; docs/results.md reports them with these commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import random
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from thought_tasks import TASKS
+
+import implicit_updates as iu
+from implicit_updates.cli.common import write_json
+from implicit_updates.runtime.hooks import swapped_parameters
+from implicit_updates.runtime.precision import exact_formula
+
+N_SHOT, N_TRAIN, N_HELD = 4, 16, 24
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0)
+RANKS = (1, 4, 16)
+LORA_RANK = 4
+SHOWN = ("full", "zero-shot", "exact 16", "matrix ridge 0.01", "vector", "LoRA GD rank 4")
+
+
+def ids_of(tokenizer, text: str) -> torch.Tensor:
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+
+
+def split(tokenizer, pairs: list, seed: int) -> tuple[str, list, list]:
+    """Shots, 16 training queries of one length K, and the held-out (query, answer ids) pairs, shuffled by seed."""
+    pairs = list(pairs)
+    random.Random(seed).shuffle(pairs)
+    shots, rest = pairs[:N_SHOT], pairs[N_SHOT:]
+    items = [(ids_of(tokenizer, f"{x} ->"), ids_of(tokenizer, f" {y}"), x, y) for x, y in rest]
+    lengths = [len(q) for q, *_ in items]
+    k = max(sorted(set(lengths)), key=lengths.count)
+    train = [it for it in items if len(it[0]) == k][:N_TRAIN]
+    held = [it for it in items if not any(it is t for t in train)][:N_HELD]
+    return "".join(f"{x} -> {y}\n" for x, y in shots), train, held
+
+
+def grouped(held: list) -> dict[tuple[int, int], list[int]]:
+    """Held-out indices by (query length, answer length): each group runs as one batch."""
+    groups = defaultdict(list)
+    for i, (q, a, *_) in enumerate(held):
+        groups[(len(q), len(a))].append(i)
+    return groups
+
+
+def answer_logits(model, held: list, before: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Per held-out query, the logits at its answer positions ``[len(a), vocab]`` (query + answer[:-1] after
+    ``before``), batched by length."""
+    out: list[torch.Tensor] = [None] * len(held)  # type: ignore[list-item]
+    for (_, la), idx in grouped(held).items():
+        rows = torch.stack([torch.cat([held[i][0], held[i][1][:-1]]) for i in idx])
+        if before is not None:
+            rows = torch.cat([before.expand(len(idx), -1), rows], 1)
+        with torch.no_grad():
+            logits = model(input_ids=rows, use_cache=False).logits[:, -la:]
+        for j, i in enumerate(idx):
+            out[i] = logits[j].double()
+    return out
+
+
+@contextlib.contextmanager
+def with_deltas(model, deltas: dict):
+    values = {n: model.get_parameter(n) + d for n, d in deltas.items()}
+    with swapped_parameters(model, values), exact_formula(model, torch.float64):
+        yield model
+
+
+@contextlib.contextmanager
+def plain(model):
+    with exact_formula(model, torch.float64):
+        yield model
+
+
+def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    p, q = F.log_softmax(p_logits, -1), F.log_softmax(q_logits, -1)
+    return float((p.exp() * (p - q)).sum())
+
+
+def scores(held: list, full: list, got: list) -> dict:
+    n = len(held)
+    return {"agree": sum(float(g[0].argmax() == f[0].argmax()) for g, f in zip(got, full, strict=True)) / n,
+            "correct": sum(float(g[0].argmax() == h[1][0]) for g, h in zip(got, held, strict=True)) / n,
+            "answer": sum(float(bool((g.argmax(-1) == h[1]).all())) for g, h in zip(got, held, strict=True)) / n,
+            "kl": sum(kl(f[0], g[0]) for g, f in zip(got, full, strict=True)) / n}
+
+
+def lora_gd(model, prefix: torch.Tensor, train: torch.Tensor, steps: int) -> dict:
+    """Dense deltas of a rank-4 PEFT LoRA on every gate/up/down projection, trained by context distillation on the
+    training queries' K positions (float32, Adam)."""
+    import peft
+
+    with torch.no_grad(), plain(model):
+        target = F.log_softmax(model(input_ids=torch.cat([prefix.expand(len(train), -1), train], 1),
+                                     use_cache=False).logits[:, -train.shape[1]:].float(), -1)
+    student = peft.get_peft_model(copy.deepcopy(model).float(), peft.LoraConfig(
+        r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=["gate_proj", "up_proj", "down_proj"], lora_dropout=0.0))
+    optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        logp = F.log_softmax(student(input_ids=train, use_cache=False).logits, -1)
+        F.kl_div(logp.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean").backward()
+        optimizer.step()
+    deltas = {}
+    for name, module in student.named_modules():
+        if "default" in getattr(module, "lora_A", {}):
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            deltas[name.removeprefix("base_model.model.") + ".weight"] = (b @ a * module.scaling["default"]).detach() \
+                .double()
+    del student
+    return deltas
+
+
+def mean_of_exact(systems, n: int) -> dict:
+    total: dict = {}
+    for i in range(n):
+        for name, d in systems.fit(queries=[i]).patch().items():
+            total[name] = total.get(name, 0) + d / n
+    return total
+
+
+def greedy(model, ids: torch.Tensor, tokenizer, n: int = 6) -> str:
+    ids = ids[None]
+    for _ in range(n):
+        with torch.no_grad():
+            nxt = model(input_ids=ids, use_cache=False).logits[0, -1].argmax()
+        ids = torch.cat([ids, nxt.view(1, 1)], 1)
+    return tokenizer.decode(ids[0, -n:]).split("\n")[0]
+
+
+def run(model, tokenizer, task: str, seed: int, steps: int, show: bool) -> dict:
+    text, train_items, held = split(tokenizer, TASKS[task], seed)
+    prefix = tokenizer(text, return_tensors="pt").input_ids
+    specials = prefix[0, : prefix.shape[1] - len(ids_of(tokenizer, text))]
+    train = torch.stack([q for q, *_ in train_items])
+    with plain(model):
+        full = answer_logits(model, held, prefix)
+    rows: dict[str, dict] = {"full": scores(held, full, full)}
+    conditions: dict[str, object] = {"zero-shot": lambda: plain(model)}
+    systems = iu.thought_systems(model, prefix, train, dtype=torch.float64)
+    conditions["exact 4"] = lambda: systems.fit(queries=range(4)).applied()
+    conditions["exact 16"] = lambda: systems.fit().applied()
+    conditions["mean of 16 exact"] = lambda: with_deltas(model, mean_of_exact(systems, len(train)))
+    for r in RIDGES:
+        conditions[f"matrix ridge {r:g}"] = lambda r=r: systems.fit(ridge=r).applied()
+    for r in RANKS:
+        conditions[f"matrix rank {r}"] = lambda r=r: systems.fit(rank=r).applied()
+    conditions["vector"] = lambda: systems.fit(kind="vector").applied()
+    conditions["both"] = lambda: systems.fit(ridge=1e-2, kind="both").applied()
+    lora_seconds = [0.0]
+
+    def lora():
+        start = time.perf_counter()
+        deltas = lora_gd(model, prefix, train, steps)
+        lora_seconds[0] = time.perf_counter() - start
+        return with_deltas(model, deltas)
+
+    conditions[f"LoRA GD rank {LORA_RANK}"] = lora
+    if len(specials):
+        control = iu.thought_systems(model, specials[None], train, dtype=torch.float64)
+        conditions["exact 16, specials only"] = lambda: control.fit().applied()
+    shown: dict[str, list[str]] = {}
+    for name, enter in conditions.items():
+        try:
+            with enter() as patched:
+                rows[name] = scores(held, full, answer_logits(patched, held))
+                if show and name in SHOWN:
+                    shown[name] = [greedy(patched, h[0], tokenizer) for h in held[:2]]
+        except (iu.UnsupportedArchitectureError, ValueError) as e:  # reported, not hidden
+            rows[name] = {"error": str(e).splitlines()[0]}
+    if len(specials):
+        with plain(model):
+            rows["zero-shot + specials"] = scores(held, full, answer_logits(model, held, specials[None]))
+    if show:
+        with plain(model):
+            shown["full"] = [greedy(model, torch.cat([prefix[0], h[0]]), tokenizer) for h in held[:2]]
+    with systems.fit().applied() as patched, torch.no_grad():  # the forward every condition runs, on its training set
+        own = patched(input_ids=train, use_cache=False).logits.reshape(-1, systems.full_logits.shape[-1])
+    training_error = float((own - systems.full_logits).abs().max())
+    result = {"task": task, "seed": seed, "k": train.shape[1], "n_train": len(train), "n_held_out": len(held),
+              "multi_token_answers": sum(len(h[1]) > 1 for h in held), "rows": rows,
+              "exact_16_max_abs_logit_diff_on_training": training_error,
+              "lora": {"rank": LORA_RANK, "steps": steps, "lr": 1e-3, "seconds": lora_seconds[0]}}
+    if show:
+        result["continuations"] = {"queries": [h[2] + " ->" for h in held[:2]], "answers": [h[3] for h in held[:2]],
+                                   "greedy": shown}
+    if hasattr(iu, "transfer_diagnostic"):
+        held_q = [h[0] for h in held]
+        result["diagnostic"] = iu.transfer_diagnostic(model, prefix, train, held_q, dtype=torch.float64).to_dict()
+    return result
+
+
+def summarise(results: list[dict]) -> dict:
+    """Per task and condition: the mean and the spread (standard deviation over seeds) of every measure; and the
+    same averaged over tasks."""
+    table: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for r in results:
+        for cond, row in r["rows"].items():
+            for key, value in row.items():
+                if key != "error":
+                    table[r["task"]][cond][key].append(value)
+    out: dict = {}
+    for task, conds in table.items():
+        out[task] = {c: {k: {"mean": statistics.fmean(v), "sd": statistics.pstdev(v) if len(v) > 1 else 0.0}
+                         for k, v in m.items()} for c, m in conds.items()}
+    seeds = sorted({r["seed"] for r in results})
+    overall: dict = defaultdict(lambda: defaultdict(list))
+    for seed in seeds:
+        per = [r for r in results if r["seed"] == seed]
+        for cond in per[0]["rows"]:
+            for key in ("agree", "correct", "answer", "kl"):
+                values = [r["rows"][cond][key] for r in per if key in r["rows"].get(cond, {})]
+                if len(values) == len(per):
+                    overall[cond][key].append(statistics.fmean(values))
+    out["all tasks"] = {c: {k: {"mean": statistics.fmean(v), "sd": statistics.pstdev(v) if len(v) > 1 else 0.0}
+                            for k, v in m.items()} for c, m in overall.items()}
+    return out
+
+
+def plot(summary: dict, model: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    rows = summary["all tasks"]
+    for ax, (label, names, xs) in zip(axes, [
+            ("ridge (relative)", [f"matrix ridge {r:g}" for r in RIDGES], RIDGES),
+            ("rank", [f"matrix rank {r}" for r in RANKS], RANKS)], strict=True):
+        for key, colour in (("agree", "C0"), ("correct", "C1")):
+            means = [rows[n][key]["mean"] for n in names]
+            sds = [rows[n][key]["sd"] for n in names]
+            ax.errorbar(xs, means, yerr=sds, marker="o", color=colour, capsize=3, label=f"thought matrix: {key}")
+            for ref, style in (("exact 16", "--"), ("LoRA GD rank 4", ":"), ("zero-shot", "-.")):
+                if ref in rows:
+                    ax.axhline(rows[ref][key]["mean"], color=colour, ls=style, lw=1,
+                               label=f"{ref}: {key}" if key == "agree" else None)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+    axes[0].set_ylabel("held-out share (mean over tasks; bars: sd over seeds)")
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{model}: thought matrices on held-out queries")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--task", action="append", choices=list(TASKS), help="repeatable; default: all")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=60, help="LoRA gradient steps (the GD budget)")
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--plot", metavar="PATH")
+    args = parser.parse_args(argv)
+    from implicit_updates.models.loading import load_tokenizer
+    from implicit_updates.models.pretrained import load_pretrained, prepare
+
+    torch.manual_seed(0)
+    model = load_pretrained(args.model, "hf", dtype=torch.float64)
+    tokenizer = load_tokenizer(prepare(args.model))
+    results, start = [], time.perf_counter()
+    for task in args.task or list(TASKS):
+        for seed in range(args.seeds):
+            t0 = time.perf_counter()
+            r = run(model, tokenizer, task, seed, args.steps, show=seed == 0)
+            r["seconds"] = time.perf_counter() - t0
+            results.append(r)
+            best = {c: v for c, v in r["rows"].items() if "kl" in v}
+            print(f"{task} seed {seed} (K={r['k']}, {r['n_held_out']} held-out, {r['seconds']:.0f} s; exact 16 on "
+                  f"its training queries {r['exact_16_max_abs_logit_diff_on_training']:.1e}): "
+                  + ", ".join(f"{c} {v['agree']:.2f}/{v['kl']:.2f}" for c, v in best.items()), flush=True)
+    summary = summarise(results)
+    out = {"model": args.model, "dtype": "float64", "seeds": args.seeds, "n_shot": N_SHOT, "n_train": N_TRAIN,
+           "ridges": list(RIDGES), "ranks": list(RANKS), "lora_rank": LORA_RANK, "steps": args.steps,
+           "seconds": time.perf_counter() - start, "summary": summary, "runs": results}
+    for cond, row in summary["all tasks"].items():
+        print(f"  {cond:>26}: agree {row['agree']['mean']:.2f}±{row['agree']['sd']:.2f}  correct "
+              f"{row['correct']['mean']:.2f}  answer {row['answer']['mean']:.2f}  KL {row['kl']['mean']:.2f}"
+              f"±{row['kl']['sd']:.2f}")
+    write_json(args.json, out)
+    if args.plot:
+        plot(summary, args.model, args.plot)
+    return out
+
+
+if __name__ == "__main__":
+    main()
