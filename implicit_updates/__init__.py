@@ -8,6 +8,7 @@ from implicit_updates.analyses.attribution import Attribution, attribute
 from implicit_updates.analyses.decompose import Decomposition, decompose
 from implicit_updates.analyses.generate import Generation, generate
 from implicit_updates.analyses.thought import ThoughtPatch, ThoughtSystems, thought_patch, thought_systems
+from implicit_updates.analyses.transfer_diagnostic import TransferDiagnostic, transfer_diagnostic
 from implicit_updates.analyses.verify import BlockReport, VerifyReport
 from implicit_updates.errors import NonFiniteActivationError, UnsupportedArchitectureError
 from implicit_updates.math.core import ZeroQueryNormError
@@ -32,5 +33,7 @@ __all__ = [
     "thought_patch",
     "ThoughtSystems",
     "thought_systems",
+    "TransferDiagnostic",
+    "transfer_diagnostic",
 ]
 __version__ = "0.1.0"

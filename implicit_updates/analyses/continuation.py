@@ -26,6 +26,7 @@ from implicit_updates.adapters.base import require
 from implicit_updates.analyses.decompose import check_copy_is_its_own, prepared, untouched, working_model
 from implicit_updates.math.lowrank import (  # noqa: F401 (re-exported: the public names of this module)
     BlockContinuation,
+    BlockSystem,
     Fit,
     LowRankUpdate,
     at_continuation,
@@ -140,15 +141,20 @@ def solved_blocks(model: nn.Module, prefix: Tensor, continuation: Tensor, dtype,
     """Every block's update over ``continuation`` (``[n, K]``, each run after ``prefix``) as ``fit`` solves it (its
     ``rcond`` None: the compute dtype's default): the compute dtype, the blocks, the continuation's inputs and
     the full model's logits there. Shared by the continuation and the thought patches."""
-    dtype, systems, inputs, full_logits, fit = gathered_systems(model, prefix, continuation, dtype, fit)
-    return dtype, [solve_block(system, fit, output) for system in systems], inputs, full_logits
+    compute_dtype, systems, inputs, full_logits = gathered_systems(model, prefix, continuation, dtype)
+    if fit.rcond is None:
+        fit = replace(fit, rcond=default_rcond(compute_dtype))
+    with torch.no_grad():  # the maps are the model's parameters: no graph through them
+        blocks = [solve_block(system, fit, output) for system in systems]
+    return compute_dtype, blocks, inputs, full_logits
 
 
-def gathered_systems(model: nn.Module, prefix: Tensor, continuation: Tensor, dtype, fit: Fit
-                     ) -> tuple[torch.dtype, list, Tensor, Tensor, Fit]:
-    """Every block's :class:`~implicit_updates.math.lowrank.BlockSystem` over ``continuation`` (``[n, K]``, each run
-    after ``prefix``), unsolved: the compute dtype, the systems, the continuation's inputs, the full model's logits
-    there, and ``fit`` with its ``rcond`` resolved (None: the compute dtype's default)."""
+def gathered_systems(model: nn.Module, prefix: Tensor, continuation: Tensor, dtype
+                     ) -> tuple[torch.dtype, list[BlockSystem], Tensor, Tensor]:
+    """What every block's update over ``continuation`` (``[n, K]``, each run after ``prefix``) is solved from: the
+    compute dtype, each block's :class:`~implicit_updates.math.lowrank.BlockSystem` (rows at all n K positions,
+    sequence-major), the continuation's inputs and the full model's logits there. The user's model is guarded by
+    :func:`prepared` (untouched); the adapter needs the ``continuation`` capability."""
     prefix, continuation = token_batch(prefix), token_batch(continuation)
     if continuation.shape[1] < 1:
         raise ValueError("the continuation is empty: give at least one token")
@@ -158,10 +164,8 @@ def gathered_systems(model: nn.Module, prefix: Tensor, continuation: Tensor, dty
     # (any trailing shape: continuous inputs reach prepared(), whose adapter refuses them by its capability)
     with prepared(model, after_prefix(prefix, continuation), None, dtype) as (adapter, block_ids, inputs):
         require(adapter, "continuation")
-        if fit.rcond is None:
-            fit = replace(fit, rcond=default_rcond(adapter.compute_dtype))
         systems, full_logits = adapter.continuation_systems(inputs, block_ids, continuation.shape[1])
-    return adapter.compute_dtype, systems, inputs[:, -continuation.shape[1]:], full_logits, fit
+    return adapter.compute_dtype, systems, inputs[:, -continuation.shape[1]:], full_logits
 
 
 def after_prefix(prefix: Tensor, continuation: Tensor) -> Tensor:

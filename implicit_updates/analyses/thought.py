@@ -30,7 +30,15 @@ from torch import Tensor, nn
 from implicit_updates.analyses.continuation import ContinuationAbsorption, after_prefix, gathered_systems, token_batch
 from implicit_updates.analyses.decompose import torch_module, untouched
 from implicit_updates.math.core import kl_divergence
-from implicit_updates.math.lowrank import BlockContinuation, BlockSystem, Fit, OutputShift, select_rows, solve_block
+from implicit_updates.math.lowrank import (
+    BlockContinuation,
+    BlockSystem,
+    Fit,
+    OutputShift,
+    default_rcond,
+    select_rows,
+    solve_block,
+)
 from implicit_updates.runtime.hooks import swapped_parameters
 from implicit_updates.runtime.precision import computed_in
 
@@ -161,7 +169,8 @@ class ThoughtSystems:
         solved = rows
         if fit.exact:  # a position whose query tokens so far repeat another's is the same constraint: kept once
             solved = rows[_first_occurrences(self.queries[chosen])]
-        blocks = [solve_block(select_rows(system, solved), fit, "matrix") for system in self.systems]
+        with torch.no_grad():  # the maps are the model's parameters: no graph through them
+            blocks = [solve_block(select_rows(system, solved), fit, "matrix") for system in self.systems]
         return ThoughtPatch(self.model, self.dtype, blocks, self.queries[chosen], self.full_logits[rows], fit=fit)
 
 
@@ -171,8 +180,8 @@ def thought_systems(model: nn.Module, prefix: Tensor, queries: Tensor | Sequence
     (:meth:`ThoughtSystems.fit`). Any backend with the ``continuation`` capability; the user's model is untouched."""
     if isinstance(queries, (list, tuple)):
         queries = torch.stack([token_batch(q)[0] for q in queries])
-    dtype, systems, inputs, full_logits, fit = gathered_systems(model, prefix, queries, dtype, Fit(rcond))
-    return ThoughtSystems(model, dtype, systems, inputs, full_logits, fit.rcond)
+    dtype, systems, inputs, full_logits = gathered_systems(model, prefix, queries, dtype)
+    return ThoughtSystems(model, dtype, systems, inputs, full_logits, default_rcond(dtype) if rcond is None else rcond)
 
 
 def _first_occurrences(queries: Tensor) -> Tensor:
