@@ -220,6 +220,11 @@ def test_cli_thought(tmp_path, capsys):
     assert main(argv) == 0
     payload = json.loads(out.read_text())
     assert payload["training"]["max_abs_logit_diff"] <= 1e-9 and payload["kind"] == "matrix"  # exact by default
+    assert payload["diagnostic"] is None
+    assert main([*argv, "--diagnose", "--held-out", "7,8"]) == 0  # a training query among the held-out ones
+    diagnostic = json.loads(out.read_text())["diagnostic"]
+    assert len(diagnostic["coverage"]) == 3 and 0 < diagnostic["mean"]["coverage"] < 1
+    assert "coverage" in capsys.readouterr().out
     assert len(payload["held_out"]) == 1 and 0 <= payload["held_out"][0]["agree"] <= 1
     with pytest.raises(SystemExit) as info:
         main(argv[:-2] + ["--query", "1,2,3"])

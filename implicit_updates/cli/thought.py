@@ -20,10 +20,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--held-out", action="append", default=[], metavar="TEXT",
                         help="a held-out query: the patch alone vs the full model on prompt + query (repeatable)")
     parser.add_argument("--kind", choices=["matrix", "vector", "both"], default="matrix")
-    parser.add_argument("--ridge", type=float, default=0.0, help="ridge penalty (default 0: the exact stacked update)")
+    parser.add_argument("--ridge", type=float, default=0.0,
+                        help="ridge penalty, relative to each block's rows' mean squared norm (default 0: the exact "
+                             "stacked update)")
     parser.add_argument("--rank", type=int, default=None, help="cap on each map's update's rank")
     parser.add_argument("--lora", metavar="DIR", help="write the matrices as a PEFT LoRA adapter directory")
     parser.add_argument("--steering", metavar="PATH", help="write the thought vectors as a safetensors file")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="also print the transfer diagnostic per block (training queries against the held-out "
+                             "ones: coverage, principal angles, teacher-forced residuals)")
 
 
 def queries_of(model, texts: list[str], option: str) -> torch.Tensor:
@@ -44,6 +49,8 @@ def cmd_thought(args: argparse.Namespace) -> int:
     check_writable(args.steering, "--steering")
     if args.steering and args.kind == "matrix":
         raise UsageError("--steering writes thought vectors: use --kind vector or both")
+    if args.diagnose and not args.held_out:
+        raise UsageError("--diagnose compares the training queries with held-out ones: give --held-out")
     if args.prompt is None:
         raise UsageError("--prompt is the prefix the queries run after: give text or comma-separated token ids")
     model = load(args)
@@ -57,6 +64,12 @@ def cmd_thought(args: argparse.Namespace) -> int:
     patch = thought_patch(model, prefix, train, rank=args.rank, ridge=args.ridge, kind=args.kind, dtype=args.dtype)
     fit = patch.compare_on(prefix, train)
     held = [patch.compare_on(prefix, parse_continuation(model, t)) for t in args.held_out]
+    diagnostic = None
+    if args.diagnose:
+        from implicit_updates.analyses.transfer_diagnostic import transfer_diagnostic
+
+        diagnostic = transfer_diagnostic(model, prefix, train, [parse_continuation(model, t)[0] for t in args.held_out],
+                                         dtype=args.dtype)
     seconds = time.perf_counter() - start
     print(f"{args.model}: thought patch ({args.kind}, ridge {args.ridge:g}, rank {args.rank or 'uncapped'}) over "
           f"{train.shape[0]} queries x {train.shape[1]} tokens after a {prefix.shape[1]}-token prompt")
@@ -64,6 +77,8 @@ def cmd_thought(args: argparse.Namespace) -> int:
           f"{fit['max_abs_logit_diff']:.3e}")
     for text, r in zip(args.held_out, held, strict=True):
         print(f"held out {text!r}: top-1 agrees {r['agree']:.2f}, KL {r['kl']:.3e}")
+    if diagnostic is not None:
+        print(diagnostic.summary())
     if args.lora:
         patch.save_lora(args.lora)
         print(f"wrote the LoRA adapter to {args.lora}")
@@ -73,5 +88,6 @@ def cmd_thought(args: argparse.Namespace) -> int:
     write_json(args.json, {"model": args.model, "dtype": str(patch.dtype).removeprefix("torch."), "kind": args.kind,
                            "ridge": args.ridge, "rank": args.rank, "training": fit,
                            "held_out": [{"query": t, **r} for t, r in zip(args.held_out, held, strict=True)],
-                           "lora": args.lora, "steering": args.steering, "seconds": seconds})
+                           "lora": args.lora, "steering": args.steering, "seconds": seconds,
+                           "diagnostic": None if diagnostic is None else diagnostic.to_dict()})
     return 0
