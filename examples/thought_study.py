@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import random
 import statistics
 import time
@@ -163,8 +164,11 @@ def greedy(model, ids: torch.Tensor, tokenizer, n: int = 6) -> str:
     return tokenizer.decode(ids[0, -n:]).split("\n")[0]
 
 
-def run(model, tokenizer, task: str, seed: int, steps: int, show: bool) -> dict:
-    text, train_items, held = split(tokenizer, TASKS[task], seed)
+def run(model, tokenizer, task: str, pairs: list, seed: int, steps: int, show: bool) -> dict:
+    text, train_items, held = split(tokenizer, pairs, seed)
+    if len(train_items) < N_TRAIN or len(held) < 20:
+        raise SystemExit(f"task {task!r}: {len(train_items)} training queries of one token length and {len(held)} "
+                         f"held-out ones; the study needs {N_TRAIN} and 20: give more pairs")
     prefix = tokenizer(text, return_tensors="pt").input_ids
     specials = prefix[0, : prefix.shape[1] - len(ids_of(tokenizer, text))]
     train = torch.stack([q for q, *_ in train_items])
@@ -283,12 +287,18 @@ def plot(summary: dict, model: str, path: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--task", action="append", choices=list(TASKS), help="repeatable; default: all")
+    parser.add_argument("--task", action="append", help=f"repeatable; default: all of {', '.join(TASKS)}")
+    parser.add_argument("--tasks-json", metavar="PATH",
+                        help='other tasks instead: a JSON file {"name": [["x", "y"], ...]} (44+ pairs each)')
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=60, help="LoRA gradient steps (the GD budget)")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--plot", metavar="PATH")
     args = parser.parse_args(argv)
+    tasks = json.loads(open(args.tasks_json).read()) if args.tasks_json else TASKS
+    unknown = set(args.task or []) - set(tasks)
+    if unknown:
+        parser.error(f"unknown task(s) {sorted(unknown)}: choose from {', '.join(tasks)}")
     from implicit_updates.models.loading import load_tokenizer
     from implicit_updates.models.pretrained import load_pretrained, prepare
 
@@ -296,10 +306,10 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_pretrained(args.model, "hf", dtype=torch.float64)
     tokenizer = load_tokenizer(prepare(args.model))
     results, start = [], time.perf_counter()
-    for task in args.task or list(TASKS):
+    for task in args.task or list(tasks):
         for seed in range(args.seeds):
             t0 = time.perf_counter()
-            r = run(model, tokenizer, task, seed, args.steps, show=seed == 0)
+            r = run(model, tokenizer, task, [tuple(p) for p in tasks[task]], seed, args.steps, show=seed == 0)
             r["seconds"] = time.perf_counter() - t0
             results.append(r)
             best = {c: v for c, v in r["rows"].items() if "kl" in v}

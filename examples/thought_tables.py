@@ -1,0 +1,178 @@
+"""The thought-patch study's tables and figure, from the JSON files ``examples/thought_study.py`` wrote.
+
+    python examples/thought_tables.py examples/figures/thought_smollm2.json examples/figures/thought_gemma.json \\
+        examples/figures/thought_qwen05.json --plot examples/figures/thought_transfer.png
+
+Prints markdown: one table over all tasks (mean and spread over seeds, per model), one per model and task, and the
+transfer diagnostic against measured transfer (Spearman rank correlations over every task and seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+MAIN = ("zero-shot", "zero-shot + specials", "exact 4", "exact 16", "mean of 16 exact", "matrix ridge 0.001",
+        "matrix ridge 0.01", "matrix ridge 0.1", "matrix ridge 1", "matrix rank 1", "matrix rank 4", "matrix rank 16",
+        "vector", "both", "LoRA GD rank 4", "exact 16, specials only")
+PER_TASK = ("zero-shot", "exact 4", "exact 16", "mean of 16 exact", "matrix ridge 0.01", "matrix rank 4", "vector",
+            "LoRA GD rank 4")
+NAMES = {"smollm2-135m": "SmolLM2-135M", "gemma-3-270m": "Gemma-3-270M", "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B",
+         "qwen2.5-coder-1.5b": "Qwen2.5-Coder-1.5B"}
+
+
+def cell(row: dict | None, key: str, digits: int = 2) -> str:
+    if row is None or key not in row:
+        return "n/a"
+    m, s = row[key]["mean"], row[key]["sd"]
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def overall_table(studies: list[dict]) -> str:
+    head = "| condition | " + " | ".join(f"{NAMES.get(s['model'], s['model'])}: agree, KL" for s in studies) + " |"
+    lines = [head, "|---|" + "---|" * len(studies)]
+    for cond in MAIN:
+        rows = [s["summary"]["all tasks"].get(cond) for s in studies]
+        if all(r is None for r in rows):
+            continue
+        lines.append(f"| {cond} | " + " | ".join("n/a" if r is None else f"{cell(r, 'agree')}, {cell(r, 'kl')}"
+                                                 for r in rows) + " |")
+    return "\n".join(lines)
+
+
+def task_table(study: dict) -> str:
+    conds = [c for c in PER_TASK if any(c in study["summary"][t] for t in study["summary"] if t != "all tasks")]
+    if any("zero-shot + specials" in study["summary"][t] for t in study["summary"]):
+        conds.insert(1, "zero-shot + specials")
+    lines = ["| task (K; multi-token answers) | full: correct, answer | " + " | ".join(conds) + " |",
+             "|---|---|" + "---|" * len(conds)]
+    for task, rows in study["summary"].items():
+        if task == "all tasks":
+            continue
+        runs = [r for r in study["runs"] if r["task"] == task]
+        k = sorted({r["k"] for r in runs})
+        multi = statistics.fmean(r["multi_token_answers"] / r["n_held_out"] for r in runs)
+        full = rows["full"]
+        lines.append(f"| {task} ({'/'.join(map(str, k))}; {multi:.0%}) | {full['correct']['mean']:.2f}, "
+                     f"{full['answer']['mean']:.2f} | " + " | ".join(
+                         "n/a" if c not in rows else f"{rows[c]['agree']['mean']:.2f} / {rows[c]['kl']['mean']:.2f}"
+                         for c in conds) + " |")
+    return "\n".join(lines)
+
+
+def ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=values.__getitem__)
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for t in range(i, j + 1):
+            out[order[t]] = (i + j) / 2
+        i = j + 1
+    return out
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    return statistics.correlation(ranks(x), ranks(y)) if len(x) > 2 else float("nan")
+
+
+def diagnostic_rows(studies: list[dict]) -> list[dict]:
+    """One row per (model, task, seed): the diagnostic's means over blocks and the measured transfer."""
+    out = []
+    for s in studies:
+        for r in s["runs"]:
+            if "diagnostic" not in r:
+                continue
+            base = r["rows"].get("zero-shot + specials", r["rows"]["zero-shot"])
+            mean = r["diagnostic"]["mean"]
+            out.append({"model": s["model"], "task": r["task"], "seed": r["seed"], **mean,
+                        **{f"{c}: agree": r["rows"][c]["agree"] for c in ("exact 16", "matrix ridge 0.01")
+                           if "agree" in r["rows"].get(c, {})},
+                        **{f"{c}: KL recovered": 1 - r["rows"][c]["kl"] / max(base["kl"], 1e-12)
+                           for c in ("exact 16", "matrix ridge 0.01") if "kl" in r["rows"].get(c, {})}})
+    return out
+
+
+def diagnostic_table(studies: list[dict]) -> str:
+    rows = diagnostic_rows(studies)
+    measures = ("coverage", "principal_mean_square", "first_layer_residual", "output_residual", "vector_residual")
+    targets = [t for t in ("exact 16: agree", "exact 16: KL recovered", "matrix ridge 0.01: agree",
+                           "matrix ridge 0.01: KL recovered") if any(t in r for r in rows)]
+    lines = ["| diagnostic (mean over blocks) | " + " | ".join(f"model means: {NAMES.get(s['model'], s['model'])}"
+                                                            for s in studies)
+             + " | " + " | ".join(f"Spearman vs {t}" for t in targets) + " |",
+             "|---|" + "---|" * (len(studies) + len(targets))]
+    for m in measures:
+        means = []
+        for s in studies:
+            vals = [r[m] for r in rows if r["model"] == s["model"] and r.get(m) is not None]
+            means.append(f"{statistics.fmean(vals):.3f}" if vals else "n/a")
+        cors = []
+        for t in targets:
+            pairs = [(r[m], r[t]) for r in rows if r.get(m) is not None and t in r]
+            cors.append(f"{spearman([a for a, _ in pairs], [b for _, b in pairs]):+.2f} (n={len(pairs)})")
+        lines.append(f"| {m} | " + " | ".join(means) + " | " + " | ".join(cors) + " |")
+    return "\n".join(lines)
+
+
+def within_model(studies: list[dict]) -> str:
+    """Spearman of the first-layer residual against exact-16 agreement within each model (tasks and seeds)."""
+    rows = diagnostic_rows(studies)
+    parts = []
+    for s in studies:
+        pairs = [(r["first_layer_residual"], r["exact 16: agree"]) for r in rows
+                 if r["model"] == s["model"] and "exact 16: agree" in r]
+        parts.append(f"{NAMES.get(s['model'], s['model'])} {spearman(*map(list, zip(*pairs, strict=True))):+.2f}"
+                     if len(pairs) > 2 else f"{s['model']} n/a")
+    return "Within each model, Spearman(first-layer residual, exact 16 agreement): " + "; ".join(parts) + "."
+
+
+def plot(studies: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for i, s in enumerate(studies):
+        rows, colour = s["summary"]["all tasks"], f"C{i}"
+        name = NAMES.get(s["model"], s["model"])
+        for ax, names, xs in ((axes[0], [f"matrix ridge {r:g}" for r in s["ridges"]], s["ridges"]),
+                              (axes[1], [f"matrix rank {r}" for r in s["ranks"]], s["ranks"])):
+            ax.errorbar(xs, [rows[n]["agree"]["mean"] for n in names], yerr=[rows[n]["agree"]["sd"] for n in names],
+                        marker="o", color=colour, capsize=3, label=f"{name}: thought matrix")
+            for ref, style in (("exact 16", "--"), ("LoRA GD rank 4", ":")):
+                ax.axhline(rows[ref]["agree"]["mean"], color=colour, ls=style, lw=1,
+                           label=f"{name}: {ref}" if ax is axes[1] else None)
+    for ax, label in zip(axes, ("ridge (relative to the rows' mean squared norm)", "rank cap (ridge 0)"), strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+    axes[0].set_ylabel("held-out top-1 agreement with the full model\n(mean over tasks; bars: sd over 3 seeds)")
+    axes[1].legend(fontsize=6.5, loc="upper right")
+    fig.suptitle("Thought matrices fitted over 16 training queries, on held-out queries")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("json", nargs="+")
+    parser.add_argument("--plot", metavar="PATH")
+    args = parser.parse_args(argv)
+    studies = [json.load(open(p)) for p in args.json]
+    print(overall_table(studies), end="\n\n")
+    for s in studies:
+        print(f"{NAMES.get(s['model'], s['model'])} (agree / KL, means over {s['seeds']} seeds):\n")
+        print(task_table(s), end="\n\n")
+    print(diagnostic_table(studies), end="\n\n")
+    print(within_model(studies))
+    if args.plot:
+        plot(studies, args.plot)
+
+
+if __name__ == "__main__":
+    main()
