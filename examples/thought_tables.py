@@ -15,7 +15,7 @@ import statistics
 
 MAIN = ("zero-shot", "zero-shot + specials", "exact 4", "exact 16", "mean of 16 exact", "matrix ridge 0.001",
         "matrix ridge 0.01", "matrix ridge 0.1", "matrix ridge 1", "matrix rank 1", "matrix rank 4", "matrix rank 16",
-        "vector", "both", "LoRA GD rank 4", "exact 16, specials only")
+        "matrix rank 4, ridge 0.01", "vector", "both", "LoRA GD rank 4", "exact 16, specials only")
 PER_TASK = ("zero-shot", "exact 4", "exact 16", "mean of 16 exact", "matrix ridge 0.01", "matrix rank 4", "vector",
             "LoRA GD rank 4")
 NAMES = {"smollm2-135m": "SmolLM2-135M", "gemma-3-270m": "Gemma-3-270M", "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B",
@@ -145,6 +145,8 @@ def plot(studies: list[dict], path: str) -> None:
             ax.errorbar(xs, [rows[n]["agree"]["mean"] for n in names], yerr=[rows[n]["agree"]["sd"] for n in names],
                         marker="o", color=colour, capsize=3, label=f"{name}: thought matrix")
             for ref, style in (("exact 16", "--"), ("LoRA GD rank 4", ":")):
+                if ref not in rows:  # refused on every run (e.g. dependent rows): nothing to draw
+                    continue
                 ax.axhline(rows[ref]["agree"]["mean"], color=colour, ls=style, lw=1,
                            label=f"{name}: {ref}" if ax is axes[1] else None)
     for ax, label in zip(axes, ("ridge (relative to the rows' mean squared norm)", "rank cap (ridge 0)"), strict=True):

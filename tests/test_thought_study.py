@@ -1,0 +1,66 @@
+"""The thought-patch study (examples/thought_study.py) and its tables end to end on stories260K (the team's tiny
+Llama): every condition runs on every seed, the exact updates reproduce the full model on their own training
+queries, the full model agrees with itself, spreads come from the seeds, and the tables and figure are written."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STORIES = ROOT.parent / "shared/models/stories260K"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    if not STORIES.is_dir():
+        pytest.skip(f"stories260K not found at {STORIES} (the team's ../shared next to the repository)")
+    pytest.importorskip("peft")
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import thought_study
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    out = tmp_path_factory.mktemp("study") / "s.json"
+    thought_study.main(["--model", str(STORIES), "--task", "addition", "--seeds", "2", "--steps", "2",
+                        "--json", str(out)])
+    return json.loads(out.read_text()), out
+
+
+def test_every_condition_on_every_seed(study):
+    payload, _ = study
+    runs = payload["runs"]
+    assert [r["seed"] for r in runs] == [0, 1] and all(r["n_train"] == 16 and r["n_held_out"] >= 20 for r in runs)
+    expected = {"full", "zero-shot", "exact 4", "exact 16", "mean of 16 exact", "matrix ridge 0.001",
+                "matrix ridge 0.01", "matrix ridge 0.1", "matrix ridge 1", "matrix rank 1", "matrix rank 4",
+                "matrix rank 16", "matrix rank 4, ridge 0.01", "vector", "both", "LoRA GD rank 4",
+                "exact 16, specials only", "zero-shot + specials"}  # stories' tokenizer prepends <s>
+    for r in runs:
+        assert set(r["rows"]) == expected
+        assert r["rows"]["full"]["agree"] == 1.0 and r["rows"]["full"]["kl"] == 0.0
+        for row in r["rows"].values():
+            assert "error" in row or (0 <= row["agree"] <= 1 and row["kl"] >= 0 and 0 <= row["answer"] <= 1)
+        # 4 queries of 11 tokens fit the 64-wide stream: exact on them, a literal check of the machinery
+        assert r["max_abs_logit_diff_on_training"]["exact 4"] <= 1e-9
+        assert set(r["diagnostic"]["mean"]) >= {"coverage", "first_layer_residual"}
+    assert "continuations" in runs[0] and "continuations" not in runs[1]
+    kls = [r["rows"]["zero-shot"]["kl"] for r in runs]
+    spread = payload["summary"]["addition"]["zero-shot"]["kl"]
+    assert spread["mean"] == pytest.approx(sum(kls) / 2) and spread["sd"] == pytest.approx(abs(kls[0] - kls[1]) / 2)
+
+
+def test_tables_and_figure(study, tmp_path, capsys):
+    _, path = study
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import thought_tables
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    thought_tables.main([str(path), "--plot", str(tmp_path / "t.png")])
+    text = capsys.readouterr().out
+    assert "| exact 4 |" in text and "| addition (11; 100%)" in text and "Spearman" in text
+    assert (tmp_path / "t.png").stat().st_size > 10_000
