@@ -165,8 +165,58 @@ def test_large_unembedding_computed_in_slices(kind, monkeypatch, tmp_path):
     assert streamed.dtype == torch.float64 and float((streamed - reference).abs().max()) <= 1e-13
     first, last = weight.data_ptr(), weight[-1:].data_ptr() if kind != "hooked" else weight[:, -1:].data_ptr()
     slices = [s for s, ptr in upcasts if first <= ptr <= last]  # the unembedding's own: slices of rows
-    assert len(slices) >= 5 and all(max(s) < 512 for s in slices)  # never the whole matrix
+    assert 5 <= len(slices) <= 6 and all(max(s) < 512 for s in slices)  # never the whole matrix, nor row by row
     assert "forward" not in head.__dict__  # the module's own forward again
+
+
+def test_large_unembedding_in_slices_keeps_its_bias_and_hook_points(monkeypatch):
+    """The sliced forward is the ``Unembed``'s own: its bias added (``b_U``, nonzero here) and its hook points run (a
+    hook on ``unembed.hook_in`` and one on ``unembed.hook_out`` change the logits as on the upcast copy)."""
+    from implicit_updates.runtime import precision
+
+    model = random_model("llama")
+    with torch.no_grad():
+        model.unembed.b_U.copy_(torch.randn(model.unembed.b_U.shape, generator=torch.Generator().manual_seed(5)))
+    monkeypatch.setattr(precision, "CHUNK_ELEMENTS", model.unembed.W_U.numel() // 5)
+    hooks = [("unembed.hook_in", lambda x, hook: 1.5 * x), ("unembed.hook_out", lambda x, hook: 2 * x)]
+    prompt = tokens(model.cfg.d_vocab, 7)
+    with torch.no_grad():
+        reference = copy.deepcopy(model).to(torch.float64).run_with_hooks(prompt, fwd_hooks=hooks)
+    with assert_untouched(model), torch.no_grad(), computed_in(model, torch.float64):
+        streamed = model.run_with_hooks(prompt, fwd_hooks=hooks)
+    assert streamed.dtype == torch.float64 and float((streamed - reference).abs().max()) <= 1e-13
+
+
+def test_large_unembedding_of_an_offloaded_model_computed_in_slices(monkeypatch):
+    """On a model accelerate drives (``cpu_offload``: the weights on ``meta`` until its hook loads them) the sliced
+    forward replaces the head's inner ``_old_forward`` while the block runs, and accelerate's own forward and
+    ``_old_forward`` are back afterwards (the same objects): the model runs as before."""
+    import transformers
+
+    from implicit_updates.runtime import precision
+
+    accelerate = pytest.importorskip("accelerate")
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    prompt = tokens(512, 9)
+    with torch.no_grad():
+        reference = copy.deepcopy(model).to(torch.float64)(prompt).logits
+        plain = model(prompt).logits
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    head = model.lm_head
+    forwards = (head.__dict__["forward"], head.__dict__["_old_forward"])
+    assert head.weight.is_meta
+    monkeypatch.setattr(precision, "CHUNK_ELEMENTS", 512 * 64 // 5)
+    with torch.no_grad(), computed_in(model, torch.float64):
+        assert head.__dict__["_old_forward"] is not forwards[1]  # the sliced forward, inside accelerate's hook
+        streamed = model(prompt).logits
+    assert head.__dict__["forward"] is forwards[0] and head.__dict__["_old_forward"] is forwards[1]
+    assert head.weight.is_meta
+    assert streamed.dtype == torch.float64 and float((streamed - reference).abs().max()) <= 1e-13
+    with torch.no_grad():
+        assert torch.equal(model(prompt).logits, plain)
 
 
 class _Indexer(torch.nn.Module):
