@@ -84,6 +84,21 @@ def test_parameters_put_back_when_a_forward_raises():
     assert model.cfg.dtype == torch.float32
 
 
+def test_a_hooked_transformer_runs_no_probe_forward():
+    """A HookedTransformer computes in ``cfg.dtype`` throughout, so :func:`exact_formula` probes it for float32 casts
+    with no forward of its own: the user's hooks on the model see the user's forward only (no two-token probe)."""
+    model = random_model("llama")
+    prompt = tokens(model.cfg.d_vocab, 5)
+    seen = []
+    model.add_hook("blocks.0.hook_resid_pre", lambda x, hook: seen.append(tuple(x.shape)))
+    try:
+        with torch.no_grad(), computed_in(model, torch.float64):
+            logits = model(prompt)
+    finally:
+        model.reset_hooks()
+    assert logits.dtype == torch.float64 and seen == [(1, 5, model.cfg.d_model)]
+
+
 def test_half_precision_model_computes_in_float32_without_a_copy():
     model = random_model("llama").to(torch.bfloat16)
     with pytest.warns(UserWarning, match="float32"), assert_untouched(model):
