@@ -84,6 +84,21 @@ def test_parameters_put_back_when_a_forward_raises():
     assert model.cfg.dtype == torch.float32
 
 
+def test_a_hooked_transformer_runs_no_probe_forward():
+    """A HookedTransformer computes in ``cfg.dtype`` throughout, so :func:`exact_formula` probes it for float32 casts
+    with no forward of its own: the user's hooks on the model see the user's forward only (no two-token probe)."""
+    model = random_model("llama")
+    prompt = tokens(model.cfg.d_vocab, 5)
+    seen = []
+    model.add_hook("blocks.0.hook_resid_pre", lambda x, hook: seen.append(tuple(x.shape)))
+    try:
+        with torch.no_grad(), computed_in(model, torch.float64):
+            logits = model(prompt)
+    finally:
+        model.reset_hooks()
+    assert logits.dtype == torch.float64 and seen == [(1, 5, model.cfg.d_model)]
+
+
 def test_half_precision_model_computes_in_float32_without_a_copy():
     model = random_model("llama").to(torch.bfloat16)
     with pytest.warns(UserWarning, match="float32"), assert_untouched(model):
@@ -165,8 +180,58 @@ def test_large_unembedding_computed_in_slices(kind, monkeypatch, tmp_path):
     assert streamed.dtype == torch.float64 and float((streamed - reference).abs().max()) <= 1e-13
     first, last = weight.data_ptr(), weight[-1:].data_ptr() if kind != "hooked" else weight[:, -1:].data_ptr()
     slices = [s for s, ptr in upcasts if first <= ptr <= last]  # the unembedding's own: slices of rows
-    assert len(slices) >= 5 and all(max(s) < 512 for s in slices)  # never the whole matrix
+    assert 5 <= len(slices) <= 6 and all(max(s) < 512 for s in slices)  # never the whole matrix, nor row by row
     assert "forward" not in head.__dict__  # the module's own forward again
+
+
+def test_large_unembedding_in_slices_keeps_its_bias_and_hook_points(monkeypatch):
+    """The sliced forward is the ``Unembed``'s own: its bias added (``b_U``, nonzero here) and its hook points run (a
+    hook on ``unembed.hook_in`` and one on ``unembed.hook_out`` change the logits as on the upcast copy)."""
+    from implicit_updates.runtime import precision
+
+    model = random_model("llama")
+    with torch.no_grad():
+        model.unembed.b_U.copy_(torch.randn(model.unembed.b_U.shape, generator=torch.Generator().manual_seed(5)))
+    monkeypatch.setattr(precision, "CHUNK_ELEMENTS", model.unembed.W_U.numel() // 5)
+    hooks = [("unembed.hook_in", lambda x, hook: 1.5 * x), ("unembed.hook_out", lambda x, hook: 2 * x)]
+    prompt = tokens(model.cfg.d_vocab, 7)
+    with torch.no_grad():
+        reference = copy.deepcopy(model).to(torch.float64).run_with_hooks(prompt, fwd_hooks=hooks)
+    with assert_untouched(model), torch.no_grad(), computed_in(model, torch.float64):
+        streamed = model.run_with_hooks(prompt, fwd_hooks=hooks)
+    assert streamed.dtype == torch.float64 and float((streamed - reference).abs().max()) <= 1e-13
+
+
+def test_large_unembedding_of_an_offloaded_model_computed_in_slices(monkeypatch):
+    """On a model accelerate drives (``cpu_offload``: the weights on ``meta`` until its hook loads them) the sliced
+    forward replaces the head's inner ``_old_forward`` while the block runs, and accelerate's own forward and
+    ``_old_forward`` are back afterwards (the same objects): the model runs as before."""
+    import transformers
+
+    from implicit_updates.runtime import precision
+
+    accelerate = pytest.importorskip("accelerate")
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    prompt = tokens(512, 9)
+    with torch.no_grad():
+        reference = copy.deepcopy(model).to(torch.float64)(prompt).logits
+        plain = model(prompt).logits
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    head = model.lm_head
+    forwards = (head.__dict__["forward"], head.__dict__["_old_forward"])
+    assert head.weight.is_meta
+    monkeypatch.setattr(precision, "CHUNK_ELEMENTS", 512 * 64 // 5)
+    with torch.no_grad(), computed_in(model, torch.float64):
+        assert head.__dict__["_old_forward"] is not forwards[1]  # the sliced forward, inside accelerate's hook
+        streamed = model(prompt).logits
+    assert head.__dict__["forward"] is forwards[0] and head.__dict__["_old_forward"] is forwards[1]
+    assert head.weight.is_meta
+    assert streamed.dtype == torch.float64 and float((streamed - reference).abs().max()) <= 1e-13
+    with torch.no_grad():
+        assert torch.equal(model(prompt).logits, plain)
 
 
 class _Indexer(torch.nn.Module):
@@ -242,3 +307,113 @@ def test_embedding_tables_are_never_upcast(build_model, tables):
         ref = copy.deepcopy(model).to(torch.float64)(ids)
     ref = ref if isinstance(ref, torch.Tensor) else ref.logits
     assert logits.dtype == torch.float64 and float((logits - ref).abs().max()) <= 1e-12
+
+
+class _NormedEmbedding(torch.nn.Embedding):
+    """An ``nn.Embedding`` subclass with a forward of its own that normalizes the rows it looks up (transformers'
+    ``InklingNormedEmbedding``): more than a lookup, so its table is upcast while it runs, not its output cast."""
+
+    def __init__(self, vocab: int, d: int):
+        super().__init__(vocab, d)
+        self.embed_norm = torch.nn.RMSNorm(d)
+
+    def forward(self, ids):
+        return self.embed_norm(super().forward(ids))
+
+
+def _normed_embedding_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_NormedEmbedding(13, 8), torch.nn.Linear(8, 5))
+    with torch.no_grad():
+        model[0].embed_norm.weight.add_(0.2 * torch.randn(8))
+    return model.eval(), tokens(13, 6)
+
+
+def _post_embedding_norm_model():  # TransformerLens's Embed with its post-embedding LayerNorm (Bloom)
+    model = build(**ARCHITECTURES["layernorm"], post_embedding_ln=True)
+    return model, tokens(model.cfg.d_vocab, 6)
+
+
+@pytest.mark.parametrize("build_model", [_post_embedding_norm_model, _normed_embedding_model],
+                         ids=["hooked-post-embedding-ln", "embedding-subclass-with-norm"])
+def test_an_embedding_computing_more_than_a_lookup_is_upcast(build_model):
+    """A table whose own forward does more than look rows up (a norm after the lookup) is no pure lookup: cast
+    after a float32 forward its output would carry float32 rounding; streamed, it computes in float64 as the copy."""
+    model, ids = build_model()
+    with assert_untouched(model), torch.no_grad(), computed_in(model, torch.float64):
+        out = model(ids)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).to(torch.float64)(ids)
+    assert out.dtype == torch.float64 and float((out - ref).abs().max()) <= 1e-13
+
+
+def _boot_encoder_decoder(kind: str, tmp_path):
+    """A random tiny T5 or Switch Transformers booted as a TransformerBridge (offline; Switch's adapter loads a
+    ``pytorch_model.bin`` only)."""
+    import transformers
+    from safetensors.torch import load_file
+    from test_bridge import boot
+
+    shape = dict(vocab_size=61, d_model=16, d_kv=4, d_ff=24, num_heads=4)
+    torch.manual_seed(0)
+    if kind == "t5":
+        hf = transformers.T5ForConditionalGeneration(transformers.T5Config(**shape, num_layers=1))
+    else:  # a dense and a sparse (two-expert) feed-forward in each stack
+        hf = transformers.SwitchTransformersForConditionalGeneration(transformers.SwitchTransformersConfig(
+            **shape, num_layers=2, num_sparse_encoder_layers=1, num_decoder_layers=2, num_sparse_decoder_layers=1,
+            num_experts=2, expert_capacity=8))
+
+    save = hf.save_pretrained
+
+    def save_bin(path):
+        save(path)
+        if kind == "switch":
+            torch.save(load_file(path / "model.safetensors"), path / "pytorch_model.bin")
+            (path / "model.safetensors").unlink()
+
+    hf.save_pretrained = save_bin
+    return boot(hf.eval(), tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["t5", "switch"])
+def test_a_bridge_feed_forward_reading_its_projection_dtype_computes_in_float64(kind, tmp_path):
+    """T5's and Switch Transformers' dense feed-forward (``DenseActDense``) casts its hidden activation to
+    ``wo.weight``'s dtype before calling ``wo``: wrapped by an ``MLPBridge`` (T5) or ``MoEBridge`` (Switch), the bridge
+    upcasts all the wrapped module's projections with itself, so that read sees float64 (not a float32 weight that
+    would round the activation, or make ``wo`` refuse it); each feed-forward's output is the float64 copy's."""
+    bridge = _boot_encoder_decoder(kind, tmp_path)
+    names = [n for n, m in bridge.named_modules() if type(m).__name__ in ("MLPBridge", "MoEBridge")
+             and type(m.original_component).__name__.endswith("DenseActDense")]  # (Switch's sparse ones: experts)
+    assert len(names) == 2
+    x = torch.randn(1, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with assert_untouched(bridge), torch.no_grad(), computed_in(bridge, torch.float64):
+        outs = [bridge.get_submodule(n)(x) for n in names]
+    with torch.no_grad():
+        refs = [copy.deepcopy(bridge.get_submodule(n)).double()(x) for n in names]
+    assert all(o.dtype == torch.float64 and torch.equal(o, r) for o, r in zip(outs, refs, strict=True))
+
+
+def test_a_bridge_upcasts_one_attention_or_mlp_at_a_time(tmp_path):
+    """On a TransformerBridge only a component that reimplements or reads its wrapped module (attention, MLP) takes
+    the wrapped module's parameters with its own; a block does not: at most one attention's or MLP's parameters are
+    float64 at a time, never a whole block's."""
+    from test_bridge import boot
+
+    bridge = boot(tiny_hf("llama"), tmp_path)
+    parts = [m for b in bridge.blocks for m in (b.attn, b.mlp)]
+    largest = max(sum(p.numel() for p in m.parameters()) for m in parts)
+    block = min(sum(p.numel() for p in b.parameters()) for b in bridge.blocks)
+    seen = []
+
+    def count(module, args, kwargs):
+        seen.append(sum(p.numel() for p in bridge.parameters() if p.dtype == torch.float64))
+
+    handles = [m.register_forward_pre_hook(count, with_kwargs=True) for m in bridge.modules()]
+    try:
+        with assert_untouched(bridge), torch.no_grad(), computed_in(bridge, torch.float64):
+            logits = bridge(tokens(61, 6))
+    finally:
+        for h in handles:
+            h.remove()
+    assert logits.dtype == torch.float64
+    assert 0 < max(seen) <= largest < block

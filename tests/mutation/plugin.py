@@ -88,9 +88,12 @@ SELECTIONS: dict[str, tuple[str, list[str]]] = {
                                                           "tests/test_absorb.py", "tests/test_streaming.py"]),
     "precision": ("implicit_updates/runtime/precision.py", ["tests/test_streaming.py", "tests/test_float64_formula.py",
                                                             *STREAMED_BRIDGE]),
-    # the one patched run's edit application (verify's factored run, absorbed generation): edit_hooks, add_*
+    # the one patched run's edit application (verify's factored run, absorbed generation): edit_hooks, add_*; and
+    # the helpers on the inputs those layouts do not give them (flattened MLPs, weight * z post-norms, keyword
+    # hidden states, tuple outputs, close's boundary): tests/test_module_hooks.py
     "module_hooks": ("adapters/module_hooks.py", ["tests/test_hf.py::test_literal_weight_edit_every_layout",
-                                                  "tests/test_hf.py::test_gemma_post_norm_exact"]
+                                                  "tests/test_hf.py::test_gemma_post_norm_exact",
+                                                  "tests/test_module_hooks.py"]
                      + MODULE_GENERATION[:1] + [f"{CONFORMANCE}[{b}-{c}]" for b in MODULE_BACKENDS
                                                 for c in ("decompose", "generation")]),
     "module_generation": ("adapters/module_generation.py", MODULE_GENERATION),
