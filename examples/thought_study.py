@@ -230,7 +230,9 @@ def run(model, tokenizer, task: str, pairs: list, seed: int, steps: int, show: b
                                    "greedy": shown}
     if hasattr(iu, "transfer_diagnostic"):
         held_q = [h[0] for h in held]
-        result["diagnostic"] = iu.transfer_diagnostic(model, prefix, train, held_q, dtype=torch.float64).to_dict()
+        diagnostic = iu.transfer_diagnostic(model, prefix, train, held_q, dtype=torch.float64).to_dict()
+        diagnostic.pop("principal_cosines")  # every angle of every block: kept as their mean square only
+        result["diagnostic"] = diagnostic
     return result
 
 
@@ -282,7 +284,7 @@ def plot(summary: dict, model: str, path: str) -> None:
                                label=f"{ref}: {key}" if key == "agree" else None)
         ax.set_xscale("log")
         ax.set_xlabel(label)
-    axes[0].set_ylabel("held-out share (mean over tasks; bars: sd over seeds)")
+    axes[0].set_ylabel("held-out share\n(mean over tasks; bars: sd over seeds)")
     axes[1].legend(fontsize=7, loc="best")
     fig.suptitle(f"{model}: thought matrices on held-out queries")
     fig.tight_layout()
