@@ -208,7 +208,7 @@ def run(model, tokenizer, task: str, pairs: list, seed: int, steps: int, show: b
                 rows[name] = scores(held, full, answer_logits(patched, held))
                 if show and name in SHOWN:
                     shown[name] = [greedy(patched, h[0], tokenizer) for h in held[:2]]
-        except (iu.UnsupportedArchitectureError, ValueError) as e:  # reported, not hidden
+        except (iu.UnsupportedArchitectureError, ValueError, torch.linalg.LinAlgError) as e:  # reported, not hidden
             rows[name] = {"error": str(e).splitlines()[0]}
     if len(specials):
         with plain(model):
@@ -322,6 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
             r = run(model, tokenizer, task, [tuple(p) for p in tasks[task]], seed, args.steps, show=seed == 0)
             r["seconds"] = time.perf_counter() - t0
             results.append(r)
+            write_json(args.json, {"model": args.model, "partial": True, "runs": results})  # a crash keeps the runs
             best = {c: v for c, v in r["rows"].items() if "kl" in v}
             print(f"{task} seed {seed} (K={r['k']}, {r['n_held_out']} held-out, {r['seconds']:.0f} s; exact on their "
                   f"training queries: {r['max_abs_logit_diff_on_training']}): "

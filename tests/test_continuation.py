@@ -75,3 +75,6 @@ def test_positive_solution_finds_one_or_says_none():
     u = positive_solution(a, a @ truth)
     assert u is not None and bool((u > 0).all()) and float((a @ u - a @ truth).norm()) <= 1e-12
     assert positive_solution(a, -(a @ truth)) is None  # a non-negative a cannot reach negative values
+    # two equal equations asking different values: the Newton system is singular; no solution, said as None
+    twice = torch.cat([a[:1], a[:1]])
+    assert positive_solution(twice, torch.tensor([1.0, 2.0], dtype=torch.float64)) is None

@@ -201,7 +201,10 @@ def positive_solution(a: Tensor, b: Tensor, steps: int = 200) -> Tensor | None:
         grad = b - ak @ u
         if grad.norm() <= 64 * torch.finfo(a.dtype).eps * b.norm():
             return torch.ones_like(a[0]).masked_scatter(~free, u)
-        step = torch.linalg.solve(ak @ (u.pow(2)[:, None] * ak.T), grad)
+        try:
+            step = torch.linalg.solve(ak @ (u.pow(2)[:, None] * ak.T), grad)
+        except torch.linalg.LinAlgError:  # dependent equations (e.g. repeated rows): no Newton step, no solution
+            return None
         size, before = 1.0, dual(theta)
         while size > 1e-12:
             new = theta - size * step
