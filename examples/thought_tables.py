@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections import defaultdict
 
 MAIN = ("zero-shot", "zero-shot + specials", "exact 4", "exact 16", "mean of 16 exact", "matrix ridge 0.001",
         "matrix ridge 0.01", "matrix ridge 0.1", "matrix ridge 1", "matrix rank 1", "matrix rank 4", "matrix rank 16",
@@ -160,11 +161,40 @@ def plot(studies: list[dict], path: str) -> None:
     print(f"wrote {path}")
 
 
+def from_log(path: str) -> str:
+    """Top-1 agreement and KL per task and condition (mean ± sd over seeds) from a study's printed lines (``{task}
+    seed {s} (...): {condition} {agree}/{kl}, ...``), for a run whose JSON was not written."""
+    import re
+
+    table: dict = defaultdict(lambda: defaultdict(list))
+    for line in open(path):
+        m = re.match(r"(.+) seed (\d+) \(K=.*?\): (.*)$", line.strip())
+        if m:
+            for cond, agree, kl in re.findall(r"([^,]+?) ([0-9.]+)/([0-9.]+)(?:,|$)", m.group(3)):
+                table[m.group(1)][cond.strip()].append((float(agree), float(kl)))
+    conds = [c for c in PER_TASK + ("zero-shot + specials", "matrix ridge 0.1", "exact 16, specials only")
+             if any(c in t for t in table.values())]
+    lines = ["| task (seeds) | " + " | ".join(conds) + " |", "|---|" + "---|" * len(conds)]
+    def fmt(pairs: list | None) -> str:
+        if not pairs:
+            return "n/a"
+        agree, kls = zip(*pairs, strict=True)
+        return f"{statistics.fmean(agree):.2f} / {statistics.fmean(kls):.2f} ± {statistics.pstdev(kls):.2f}"
+
+    for task, rows in table.items():
+        lines.append(f"| {task} ({len(rows['full'])}) | " + " | ".join(fmt(rows.get(c)) for c in conds) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("json", nargs="+")
+    parser.add_argument("json", nargs="*")
+    parser.add_argument("--from-log", metavar="PATH", help="the agreement / KL table from a study's printed lines")
     parser.add_argument("--plot", metavar="PATH")
     args = parser.parse_args(argv)
+    if args.from_log:
+        print(from_log(args.from_log))
+        return
     studies = [json.load(open(p)) for p in args.json]
     print(overall_table(studies), end="\n\n")
     for s in studies:
