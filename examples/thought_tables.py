@@ -137,7 +137,7 @@ def plot(studies: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharey=True)
     for i, s in enumerate(studies):
         rows, colour = s["summary"]["all tasks"], f"C{i}"
         name = NAMES.get(s["model"], s["model"])
@@ -154,11 +154,34 @@ def plot(studies: list[dict], path: str) -> None:
         ax.set_xscale("log")
         ax.set_xlabel(label)
     axes[0].set_ylabel("held-out top-1 agreement with the full model\n(mean over tasks; bars: sd over 3 seeds)")
-    axes[1].legend(fontsize=6.5, loc="upper right")
+    handles, labels = axes[1].get_legend_handles_labels()
     fig.suptitle("Thought matrices fitted over 16 training queries, on held-out queries")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
+
+
+def study_from_log(model: str, path: str) -> dict:
+    """A study's summary over all tasks (agree and KL, mean and sd over seeds) from its printed lines: enough for the
+    overall table and the figure."""
+    import re
+
+    seeds: dict = defaultdict(lambda: defaultdict(list))
+    for line in open(path):
+        m = re.match(r"(.+) seed (\d+) \(K=.*?\): (.*)$", line.strip())
+        if m:
+            for cond, agree, kl in re.findall(r"([^,]+?) ([0-9.]+)/([0-9.]+)(?:,|$)", m.group(3)):
+                cond = "exact 16, specials only" if cond.strip() == "specials only" else cond.strip()
+                seeds[cond][m.group(2)].append((float(agree), float(kl)))
+    summary = {}
+    for cond, per_seed in seeds.items():
+        agree = [statistics.fmean(a for a, _ in v) for v in per_seed.values()]
+        kls = [statistics.fmean(k for _, k in v) for v in per_seed.values()]
+        summary[cond] = {"agree": {"mean": statistics.fmean(agree), "sd": statistics.pstdev(agree)},
+                         "kl": {"mean": statistics.fmean(kls), "sd": statistics.pstdev(kls)}}
+    return {"model": model, "ridges": [1e-3, 1e-2, 1e-1, 1.0], "ranks": [1, 4, 16], "seeds": len(agree),
+            "summary": {"all tasks": summary}, "runs": [], "from_log": path}
 
 
 def from_log(path: str) -> str:
@@ -167,11 +190,23 @@ def from_log(path: str) -> str:
     import re
 
     table: dict = defaultdict(lambda: defaultdict(list))
+    seeds: dict = defaultdict(lambda: defaultdict(list))
     for line in open(path):
         m = re.match(r"(.+) seed (\d+) \(K=.*?\): (.*)$", line.strip())
         if m:
             for cond, agree, kl in re.findall(r"([^,]+?) ([0-9.]+)/([0-9.]+)(?:,|$)", m.group(3)):
-                table[m.group(1)][cond.strip()].append((float(agree), float(kl)))
+                cond = "exact 16, specials only" if cond.strip() == "specials only" else cond.strip()
+                table[m.group(1)][cond].append((float(agree), float(kl)))
+                seeds[cond][m.group(2)].append((float(agree), float(kl)))
+    overall = ["| condition (mean over tasks; ± sd over seeds) | agree | KL |", "|---|---|---|"]
+    for cond in MAIN:
+        if cond in seeds:
+            agree = [statistics.fmean(a for a, _ in v) for v in seeds[cond].values()]
+            kls = [statistics.fmean(k for _, k in v) for v in seeds[cond].values()]
+            tasks = sorted({len(v) for v in seeds[cond].values()})
+            overall.append(f"| {cond}{'' if tasks == [len(table)] else f' ({tasks} tasks)'} | "
+                           f"{statistics.fmean(agree):.2f} ± {statistics.pstdev(agree):.2f} | "
+                           f"{statistics.fmean(kls):.2f} ± {statistics.pstdev(kls):.2f} |")
     conds = [c for c in PER_TASK + ("zero-shot + specials", "matrix ridge 0.1", "exact 16, specials only")
              if any(c in t for t in table.values())]
     lines = ["| task (seeds) | " + " | ".join(conds) + " |", "|---|" + "---|" * len(conds)]
@@ -183,7 +218,7 @@ def from_log(path: str) -> str:
 
     for task, rows in table.items():
         lines.append(f"| {task} ({len(rows['full'])}) | " + " | ".join(fmt(rows.get(c)) for c in conds) + " |")
-    return "\n".join(lines)
+    return "\n".join(overall) + "\n\n" + "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -191,19 +226,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("json", nargs="*")
     parser.add_argument("--from-log", metavar="PATH", help="the agreement / KL table from a study's printed lines")
     parser.add_argument("--plot", metavar="PATH")
+    parser.add_argument("--log-study", action="append", default=[], metavar="MODEL=PATH",
+                        help="a study known from its printed lines only (overall table and figure)")
     args = parser.parse_args(argv)
     if args.from_log:
         print(from_log(args.from_log))
         return
     studies = [json.load(open(p)) for p in args.json]
-    print(overall_table(studies), end="\n\n")
+    logged = [study_from_log(*spec.split("=", 1)) for spec in args.log_study]
+    print(overall_table(logged + studies), end="\n\n")
     for s in studies:
         print(f"{NAMES.get(s['model'], s['model'])} (agree / KL, means over {s['seeds']} seeds):\n")
         print(task_table(s), end="\n\n")
     print(diagnostic_table(studies), end="\n\n")
     print(within_model(studies))
     if args.plot:
-        plot(studies, args.plot)
+        plot(logged + studies, args.plot)
 
 
 if __name__ == "__main__":
