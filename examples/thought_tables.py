@@ -88,8 +88,11 @@ def diagnostic_rows(studies: list[dict]) -> list[dict]:
             if "diagnostic" not in r:
                 continue
             base = r["rows"].get("zero-shot + specials", r["rows"]["zero-shot"])
-            mean = r["diagnostic"]["mean"]
-            out.append({"model": s["model"], "task": r["task"], "seed": r["seed"], **mean,
+            diagnostic = r["diagnostic"]  # the median over blocks: one ill-conditioned block does not decide it
+            median = {m: statistics.median(v) if (v := [x for x in diagnostic[m] if x is not None]) else None
+                      for m in ("coverage", "principal_mean_square", "first_layer_residual", "output_residual",
+                                "vector_residual")}
+            out.append({"model": s["model"], "task": r["task"], "seed": r["seed"], **median,
                         **{f"{c}: agree": r["rows"][c]["agree"] for c in ("exact 16", "matrix ridge 0.01")
                            if "agree" in r["rows"].get(c, {})},
                         **{f"{c}: KL recovered": 1 - r["rows"][c]["kl"] / max(base["kl"], 1e-12)
@@ -102,7 +105,7 @@ def diagnostic_table(studies: list[dict]) -> str:
     measures = ("coverage", "principal_mean_square", "first_layer_residual", "output_residual", "vector_residual")
     targets = [t for t in ("exact 16: agree", "exact 16: KL recovered", "matrix ridge 0.01: agree",
                            "matrix ridge 0.01: KL recovered") if any(t in r for r in rows)]
-    lines = ["| diagnostic (mean over blocks) | " + " | ".join(f"model means: {NAMES.get(s['model'], s['model'])}"
+    lines = ["| diagnostic (median over blocks) | " + " | ".join(f"model means: {NAMES.get(s['model'], s['model'])}"
                                                             for s in studies)
              + " | " + " | ".join(f"Spearman vs {t}" for t in targets) + " |",
              "|---|" + "---|" * (len(studies) + len(targets))]
