@@ -30,8 +30,13 @@ def cell(row: dict | None, key: str, digits: int = 2) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def label(study: dict) -> str:
+    tasks = study.get("n_tasks") or len({r["task"] for r in study["runs"]})
+    return f"{NAMES.get(study['model'], study['model'])} ({tasks} tasks)"
+
+
 def overall_table(studies: list[dict]) -> str:
-    head = "| condition | " + " | ".join(f"{NAMES.get(s['model'], s['model'])}: agree, KL" for s in studies) + " |"
+    head = "| condition | " + " | ".join(f"{label(s)}: agree, KL" for s in studies) + " |"
     lines = [head, "|---|" + "---|" * len(studies)]
     for cond in MAIN:
         rows = [s["summary"]["all tasks"].get(cond) for s in studies]
@@ -80,12 +85,12 @@ def spearman(x: list[float], y: list[float]) -> float:
     return statistics.correlation(ranks(x), ranks(y)) if len(x) > 2 else float("nan")
 
 
-def diagnostic_rows(studies: list[dict]) -> list[dict]:
-    """One row per (model, task, seed): the diagnostic's means over blocks and the measured transfer."""
+def diagnostic_rows(studies: list[dict], skip: tuple = ()) -> list[dict]:
+    """One row per (model, task, seed): the diagnostic's medians over blocks and the measured transfer."""
     out = []
     for s in studies:
         for r in s["runs"]:
-            if "diagnostic" not in r:
+            if "diagnostic" not in r or r["task"] in skip:
                 continue
             base = r["rows"].get("zero-shot + specials", r["rows"]["zero-shot"])
             diagnostic = r["diagnostic"]  # the median over blocks: one ill-conditioned block does not decide it
@@ -100,8 +105,8 @@ def diagnostic_rows(studies: list[dict]) -> list[dict]:
     return out
 
 
-def diagnostic_table(studies: list[dict]) -> str:
-    rows = diagnostic_rows(studies)
+def diagnostic_table(studies: list[dict], skip: tuple = ()) -> str:
+    rows = diagnostic_rows(studies, skip)
     measures = ("coverage", "principal_mean_square", "first_layer_residual", "output_residual", "vector_residual")
     targets = [t for t in ("exact 16: agree", "exact 16: KL recovered", "matrix ridge 0.01: agree",
                            "matrix ridge 0.01: KL recovered") if any(t in r for r in rows)]
@@ -122,9 +127,9 @@ def diagnostic_table(studies: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def within_model(studies: list[dict]) -> str:
+def within_model(studies: list[dict], skip: tuple = ()) -> str:
     """Spearman of the first-layer residual against exact-16 agreement within each model (tasks and seeds)."""
-    rows = diagnostic_rows(studies)
+    rows = diagnostic_rows(studies, skip)
     parts = []
     for s in studies:
         pairs = [(r["first_layer_residual"], r["exact 16: agree"]) for r in rows
@@ -143,7 +148,7 @@ def plot(studies: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharey=True)
     for i, s in enumerate(studies):
         rows, colour = s["summary"]["all tasks"], f"C{i}"
-        name = NAMES.get(s["model"], s["model"])
+        name = label(s)
         for ax, names, xs in ((axes[0], [f"matrix ridge {r:g}" for r in s["ridges"]], s["ridges"]),
                               (axes[1], [f"matrix rank {r}" for r in s["ranks"]], s["ranks"])):
             ax.errorbar(xs, [rows[n]["agree"]["mean"] for n in names], yerr=[rows[n]["agree"]["sd"] for n in names],
@@ -153,9 +158,9 @@ def plot(studies: list[dict], path: str) -> None:
                     continue
                 ax.axhline(rows[ref]["agree"]["mean"], color=colour, ls=style, lw=1,
                            label=f"{name}: {ref}" if ax is axes[1] else None)
-    for ax, label in zip(axes, ("ridge (relative to the rows' mean squared norm)", "rank cap (ridge 0)"), strict=True):
+    for ax, xlabel in zip(axes, ("ridge (relative to the rows' mean squared norm)", "rank cap (ridge 0)"), strict=True):
         ax.set_xscale("log")
-        ax.set_xlabel(label)
+        ax.set_xlabel(xlabel)
     axes[0].set_ylabel("held-out top-1 agreement with the full model\n(mean over tasks; bars: sd over 3 seeds)")
     handles, labels = axes[1].get_legend_handles_labels()
     fig.suptitle("Thought matrices fitted over 16 training queries, on held-out queries")
@@ -183,7 +188,9 @@ def study_from_log(model: str, path: str) -> dict:
         kls = [statistics.fmean(k for _, k in v) for v in per_seed.values()]
         summary[cond] = {"agree": {"mean": statistics.fmean(agree), "sd": statistics.pstdev(agree)},
                          "kl": {"mean": statistics.fmean(kls), "sd": statistics.pstdev(kls)}}
+    tasks = {line.split(" seed ")[0] for line in open(path) if " seed " in line}
     return {"model": model, "ridges": [1e-3, 1e-2, 1e-1, 1.0], "ranks": [1, 4, 16], "seeds": len(agree),
+            "n_tasks": len(tasks),
             "summary": {"all tasks": summary}, "runs": [], "from_log": path}
 
 
@@ -229,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("json", nargs="*")
     parser.add_argument("--from-log", metavar="PATH", help="the agreement / KL table from a study's printed lines")
     parser.add_argument("--plot", metavar="PATH")
+    parser.add_argument("--skip", action="append", default=[], metavar="TASK",
+                        help="also the diagnostic's correlations without this task (repeatable)")
     parser.add_argument("--log-study", action="append", default=[], metavar="MODEL=PATH",
                         help="a study known from its printed lines only (overall table and figure)")
     args = parser.parse_args(argv)
@@ -242,7 +251,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{NAMES.get(s['model'], s['model'])} (agree / KL, means over {s['seeds']} seeds):\n")
         print(task_table(s), end="\n\n")
     print(diagnostic_table(studies), end="\n\n")
-    print(within_model(studies))
+    print(within_model(studies), end="\n\n")
+    if args.skip:
+        print(f"Without {', '.join(args.skip)}:\n")
+        print(diagnostic_table(studies, tuple(args.skip)), end="\n\n")
+        print(within_model(studies, tuple(args.skip)))
     if args.plot:
         plot(logged + studies, args.plot)
 
