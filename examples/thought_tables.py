@@ -35,14 +35,16 @@ def label(study: dict) -> str:
     return f"{NAMES.get(study['model'], study['model'])} ({tasks} tasks)"
 
 
-def overall_table(studies: list[dict]) -> str:
-    head = "| condition | " + " | ".join(f"{label(s)}: agree, KL" for s in studies) + " |"
+def overall_table(studies: list[dict], keys: tuple = ("agree", "kl")) -> str:
+    names = {"agree": "agree", "kl": "KL", "correct": "first-token accuracy", "answer": "whole-answer accuracy"}
+    head = "| condition | " + " | ".join(f"{label(s)}: {', '.join(names[k] for k in keys)}" for s in studies) + " |"
     lines = [head, "|---|" + "---|" * len(studies)]
-    for cond in MAIN:
+    for cond in MAIN if "full" not in studies[0]["summary"]["all tasks"] or keys == ("agree", "kl") else \
+            ("full", *MAIN):
         rows = [s["summary"]["all tasks"].get(cond) for s in studies]
         if all(r is None for r in rows):
             continue
-        lines.append(f"| {cond} | " + " | ".join("n/a" if r is None else f"{cell(r, 'agree')}, {cell(r, 'kl')}"
+        lines.append(f"| {cond} | " + " | ".join("n/a" if r is None else ", ".join(cell(r, k) for k in keys)
                                                  for r in rows) + " |")
     return "\n".join(lines)
 
@@ -247,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     studies = [json.load(open(p)) for p in args.json]
     logged = [study_from_log(*spec.split("=", 1)) for spec in args.log_study]
     print(overall_table(logged + studies), end="\n\n")
+    if studies:
+        print(overall_table(studies, ("correct", "answer")), end="\n\n")
     for s in studies:
         print(f"{NAMES.get(s['model'], s['model'])} (agree / KL, means over {s['seeds']} seeds):\n")
         print(task_table(s), end="\n\n")
