@@ -217,9 +217,9 @@ def thought_patch(model: nn.Module, prefix: Tensor, queries: Tensor | Sequence[T
     ``rank``: a cap on each map's update's rank. ``ridge=0``, ``rank=None``, ``kind="matrix"`` is the exact stacked
     update (``absorb_continuation(..., output="matrix")``), exact on all n K positions when their rows are
     independent (positions whose query tokens so far repeat another query's are the same row, kept once). ``ridge`` is
-    relative to the fitted rows' mean squared norm (:class:`~implicit_updates.math.lowrank.
-    Solver`), so one value means the same in every block. For sweeps, :func:`thought_systems` gathers once. Any
-    backend with the ``continuation`` capability; the user's model is untouched.
+    relative to the fitted rows' mean squared norm (:class:`~implicit_updates.math.lowrank.Solver`), so one value
+    means the same in every block. For sweeps, :func:`thought_systems` gathers once. Any backend with the
+    ``continuation`` capability; the user's model is untouched.
     """
     _check(ridge, rank, kind)
     return thought_systems(model, prefix, queries, dtype, rcond).fit(ridge, rank, kind)
