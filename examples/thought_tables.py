@@ -172,33 +172,9 @@ def plot(studies: list[dict], path: str) -> None:
     print(f"wrote {path}")
 
 
-def study_from_log(model: str, path: str) -> dict:
-    """A study's summary over all tasks (agree and KL, mean and sd over seeds) from its printed lines: enough for the
-    overall table and the figure."""
-    import re
-
-    seeds: dict = defaultdict(lambda: defaultdict(list))
-    for line in open(path):
-        m = re.match(r"(.+) seed (\d+) \(K=.*?\): (.*)$", line.strip())
-        if m:
-            for cond, agree, kl in re.findall(r"([^,]+?) ([0-9.]+)/([0-9.]+)(?:,|$)", m.group(3)):
-                cond = "exact 16, specials only" if cond.strip() == "specials only" else cond.strip()
-                seeds[cond][m.group(2)].append((float(agree), float(kl)))
-    summary = {}
-    for cond, per_seed in seeds.items():
-        agree = [statistics.fmean(a for a, _ in v) for v in per_seed.values()]
-        kls = [statistics.fmean(k for _, k in v) for v in per_seed.values()]
-        summary[cond] = {"agree": {"mean": statistics.fmean(agree), "sd": statistics.pstdev(agree)},
-                         "kl": {"mean": statistics.fmean(kls), "sd": statistics.pstdev(kls)}}
-    tasks = {line.split(" seed ")[0] for line in open(path) if " seed " in line}
-    return {"model": model, "ridges": [1e-3, 1e-2, 1e-1, 1.0], "ranks": [1, 4, 16], "seeds": len(agree),
-            "n_tasks": len(tasks),
-            "summary": {"all tasks": summary}, "runs": [], "from_log": path}
-
-
-def from_log(path: str) -> str:
-    """Top-1 agreement and KL per task and condition (mean ± sd over seeds) from a study's printed lines (``{task}
-    seed {s} (...): {condition} {agree}/{kl}, ...``), for a run whose JSON was not written."""
+def parse_log(path: str) -> tuple[dict, dict]:
+    """A study's printed lines (``{task} seed {s} (...): {condition} {agree}/{kl}, ...``) as ``{task: {condition:
+    [(agree, kl) per seed]}}`` and ``{condition: {seed: [(agree, kl) per task]}}``."""
     import re
 
     table: dict = defaultdict(lambda: defaultdict(list))
@@ -207,9 +183,32 @@ def from_log(path: str) -> str:
         m = re.match(r"(.+) seed (\d+) \(K=.*?\): (.*)$", line.strip())
         if m:
             for cond, agree, kl in re.findall(r"([^,]+?) ([0-9.]+)/([0-9.]+)(?:,|$)", m.group(3)):
+                # the condition with a comma in its name arrives without its first part
                 cond = "exact 16, specials only" if cond.strip() == "specials only" else cond.strip()
                 table[m.group(1)][cond].append((float(agree), float(kl)))
                 seeds[cond][m.group(2)].append((float(agree), float(kl)))
+    return table, seeds
+
+
+def study_from_log(model: str, path: str) -> dict:
+    """A study's summary over all tasks (agree and KL, mean and sd over seeds) from its printed lines: enough for the
+    overall table and the figure."""
+    table, seeds = parse_log(path)
+    summary = {}
+    for cond, per_seed in seeds.items():
+        agree = [statistics.fmean(a for a, _ in v) for v in per_seed.values()]
+        kls = [statistics.fmean(k for _, k in v) for v in per_seed.values()]
+        summary[cond] = {"agree": {"mean": statistics.fmean(agree), "sd": statistics.pstdev(agree)},
+                         "kl": {"mean": statistics.fmean(kls), "sd": statistics.pstdev(kls)}}
+    return {"model": model, "ridges": [1e-3, 1e-2, 1e-1, 1.0], "ranks": [1, 4, 16], "seeds": len(agree),
+            "n_tasks": len(table),
+            "summary": {"all tasks": summary}, "runs": [], "from_log": path}
+
+
+def from_log(path: str) -> str:
+    """Top-1 agreement and KL per task and condition (mean ± sd over seeds) from a study's printed lines (``{task}
+    seed {s} (...): {condition} {agree}/{kl}, ...``), for a run whose JSON was not written."""
+    table, seeds = parse_log(path)
     overall = ["| condition (mean over tasks; ± sd over seeds) | agree | KL |", "|---|---|---|"]
     for cond in MAIN:
         if cond in seeds:
