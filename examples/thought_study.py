@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from thought_tasks import TASKS
+from transfer_study import ids_of, kl
 
 import implicit_updates as iu
 from implicit_updates.cli.common import write_json
@@ -57,16 +58,12 @@ LORA_RANK = 4
 SHOWN = ("full", "zero-shot", "exact 16", "matrix ridge 0.01", "vector", "LoRA GD rank 4")
 
 
-def ids_of(tokenizer, text: str) -> torch.Tensor:
-    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-
-
 def split(tokenizer, pairs: list, seed: int) -> tuple[str, list, list]:
     """Shots, 16 training queries of one length K, and the held-out (query, answer ids) pairs, shuffled by seed."""
     pairs = list(pairs)
     random.Random(seed).shuffle(pairs)
     shots, rest = pairs[:N_SHOT], pairs[N_SHOT:]
-    items = [(ids_of(tokenizer, f"{x} ->"), ids_of(tokenizer, f" {y}"), x, y) for x, y in rest]
+    items = [(ids_of(tokenizer, f"{x} ->")[0], ids_of(tokenizer, f" {y}")[0], x, y) for x, y in rest]
     lengths = [len(q) for q, *_ in items]
     k = max(sorted(set(lengths)), key=lengths.count)
     train = [it for it in items if len(it[0]) == k][:N_TRAIN]
@@ -108,11 +105,6 @@ def with_deltas(model, deltas: dict):
 def plain(model):
     with exact_formula(model, torch.float64):
         yield model
-
-
-def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
-    p, q = F.log_softmax(p_logits, -1), F.log_softmax(q_logits, -1)
-    return float((p.exp() * (p - q)).sum())
 
 
 def scores(held: list, full: list, got: list) -> dict:
@@ -172,7 +164,7 @@ def run(model, tokenizer, task: str, pairs: list, seed: int, steps: int, show: b
         raise SystemExit(f"task {task!r}: {len(train_items)} training queries of one token length and {len(held)} "
                          f"held-out ones; the study needs {N_TRAIN} and 20: give more pairs")
     prefix = tokenizer(text, return_tensors="pt").input_ids
-    specials = prefix[0, : prefix.shape[1] - len(ids_of(tokenizer, text))]
+    specials = prefix[0, : prefix.shape[1] - ids_of(tokenizer, text).shape[1]]
     train = torch.stack([q for q, *_ in train_items])
     with plain(model):
         full = answer_logits(model, held, prefix)
@@ -236,6 +228,11 @@ def run(model, tokenizer, task: str, pairs: list, seed: int, steps: int, show: b
     return result
 
 
+def spread(values: list[float]) -> dict:
+    """The mean and the population standard deviation (0 for one value)."""
+    return {"mean": statistics.fmean(values), "sd": statistics.pstdev(values)}
+
+
 def summarise(results: list[dict]) -> dict:
     """Per task and condition: the mean and the spread (standard deviation over seeds) of every measure; and the
     same averaged over tasks."""
@@ -247,8 +244,7 @@ def summarise(results: list[dict]) -> dict:
                     table[r["task"]][cond][key].append(value)
     out: dict = {}
     for task, conds in table.items():
-        out[task] = {c: {k: {"mean": statistics.fmean(v), "sd": statistics.pstdev(v) if len(v) > 1 else 0.0}
-                         for k, v in m.items()} for c, m in conds.items()}
+        out[task] = {c: {k: spread(v) for k, v in m.items()} for c, m in conds.items()}
     seeds = sorted({r["seed"] for r in results})
     overall: dict = defaultdict(lambda: defaultdict(list))
     for seed in seeds:
@@ -258,8 +254,7 @@ def summarise(results: list[dict]) -> dict:
                 values = [r["rows"][cond][key] for r in per if key in r["rows"].get(cond, {})]
                 if len(values) == len(per):
                     overall[cond][key].append(statistics.fmean(values))
-    out["all tasks"] = {c: {k: {"mean": statistics.fmean(v), "sd": statistics.pstdev(v) if len(v) > 1 else 0.0}
-                            for k, v in m.items()} for c, m in overall.items()}
+    out["all tasks"] = {c: {k: spread(v) for k, v in m.items()} for c, m in overall.items()}
     return out
 
 
