@@ -220,11 +220,9 @@ def run(model, tokenizer, task: str, pairs: list, seed: int, steps: int, show: b
     if show:
         result["continuations"] = {"queries": [h[2] + " ->" for h in held[:2]], "answers": [h[3] for h in held[:2]],
                                    "greedy": shown}
-    if hasattr(iu, "transfer_diagnostic"):
-        held_q = [h[0] for h in held]
-        diagnostic = iu.transfer_diagnostic(model, prefix, train, held_q, dtype=torch.float64).to_dict()
-        diagnostic.pop("principal_cosines")  # every angle of every block: kept as their mean square only
-        result["diagnostic"] = diagnostic
+    diagnostic = iu.transfer_diagnostic(model, prefix, systems, [h[0] for h in held]).to_dict()  # rows reused
+    diagnostic.pop("principal_cosines")  # every angle of every block: kept as their mean square only
+    result["diagnostic"] = diagnostic
     return result
 
 
@@ -247,15 +245,37 @@ def summarise(results: list[dict]) -> dict:
         out[task] = {c: {k: spread(v) for k, v in m.items()} for c, m in conds.items()}
     seeds = sorted({r["seed"] for r in results})
     overall: dict = defaultdict(lambda: defaultdict(list))
-    for seed in seeds:
+    n_tasks: dict = defaultdict(set)
+    for seed in seeds:  # each seed's mean over the tasks where the condition ran (a refusal is not a zero)
         per = [r for r in results if r["seed"] == seed]
-        for cond in per[0]["rows"]:
+        for cond in dict.fromkeys(c for r in per for c in r["rows"]):
+            ran = [r for r in per if "agree" in r["rows"].get(cond, {})]
+            if not ran:
+                continue
+            n_tasks[cond].add(len(ran))
             for key in ("agree", "correct", "answer", "kl"):
-                values = [r["rows"][cond][key] for r in per if key in r["rows"].get(cond, {})]
-                if len(values) == len(per):
-                    overall[cond][key].append(statistics.fmean(values))
-    out["all tasks"] = {c: {k: spread(v) for k, v in m.items()} for c, m in overall.items()}
+                overall[cond][key].append(statistics.fmean(r["rows"][cond][key] for r in ran))
+    out["all tasks"] = {c: {**{k: spread(v) for k, v in m.items()}, "n_tasks": min(n_tasks[c])}
+                        for c, m in overall.items()}
     return out
+
+
+def merge(paths: list[str]) -> dict:
+    """One study from several runs of the same model and settings (e.g. tasks run separately): the runs in order, the
+    summary recomputed from them; refused if the settings differ or a (task, seed) appears twice."""
+    studies = [json.load(open(p)) for p in paths]
+    settings = ("model", "dtype", "n_shot", "n_train", "ridges", "ranks", "lora_rank", "steps")
+    for path, study in zip(paths[1:], studies[1:], strict=True):
+        differ = [k for k in settings if study.get(k) != studies[0].get(k)]
+        if differ:
+            raise SystemExit(f"{path}: {', '.join(differ)} differ from {paths[0]}'s: merge runs of one setting")
+    runs = [r for study in studies for r in study["runs"]]
+    seen = [(r["task"], r["seed"]) for r in runs]
+    if len(set(seen)) != len(seen):
+        raise SystemExit(f"a (task, seed) appears twice in {', '.join(paths)}: merge disjoint runs")
+    return {**{k: studies[0][k] for k in settings}, "seeds": max(s["seeds"] for s in studies),
+            "seconds": sum(s["seconds"] for s in studies), "merged_from": [Path(p).name for p in paths],
+            "summary": summarise(runs), "runs": runs}
 
 
 def plot(summary: dict, model: str, path: str) -> None:
@@ -296,7 +316,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=60, help="LoRA gradient steps (the GD budget)")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--plot", metavar="PATH")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="instead of running: merge these studies' runs (one model, disjoint tasks) into --json")
     args = parser.parse_args(argv)
+    if args.merge:
+        if not args.json:
+            parser.error("--merge writes --json PATH: give it")
+        out = merge(args.merge)
+        write_json(args.json, out)
+        return out
     tasks = json.loads(open(args.tasks_json).read()) if args.tasks_json else TASKS
     unknown = set(args.task or []) - set(tasks)
     if unknown:

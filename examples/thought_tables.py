@@ -35,6 +35,13 @@ def label(study: dict) -> str:
     return f"{NAMES.get(study['model'], study['model'])} ({tasks} tasks)"
 
 
+def fewer(row: dict, study: dict) -> str:
+    """`` (n of N tasks)`` where the condition ran on fewer tasks than the study has (refused on the others)."""
+    total = study.get("n_tasks") or len({r["task"] for r in study["runs"]})
+    n = row.get("n_tasks", total)
+    return f" ({n} of {total} tasks)" if n < total else ""
+
+
 def overall_table(studies: list[dict], keys: tuple = ("agree", "kl")) -> str:
     names = {"agree": "agree", "kl": "KL", "correct": "first-token accuracy", "answer": "whole-answer accuracy"}
     head = "| condition | " + " | ".join(f"{label(s)}: {', '.join(names[k] for k in keys)}" for s in studies) + " |"
@@ -45,7 +52,7 @@ def overall_table(studies: list[dict], keys: tuple = ("agree", "kl")) -> str:
         if all(r is None for r in rows):
             continue
         lines.append(f"| {cond} | " + " | ".join("n/a" if r is None else ", ".join(cell(r, k) for k in keys)
-                                                 for r in rows) + " |")
+                                                 + fewer(r, s) for r, s in zip(rows, studies, strict=True)) + " |")
     return "\n".join(lines)
 
 

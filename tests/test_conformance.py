@@ -469,3 +469,44 @@ def test_toy_absorbed_takes_the_models_own_dtype():
     with assert_untouched(model), torch.no_grad(), iu.absorbed(model, x, dtype=F64):
         inside = model(x[:, -1:])[0, -1]
     assert float((inside - full).abs().max()) <= LOGITS
+
+
+# -- analyses riding on a capability ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,arch,served", [
+    pytest.param(backend, arch, "continuation" in cls.capabilities, id=f"{backend}-{arch}".replace(" ", "_"))
+    for backend, cls in adapter_classes().items() for arch in ARCHS.get(backend, ["(no model)"])])
+def test_thought_patches_and_diagnostic_follow_continuation(backend, arch, served, subject):
+    """Thought patches (``iu.thought_systems``) and the transfer diagnostic need the ``continuation`` capability.
+    Served: the exact special case (ridge 0, no cap) by a literal edit of a deep copy on each query alone equals the
+    full model after the prefix; a ridge fit's literal edit equals the adapter's own run with it (``logits_on``) and
+    is not exact (the check can fail); the diagnostic on the training queries themselves covers them fully with no
+    residual. Not served: both refused naming the capability. The user's model untouched either way."""
+    model, prefix = subject.model, subject.ids(4, 0)
+    queries = torch.cat([subject.ids(2, 1), subject.ids(2, 2)])
+    if backend == "toy":  # token ids in the toy's range (3): the way in that is refused by the capability
+        prefix, queries = prefix % 3, queries % 3
+    if not served:
+        for call in (lambda: iu.thought_systems(model, prefix, queries, dtype=F64),
+                     lambda: iu.transfer_diagnostic(model, prefix, queries, queries, dtype=F64)):
+            with subject.untouched(), pytest.raises(UnsupportedArchitectureError, match="capability 'continuation'"):
+                call()
+        return
+    with subject.untouched():
+        systems = iu.thought_systems(model, prefix, queries, dtype=F64)
+        exact, ridge = systems.fit(), systems.fit(ridge=0.1)
+        by_adapter = ridge.logits_on(queries)
+        diag = iu.transfer_diagnostic(model, prefix, systems, queries)
+    ref = f64_copy(subject.ref)
+    full = torch.cat([plain_logits(ref, torch.cat([prefix, q[None]], 1))[-2:] for q in queries])
+
+    def literal(fitted) -> torch.Tensor:
+        edited = edited_copy(subject, fitted.patch())
+        return torch.cat([plain_logits(edited, q[None]) for q in queries])
+
+    assert float((literal(exact) - full).abs().max()) <= LOGITS
+    ridge_literal = literal(ridge)
+    assert float((by_adapter - ridge_literal).abs().max()) <= LOGITS
+    assert float((ridge_literal - full).abs().max()) > 1e3 * LOGITS
+    assert all(c == pytest.approx(1, abs=1e-9) for c in diag.coverage) and max(diag.first_layer_residual) <= 1e-9

@@ -64,3 +64,27 @@ def test_tables_and_figure(study, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| exact 4 |" in text and "| addition (11; 100%)" in text and "Spearman" in text
     assert (tmp_path / "t.png").stat().st_size > 10_000
+
+
+def test_merge_recomputes_the_summary(study, tmp_path):
+    """Two halves of a study (one seed each) merge into the same summary as the whole; a (task, seed) twice, or a
+    different setting, is refused."""
+    payload, _ = study
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import thought_study
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    halves = []
+    for i, run in enumerate(payload["runs"]):
+        halves.append(tmp_path / f"half{i}.json")
+        halves[-1].write_text(json.dumps({**payload, "seeds": 1, "runs": [run]}))
+    merged = thought_study.main(["--merge", *map(str, halves), "--json", str(tmp_path / "m.json")])
+    assert merged["summary"] == payload["summary"] and merged["runs"] == payload["runs"]
+    assert json.loads((tmp_path / "m.json").read_text())["merged_from"] == ["half0.json", "half1.json"]
+    with pytest.raises(SystemExit, match="appears twice"):
+        thought_study.merge([str(halves[0]), str(halves[0])])
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**payload, "steps": 7, "runs": [payload["runs"][1]]}))
+    with pytest.raises(SystemExit, match="steps differ"):
+        thought_study.merge([str(halves[0]), str(other)])

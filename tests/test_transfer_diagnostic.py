@@ -18,7 +18,8 @@ from test_hf import tiny_hf, tokens
 import implicit_updates as iu
 from implicit_updates.analyses.continuation import gathered_systems
 from implicit_updates.analyses.transfer_diagnostic import TransferDiagnostic
-from implicit_updates.math.transfer import RowFit, coverage, principal_cosines, relative_residual
+from implicit_updates.math.lowrank import Fit, Solver
+from implicit_updates.math.transfer import coverage, principal_cosines, relative_residual
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,6 +27,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def e(*coords: float) -> torch.Tensor:
     return torch.tensor(coords, dtype=F64)
+
+
+def least_squares(rows: torch.Tensor, rcond: float) -> Solver:
+    return Solver(rows, Fit(rcond), "rows", refuse_dependent=False)
 
 
 def test_math_on_hand_made_matrices():
@@ -43,8 +48,8 @@ def test_math_on_hand_made_matrices():
     assert relative_residual([torch.zeros_like(target)], [target]) == pytest.approx(1)
     assert relative_residual([target, target], [2 * target, target]) == pytest.approx((1 / 5) ** 0.5)
     # the floor drops the nearly dependent direction: one kept, spanning e1
-    fit = RowFit.of(torch.stack([e(1, 0), e(1, 1e-12)]), rcond=1e-10)
-    assert fit.rank == 1 and torch.allclose(fit.basis.abs(), e(1, 0)[None], atol=1e-11)
+    fit = least_squares(torch.stack([e(1, 0), e(1, 1e-12)]), rcond=1e-10)
+    assert fit.basis.shape[0] == 1 and torch.allclose(fit.basis.abs(), e(1, 0)[None], atol=1e-11)
 
 
 @settings(max_examples=40, deadline=None)
@@ -55,8 +60,8 @@ def test_fit_is_exact_on_its_own_independent_rows(n, extra, d_out, seed):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, n + extra, generator=gen, dtype=F64)
     targets = torch.randn(n, d_out, generator=gen, dtype=F64)
-    fit = RowFit.of(x, 1e-10)
-    assert fit.rank == n
+    fit = least_squares(x, 1e-10)
+    assert fit.basis.shape[0] == n
     assert relative_residual([fit.predict(x, targets)], [targets]) <= 1e-8
     assert coverage(fit.basis, x) == pytest.approx(1, abs=1e-9)
     assert torch.allclose(principal_cosines(fit.basis, fit.basis), torch.ones(n, dtype=F64), atol=1e-9)
@@ -124,6 +129,23 @@ def test_one_block_recomputed_with_plain_torch():
     # a held-out query starting with a training query's first token (53) has that row too: one angle of 0
     shared = iu.transfer_diagnostic(model, prefix, train, queries(2, (4, 6)), dtype=F64)
     assert all(c[0] == pytest.approx(1, abs=1e-9) and c[1] < 1 - 1e-6 for c in shared.principal_cosines)
+
+
+def test_reuses_thought_systems():
+    """Given the ThoughtSystems of the training queries, the diagnostic is the same (bit for bit) as gathering them
+    again; systems gathered for another prefix, model or dtype are refused in one line."""
+    model = tiny_hf("llama")
+    prefix, train, held = tokens(8, seed=0), queries(2, (1, 2, 3)), queries(2, (4, 5))
+    systems = iu.thought_systems(model, prefix, train, dtype=F64)
+    with assert_untouched(model):
+        reused = iu.transfer_diagnostic(model, prefix, systems, held).to_dict()
+    assert reused == iu.transfer_diagnostic(model, prefix, train, held, dtype=F64).to_dict()
+    with pytest.raises(ValueError, match="another prefix"):
+        iu.transfer_diagnostic(model, tokens(8, seed=1), systems, held)
+    with pytest.raises(ValueError, match="another model"):
+        iu.transfer_diagnostic(tiny_hf("llama"), prefix, systems, held)
+    with pytest.raises(ValueError, match="gathered in torch.float64"):
+        iu.transfer_diagnostic(model, prefix, systems, held, dtype=torch.float32)
 
 
 def test_held_out_of_two_lengths():

@@ -157,6 +157,7 @@ class ThoughtSystems:
     queries: Tensor  # [n, K] token ids
     full_logits: Tensor  # [n * K, d_vocab], sequence-major
     rcond: float
+    prefix: Tensor | None = None  # [1, P] token ids the queries ran after (None: not recorded)
 
     def fit(self, ridge: float = 0.0, rank: int | None = None, kind: str = "matrix",
             queries: Sequence[int] | None = None) -> ThoughtPatch:
@@ -181,7 +182,8 @@ def thought_systems(model: nn.Module, prefix: Tensor, queries: Tensor | Sequence
     if isinstance(queries, (list, tuple)):
         queries = torch.stack([token_batch(q)[0] for q in queries])
     dtype, systems, inputs, full_logits = gathered_systems(model, prefix, queries, dtype)
-    return ThoughtSystems(model, dtype, systems, inputs, full_logits, default_rcond(dtype) if rcond is None else rcond)
+    return ThoughtSystems(model, dtype, systems, inputs, full_logits, default_rcond(dtype) if rcond is None else rcond,
+                          token_batch(prefix))
 
 
 def _first_occurrences(queries: Tensor) -> Tensor:

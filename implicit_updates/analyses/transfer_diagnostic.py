@@ -36,8 +36,9 @@ import torch
 from torch import Tensor, nn
 
 from implicit_updates.analyses.continuation import gathered_systems, token_batch
-from implicit_updates.math.lowrank import BlockSystem, default_rcond
-from implicit_updates.math.transfer import RowFit, coverage, principal_cosines, relative_residual
+from implicit_updates.analyses.thought import ThoughtSystems
+from implicit_updates.math.lowrank import BlockSystem, Fit, Solver, default_rcond
+from implicit_updates.math.transfer import coverage, principal_cosines, relative_residual
 
 MEASURES = ("coverage", "principal_mean_square", "first_layer_residual", "output_residual", "vector_residual")
 
@@ -88,7 +89,7 @@ class TransferDiagnostic:
         return "\n".join([*rows, note])
 
 
-def transfer_diagnostic(model: nn.Module, prefix: Tensor, train_queries: Tensor | Sequence[Tensor],
+def transfer_diagnostic(model: nn.Module, prefix: Tensor, train_queries: Tensor | Sequence[Tensor] | ThoughtSystems,
                         held_queries: Tensor | Sequence[Tensor], dtype: torch.dtype | str | None = None,
                         rcond: float | None = None) -> TransferDiagnostic:
     """How well an update fitted on ``train_queries`` reaches ``held_queries`` (each run after ``prefix``), per
@@ -97,11 +98,16 @@ def transfer_diagnostic(model: nn.Module, prefix: Tensor, train_queries: Tensor 
 
     ``train_queries``: token ids ``[n, K]`` (or n sequences of K ids); ``held_queries``: ``[m, K']`` or a list of
     1-D id tensors of any lengths (each length's queries are gathered in one batch, their rows concatenated).
+    ``train_queries`` may also be the :class:`~implicit_updates.analyses.thought.ThoughtSystems` already gathered
+    for them after this ``prefix`` (its rows are reused, not gathered again; its dtype is the compute dtype).
     ``rcond``: the relative singular-value floor of the row spaces and fits (default
     :func:`~implicit_updates.math.lowrank.default_rcond` of the compute dtype).
     """
-    compute_dtype, train, _, _ = gathered_systems(model, prefix, _one_length(train_queries), dtype)
-    held = [gathered_systems(model, prefix, group, dtype)[1] for group in _by_length(held_queries)]
+    if isinstance(train_queries, ThoughtSystems):
+        compute_dtype, train = _reused(train_queries, model, prefix, dtype)
+    else:
+        compute_dtype, train, _, _ = gathered_systems(model, prefix, _one_length(train_queries), dtype)
+    held = [gathered_systems(model, prefix, group, compute_dtype)[1] for group in _by_length(held_queries)]
     rcond = default_rcond(compute_dtype) if rcond is None else float(rcond)
     rows = {name: [] for name in MEASURES + ("principal_cosines", "train_rank", "held_rank")}
     with torch.no_grad():
@@ -119,7 +125,7 @@ def _block(train: BlockSystem, held: list[BlockSystem], rcond: float) -> dict:
         return torch.cat([getattr(h, field) for h in held])
 
     m_held, alone_held = cat("mlp_input"), cat("query_mlp_input")
-    fit, held_fit = RowFit.of(train.query_mlp_input, rcond), RowFit.of(alone_held, rcond)
+    fit, held_fit = _least_squares(train.query_mlp_input, rcond), _least_squares(alone_held, rcond)
     weights = [w.weight.detach().to(alone_held.dtype) for w in train.maps]
     first = relative_residual([fit.predict(alone_held, (train.mlp_input - train.query_mlp_input) @ w)
                                for w in weights], [(m_held - alone_held) @ w for w in weights])
@@ -127,13 +133,32 @@ def _block(train: BlockSystem, held: list[BlockSystem], rcond: float) -> dict:
     out = {"coverage": coverage(fit.basis, alone_held), "principal_cosines": cosines.tolist(),
            "principal_mean_square": float(cosines.pow(2).mean()) if cosines.numel() else 0.0,
            "first_layer_residual": first, "output_residual": None, "vector_residual": None,
-           "train_rank": fit.rank, "held_rank": held_fit.rank}
+           "train_rank": fit.basis.shape[0], "held_rank": held_fit.basis.shape[0]}
     if train.post_norm is None and train.routed is None:
         change = cat("change")
-        out["output_residual"] = relative_residual([RowFit.of(train.hidden, rcond).predict(cat("hidden"),
+        out["output_residual"] = relative_residual([_least_squares(train.hidden, rcond).predict(cat("hidden"),
                                                                                            train.change)], [change])
         out["vector_residual"] = relative_residual([train.change.mean(0).expand_as(change)], [change])
     return out
+
+
+def _least_squares(rows: Tensor, rcond: float) -> Solver:
+    """The minimum-norm least-squares fit on ``rows`` (dependent rows kept, not refused), with its row-space basis."""
+    return Solver(rows, Fit(rcond), "the diagnostic's rows", refuse_dependent=False)
+
+
+def _reused(systems: ThoughtSystems, model: nn.Module, prefix: Tensor, dtype) -> tuple[torch.dtype, list]:
+    """The compute dtype and rows of ``systems``, refused in one line if they were gathered for another model, prefix
+    or dtype than the diagnostic is asked for."""
+    if systems.model is not model:
+        raise ValueError("the ThoughtSystems were gathered on another model: pass the model they were gathered on")
+    if systems.prefix is None or not torch.equal(systems.prefix.cpu(), token_batch(prefix).cpu()):
+        raise ValueError("the ThoughtSystems were gathered after another prefix: pass the prefix they were "
+                         "gathered after, or the training queries' token ids")
+    if dtype is not None and getattr(torch, str(dtype).removeprefix("torch.")) != systems.dtype:
+        raise ValueError(f"the ThoughtSystems were gathered in {systems.dtype}, not {dtype}: leave dtype out or "
+                         "pass the training queries' token ids")
+    return systems.dtype, systems.systems
 
 
 def _row(label: str, values: list[float | None]) -> str:

@@ -90,19 +90,21 @@ class Solver:
     the top ``rank`` right singular vectors of its fitted values on the augmented data ``[X; sqrt(ridge) I]``, which is
     the least-squares optimum among updates of that rank (Izenman 1975 at ridge 0). The fitted values are computed
     through a QR of ``[X L; sqrt(l) L]`` (``L`` the left factor, at most N columns), never as a d x d matrix. The
-    exact fit keeps :func:`checked_pinv`'s refusal of dependent rows.
+    exact fit keeps :func:`checked_pinv`'s refusal of dependent rows, unless ``refuse_dependent=False`` (the
+    transfer diagnostic: the minimum-norm fit whatever the rows, with ``basis``, the kept right singular vectors).
     """
 
-    def __init__(self, rows: Tensor, fit: Fit, what: str):
+    def __init__(self, rows: Tensor, fit: Fit, what: str, refuse_dependent: bool = True):
         self.rows, self.fit = rows, fit
         self.penalty = fit.ridge * float(rows.pow(2).sum()) / rows.shape[0] if fit.ridge else 0.0
-        if fit.exact:
+        if fit.exact and refuse_dependent:
             self.left, self.cond = checked_pinv(rows, fit.rcond, what)
-            self.project = None
+            self.project = self.basis = None
             return
         u, sv, vh = torch.linalg.svd(rows, full_matrices=False)
         self.cond = float(sv[0] / sv[-1]) if sv[-1] > 0 else float("inf")
         keep = sv > (fit.rcond * sv[0] if self.penalty == 0 else 0)
+        self.basis = vh[keep]  # [k, d_in]: orthonormal rows spanning the kept row space
         self.left = vh[keep].T * (sv[keep] / (sv[keep].pow(2) + self.penalty))  # [d_in, k]
         self.project = u[:, keep].T  # [k, N]
 
@@ -119,6 +121,12 @@ class Solver:
         _, r = torch.linalg.qr(design)  # fitted values = q @ (r @ right), q orthonormal
         top = torch.linalg.svd(r @ right, full_matrices=False)[2][: self.fit.rank]  # [rank, d_out]
         return self.left @ (right @ top.T), top
+
+    def predict(self, rows: Tensor, targets: Tensor) -> Tensor:
+        """``rows @ delta`` for the ``delta`` fitted to ``targets``, in factors (``delta``, ``[d_in, d_out]``, is
+        never formed)."""
+        left, right = self.apply(targets)
+        return (rows @ left) @ right
 
 
 def first_layer_updates(m: Tensor, m_alone: Tensor, maps: Sequence[FirstLayerMap], fit: Fit,

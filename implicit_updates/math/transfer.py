@@ -2,7 +2,8 @@
 one set of rows (training queries' MLP inputs) spans another (held-out queries'), and how well an update fitted on
 the first set gives the second what it needs.
 
-Row spaces come from a thin SVD, directions below ``rcond`` of the largest singular value dropped. Principal angles
+Row spaces and fits come from :class:`~implicit_updates.math.lowrank.Solver` with ``refuse_dependent=False``: a thin
+SVD, directions below ``rcond`` of the largest singular value dropped. Principal angles
 between two subspaces are the arc-cosines of the singular values of ``Q_a^T Q_b`` for orthonormal bases ``Q_a``,
 ``Q_b`` (Björck & Golub 1973, "Numerical methods for computing angles between linear subspaces"). The fitted update
 is the minimum-norm least-squares solution ``pinv(X) T`` through the kept directions: for independent rows (all
@@ -14,36 +15,10 @@ exact on every row of ``X``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
-
-
-@dataclass(frozen=True)
-class RowFit:
-    """The thin SVD ``X = U S V^T`` of rows ``X`` ``[N, d]``, directions below ``rcond * s_max`` dropped: ``basis``
-    (``V^T``, ``[r, d]``, orthonormal rows spanning the row space) and the factors of the least-squares solve."""
-
-    basis: Tensor  # [r, d]
-    left: Tensor  # [d, r]: V diag(1/s)
-    project: Tensor  # [r, N]: U^T
-
-    @classmethod
-    def of(cls, rows: Float[Tensor, "n d"], rcond: float) -> RowFit:
-        u, sv, vh = torch.linalg.svd(rows, full_matrices=False)
-        keep = sv > rcond * sv[0]
-        return cls(vh[keep], vh[keep].T / sv[keep], u[:, keep].T)
-
-    @property
-    def rank(self) -> int:
-        return self.basis.shape[0]
-
-    def predict(self, rows: Float[Tensor, "m d"], targets: Float[Tensor, "n d_out"]) -> Float[Tensor, "m d_out"]:
-        """``rows @ delta`` with ``delta = pinv(X) targets`` (the minimum-norm least-squares update fitted on ``X``),
-        in factors (``delta`` itself, ``[d, d_out]``, is never formed)."""
-        return (rows @ self.left) @ (self.project @ targets)
 
 
 def coverage(basis: Float[Tensor, "r d"], rows: Float[Tensor, "m d"]) -> float:
