@@ -1,14 +1,18 @@
 """The one capture assembler: after a backend's with-context run filled a store, each block on its query alone and
-its :class:`~implicit_updates.capture.BlockCapture` built, through the adapter interface only."""
+its :class:`~implicit_updates.capture.BlockCapture` built, through the adapter interface only; and the one row layout
+of the factored patched run (:class:`PatchedRows`), which every backend's ``run_patched_block`` shares."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from einops import rearrange
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from implicit_updates.capture import BlockCapture
+from implicit_updates.math.updates import BlockUpdate
 
 
 def assemble(adapter, store: dict[str, Tensor], resid_pre: Callable[[int], str], blocks: list[int], query: str,
@@ -26,3 +30,41 @@ def assemble(adapter, store: dict[str, Tensor], resid_pre: Callable[[int], str],
         alone = adapter.run_block_alone(b, query_input)
         captures.append(adapter.block_capture(b, store, alone, query_input))
     return captures
+
+
+@dataclass(frozen=True)
+class PatchedRows:
+    """The rows a block runs on when ``update``'s per-position edits are added in factored form.
+
+    With one query for all positions (``fan_out``) the block runs on that one token and the MLP fans out: each
+    factor keeps its ``[batch, pos, ...]`` shape, one row per position after the MLP's first map (attention runs
+    once). Otherwise (a query per position, or a backend that cannot fan out: routed experts, a flattening MLP) every
+    (batch, position) pair is its own one-token row: ``[(batch pos), 1, ...]``.
+    """
+
+    update: BlockUpdate
+    positions: slice
+    fan_out: bool
+
+    @classmethod
+    def of(cls, update: BlockUpdate, positions: slice, can_fan_out: bool = True) -> PatchedRows:
+        return cls(update, positions, can_fan_out and update.query_input.shape[1] == 1)
+
+    def __call__(self, t: Tensor) -> Tensor:
+        """A factor ``[batch, q or pos, ...]`` shaped for the rows: as it is, or ``[(batch pos), 1, ...]``."""
+        t = t if t.shape[1] == 1 else t[:, self.positions]
+        if self.fan_out:
+            return t
+        batch, n_pos = self.update.target_output[:, self.positions].shape[:2]
+        return rearrange(t.expand(batch, n_pos, *t.shape[2:]), "b n ... -> (b n) 1 ...")
+
+    @property
+    def query(self) -> Tensor:
+        """The block's input rows, ``[rows, 1, d_model]`` either way."""
+        return self.update.query_input if self.fan_out else self(self.update.query_input)
+
+    def unfold(self, out: Tensor) -> Tensor:
+        """The block's output on the rows back as ``[batch, pos, d_model]``."""
+        if self.fan_out:
+            return out
+        return rearrange(out, "(b n) 1 d -> b n d", b=self.update.target_output.shape[0])

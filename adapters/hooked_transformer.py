@@ -15,7 +15,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from implicit_updates.adapters.assemble import assemble
+from implicit_updates.adapters.assemble import PatchedRows, assemble
 from implicit_updates.adapters.tl_common import POST_NORM_ARCHITECTURES, exact_alibi, expert_rows
 from implicit_updates.capture import BlockCapture, FirstLayerMap, OutputCorrection
 from implicit_updates.errors import UnsupportedArchitectureError
@@ -371,24 +371,12 @@ class HookedTransformerAdapter(HookPointCapture):
         position, each with its own update (attention runs once). Returns ``[batch, pos, d_model]``.
         """
         b = update.block
-        batch, n_pos = update.target_output[:, positions].shape[:2]
-        shared_query = update.query_input.shape[1] == 1
-        fan_out = shared_query and self.kind != "MoE"  # MoE routes rows by index, so it gets one row per position
-
-        def rows(t: Tensor) -> Tensor:
-            """[batch, q or pos, ...] -> [(batch q) or (batch pos), fan, ...], matching the block's input rows."""
-            t = t if t.shape[1] == 1 else t[:, positions]
-            if fan_out:
-                return t
-            return rearrange(t.expand(batch, n_pos, *t.shape[2:]), "b n ... -> (b n) 1 ...")
-
+        rows = PatchedRows.of(update, positions, can_fan_out=self.kind != "MoE")  # MoE routes rows by index
         live: dict[str, Tensor] = {}
         hook_points, torch_hooks = self.edit_hooks(update, rows, live)
         torch_hooks.insert(0, (self.model.blocks[b].mlp, "pre", lambda module, args: live.__setitem__("m", args[0])))
-        x = update.query_input if fan_out else rows(update.query_input)
         with self.model.hooks(fwd_hooks=hook_points), module_hooks(torch_hooks), exact_alibi(self.model):
-            out = self._run_alone(b, x)
-        return out if fan_out else rearrange(out, "(b n) 1 d -> b n d", b=batch)
+            return rows.unfold(self._run_alone(b, rows.query))
 
     def edit_hooks(self, update: BlockUpdate, rows: Callable[[Tensor], Tensor], live: dict[str, Tensor]
                    ) -> tuple[list[tuple[str, Callable]], list[tuple[nn.Module, str, Callable]]]:

@@ -19,7 +19,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from implicit_updates.adapters.assemble import assemble
+from implicit_updates.adapters.assemble import PatchedRows, assemble
 from implicit_updates.adapters.experts import Patch, eager_experts, read_flow, stacked_view
 from implicit_updates.adapters.module_hooks import (
     Stop,
@@ -347,21 +347,14 @@ class ModuleAdapter:
         p = self.parts[update.block]
         if p.whole:
             return self._run_patched_whole(update, positions)
-        batch, n_pos = update.target_output[:, positions].shape[:2]
         # one query for all positions: run it once and fan the MLP out (not where the MLP flattens its input)
-        fan_out = update.query_input.shape[1] == 1 and update.block not in getattr(self, "flat_mlps", ())
-
-        def rows(t: Tensor) -> Tensor:
-            t = t if t.shape[1] == 1 else t[:, positions]
-            return t if fan_out else rearrange(t.expand(batch, n_pos, *t.shape[2:]), "b n ... -> (b n) 1 ...")
-
+        rows = PatchedRows.of(update, positions, can_fan_out=update.block not in getattr(self, "flat_mlps", ()))
         hooks = edit_hooks(p, update, rows)
-        x = update.query_input if fan_out else rows(update.query_input)  # [rows, 1, d_model] either way
+        x = rows.query
         store: dict[str, Tensor] = {}
         hooks += [(p.layer, "pre_kw", substitute(x)), (p.layer, "fwd", save_output(store, "out"))]
         self._run(torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device), hooks, stop_after=update.block)
-        out = store["out"]
-        return out if fan_out else rearrange(out, "(b n) 1 d -> b n d", b=batch)
+        return rows.unfold(store["out"])
 
 
     def _run_patched_whole(self, update: BlockUpdate, positions: slice) -> Tensor:

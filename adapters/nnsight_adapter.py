@@ -23,6 +23,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from implicit_updates.adapters.assemble import PatchedRows
 from implicit_updates.adapters.hf import HFAdapter
 from implicit_updates.adapters.module_hooks import unflatten
 from implicit_updates.adapters.modules import BlockParts
@@ -162,12 +163,7 @@ class NNsightAdapter(HFAdapter):
         """The layer on the query alone, each position's update added as an intervention: ``(m . row) column`` on
         the output of every map the update patches, a bias patch on the output projection's output."""
         p, plan = self.parts[update.block], self.plans[update.block]
-        batch, n_pos = update.target_output[:, positions].shape[:2]
-        fan_out = update.query_input.shape[1] == 1 and update.block not in getattr(self, "flat_mlps", ())
-
-        def rows(t: Tensor) -> Tensor:
-            t = t if t.shape[1] == 1 else t[:, positions]
-            return t if fan_out else rearrange(t.expand(batch, n_pos, *t.shape[2:]), "b n ... -> (b n) 1 ...")
+        rows = PatchedRows.of(update, positions, can_fan_out=update.block not in getattr(self, "flat_mlps", ()))
 
         paths = dict(zip((name for name, _ in p.first), plan["first"], strict=True)) | {p.out_weight: plan["out"]}
         rank_one, additive = [], []
@@ -181,7 +177,6 @@ class NNsightAdapter(HFAdapter):
                                                    f"({update.correction}) has no nnsight intervention yet")
         order = [*plan["first"], plan["out"]]  # interventions in the order the layer runs its maps
         rank_one.sort(key=lambda item: order.index(item[0]))
-        x = update.query_input if fan_out else rows(update.query_input)
-        out = self.ops.patched(self.nnsight_model, plan["layer"], x, rank_one, additive,
-                                  self._skipped(update.block), self.remote, FORWARD_KWARGS)
-        return out if fan_out else rearrange(out, "(b n) 1 d -> b n d", b=batch)
+        out = self.ops.patched(self.nnsight_model, plan["layer"], rows.query, rank_one, additive,
+                               self._skipped(update.block), self.remote, FORWARD_KWARGS)
+        return rows.unfold(out)

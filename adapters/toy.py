@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
-from einops import rearrange
 from torch import Tensor
 
+from implicit_updates.adapters.assemble import PatchedRows
 from implicit_updates.adapters.hooked_transformer import (
     HookPointCapture,
     _add_output_correction,
@@ -139,12 +139,7 @@ class ToyAdapter(HookPointCapture):
         Returns ``[batch, pos, d_model]``.
         """
         p = f"blocks.{update.block}"
-        batch, n_pos = update.target_output[:, positions].shape[:2]
-        fan_out = update.query_input.shape[1] == 1
-
-        def rows(t: Tensor) -> Tensor:
-            t = t if t.shape[1] == 1 else t[:, positions]
-            return t if fan_out else rearrange(t.expand(batch, n_pos, *t.shape[2:]), "b n ... -> (b n) 1 ...")
+        rows = PatchedRows.of(update, positions)
 
         live: dict[str, Tensor] = {}
         hooks: list[tuple[str, Callable]] = [(f"{p}.hook_mlp_in", lambda act, hook: live.__setitem__("m", act))]
@@ -153,7 +148,5 @@ class ToyAdapter(HookPointCapture):
                 hooks.append((f"{p}.mlp.hook_pre", _add_rank_one_at_hook(live, rows(u.row), rows(u.column))))
             else:
                 hooks.append((f"{p}.hook_mlp_out", _add_output_correction(live, rows(u.delta), scale=False)))
-        x = update.query_input if fan_out else rows(update.query_input)
         with self.model.hooks(fwd_hooks=hooks):
-            out = self._run_alone(update.block, x)
-        return out if fan_out else rearrange(out, "(b n) 1 d -> b n d", b=batch)
+            return rows.unfold(self._run_alone(update.block, rows.query))
