@@ -244,19 +244,20 @@ def summarise(results: list[dict]) -> dict:
     for task, conds in table.items():
         out[task] = {c: {k: spread(v) for k, v in m.items()} for c, m in conds.items()}
     seeds = sorted({r["seed"] for r in results})
-    overall: dict = defaultdict(lambda: defaultdict(list))
-    n_tasks: dict = defaultdict(set)
-    for seed in seeds:  # each seed's mean over the tasks where the condition ran (a refusal is not a zero)
-        per = [r for r in results if r["seed"] == seed]
-        for cond in dict.fromkeys(c for r in per for c in r["rows"]):
-            ran = [r for r in per if "agree" in r["rows"].get(cond, {})]
-            if not ran:
-                continue
-            n_tasks[cond].add(len(ran))
+    overall: dict = {}
+    for cond in dict.fromkeys(c for r in results for c in r["rows"]):
+        # the tasks where the condition ran on every seed (a refusal is not a zero): one task set for all seeds
+        tasks = [t for t in dict.fromkeys(r["task"] for r in results)
+                 if all("agree" in r["rows"].get(cond, {}) for r in results if r["task"] == t)]
+        if not tasks:
+            continue
+        per_seed = defaultdict(list)
+        for seed in seeds:
+            ran = [r["rows"][cond] for r in results if r["seed"] == seed and r["task"] in tasks]
             for key in ("agree", "correct", "answer", "kl"):
-                overall[cond][key].append(statistics.fmean(r["rows"][cond][key] for r in ran))
-    out["all tasks"] = {c: {**{k: spread(v) for k, v in m.items()}, "n_tasks": min(n_tasks[c])}
-                        for c, m in overall.items()}
+                per_seed[key].append(statistics.fmean(row[key] for row in ran))
+        overall[cond] = {**{k: spread(v) for k, v in per_seed.items()}, "n_tasks": len(tasks)}
+    out["all tasks"] = overall
     return out
 
 

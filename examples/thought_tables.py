@@ -114,6 +114,26 @@ def diagnostic_rows(studies: list[dict], skip: tuple = ()) -> list[dict]:
     return out
 
 
+def paired_control(studies: list[dict], control: str = "exact 16, specials only", against: str = "exact 16") -> str:
+    """The special-tokens-only control against the update from the examples, on the same runs (task and seed) only:
+    where the control's fit was refused on some runs, the overall means would compare different task sets."""
+    conds = (against, control, "zero-shot + specials")
+    lines = ["| model | runs with both | " + " | ".join(f"{c}: agree, KL" for c in conds) + " |",
+             "|---|---|---|---|---|"]
+    for s in studies:
+        runs = [r for r in s["runs"] if all("agree" in r["rows"].get(c, {}) for c in (control, against))]
+        if not runs:
+            continue
+        cells = []
+        for cond in conds:
+            rows = [r["rows"][cond] for r in runs if "agree" in r["rows"].get(cond, {})]
+            mean = {k: statistics.fmean(r[k] for r in rows) for k in ("agree", "kl")} if rows else None
+            cells.append(f"{mean['agree']:.2f}, {mean['kl']:.2f}" if mean else "n/a")
+        lines.append(f"| {NAMES.get(s['model'], s['model'])} | {len(runs)} of {len(s['runs'])} | " + " | ".join(cells)
+                     + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def diagnostic_table(studies: list[dict], skip: tuple = ()) -> str:
     rows = diagnostic_rows(studies, skip)
     measures = ("coverage", "principal_mean_square", "first_layer_residual", "output_residual", "vector_residual")
@@ -260,6 +280,10 @@ def main(argv: list[str] | None = None) -> None:
     for s in studies:
         print(f"{NAMES.get(s['model'], s['model'])} (agree / KL, means over {s['seeds']} seeds):\n")
         print(task_table(s), end="\n\n")
+    control = paired_control(studies)
+    if control:
+        print("The special-tokens-only control, paired (means over the runs where both fits ran):\n")
+        print(control, end="\n\n")
     print(diagnostic_table(studies), end="\n\n")
     print(within_model(studies), end="\n\n")
     if args.skip:

@@ -88,3 +88,21 @@ def test_merge_recomputes_the_summary(study, tmp_path):
     other.write_text(json.dumps({**payload, "steps": 7, "runs": [payload["runs"][1]]}))
     with pytest.raises(SystemExit, match="steps differ"):
         thought_study.merge([str(halves[0]), str(other)])
+
+
+def test_paired_control_uses_only_runs_where_both_ran():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import thought_tables
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+
+    def run(exact, control):
+        rows = {"exact 16": {"agree": exact, "kl": 1.0}, "zero-shot + specials": {"agree": 0.0, "kl": 5.0}}
+        rows["exact 16, specials only"] = {"agree": control, "kl": 2.0} if control is not None else {"error": "x"}
+        return {"rows": rows}
+
+    study = {"model": "gemma-3-270m", "runs": [run(0.5, 0.1), run(0.7, 0.3), run(0.9, None)]}
+    lines = thought_tables.paired_control([study]).splitlines()
+    assert lines[-1] == "| Gemma-3-270M | 2 of 3 | 0.60, 1.00 | 0.20, 2.00 | 0.00, 5.00 |"
+    assert thought_tables.paired_control([{**study, "runs": [run(0.9, None)]}]) == ""
