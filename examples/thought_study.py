@@ -2,7 +2,8 @@
 
 For each task (``examples/thought_tasks.py``) and seed (which 4 examples are the shots, which 16 queries train),
 on a pretrained model in float64: the few-shot prefix P (the tokenizer's special tokens first), 16 training queries
-``"{x} ->"`` of one token length K, and 20+ held-out queries of any length. Conditions, each run on a held-out query
+``"{x} ->"`` of one token length K (of several where fewer than 16 share one), and 20+ held-out queries of any
+length. Conditions, each run on a held-out query
 alone (its answer's tokens after it, teacher-forced):
 
 - ``full``: P + query (in-context learning); ``zero-shot`` (and ``zero-shot + specials`` where the tokenizer prepends
@@ -59,7 +60,9 @@ SHOWN = ("full", "zero-shot", "exact 16", "matrix ridge 0.01", "vector", "LoRA G
 
 
 def split(tokenizer, pairs: list, seed: int) -> tuple[str, list, list]:
-    """Shots, 16 training queries of one length K, and the held-out (query, answer ids) pairs, shuffled by seed."""
+    """Shots, 16 training queries, and the held-out (query, answer ids) pairs, shuffled by seed. The training queries
+    have one token length K (the commonest) where 16 do; otherwise they are the first 16 of any lengths (a task
+    whose queries tokenize to many lengths: each length is gathered as its own batch)."""
     pairs = list(pairs)
     random.Random(seed).shuffle(pairs)
     shots, rest = pairs[:N_SHOT], pairs[N_SHOT:]
@@ -67,8 +70,25 @@ def split(tokenizer, pairs: list, seed: int) -> tuple[str, list, list]:
     lengths = [len(q) for q, *_ in items]
     k = max(sorted(set(lengths)), key=lengths.count)
     train = [it for it in items if len(it[0]) == k][:N_TRAIN]
+    if len(train) < N_TRAIN:
+        train = items[:N_TRAIN]
     held = [it for it in items if not any(it is t for t in train)][:N_HELD]
     return "".join(f"{x} -> {y}\n" for x, y in shots), train, held
+
+
+def stacked(queries: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """``[n, K]`` for queries of one length, else the list (the library takes either)."""
+    return torch.stack(queries) if len({len(q) for q in queries}) == 1 else queries
+
+
+def by_length(queries: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+    """The queries as batches ``[n_K, K]``, one per length, in order of first appearance (query-major within)."""
+    if isinstance(queries, torch.Tensor):
+        return [queries]
+    groups: dict[int, list[torch.Tensor]] = {}
+    for q in queries:
+        groups.setdefault(len(q), []).append(q)
+    return [torch.stack(g) for g in groups.values()]
 
 
 def grouped(held: list) -> dict[tuple[int, int], list[int]]:
@@ -115,21 +135,28 @@ def scores(held: list, full: list, got: list) -> dict:
             "kl": sum(kl(f[0], g[0]) for g, f in zip(got, full, strict=True)) / n}
 
 
-def lora_gd(model, prefix: torch.Tensor, train: torch.Tensor, steps: int) -> dict:
+def lora_gd(model, prefix: torch.Tensor, train: torch.Tensor | list[torch.Tensor], steps: int) -> dict:
     """Dense deltas of a rank-4 PEFT LoRA on every gate/up/down projection, trained by context distillation on the
     training queries' K positions (float32, Adam)."""
     import peft
 
+    batches = by_length(train)
+    targets = []
     with torch.no_grad(), plain(model):
-        target = F.log_softmax(model(input_ids=torch.cat([prefix.expand(len(train), -1), train], 1),
-                                     use_cache=False).logits[:, -train.shape[1]:].float(), -1)
+        for batch in batches:
+            targets.append(F.log_softmax(model(input_ids=torch.cat([prefix.expand(len(batch), -1), batch], 1),
+                                               use_cache=False).logits[:, -batch.shape[1]:].float(), -1))
     student = peft.get_peft_model(copy.deepcopy(model).float(), peft.LoraConfig(
         r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=["gate_proj", "up_proj", "down_proj"], lora_dropout=0.0))
     optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-3)
+    positions = sum(b.numel() for b in batches)
     for _ in range(steps):
         optimizer.zero_grad()
-        logp = F.log_softmax(student(input_ids=train, use_cache=False).logits, -1)
-        F.kl_div(logp.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean").backward()
+        loss = 0.0
+        for batch, target in zip(batches, targets, strict=True):  # one batch: F.kl_div's "batchmean", as before
+            logp = F.log_softmax(student(input_ids=batch, use_cache=False).logits, -1)
+            loss = loss + F.kl_div(logp.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="sum")
+        (loss / positions).backward()
         optimizer.step()
     deltas = {}
     for name, module in student.named_modules():
@@ -165,7 +192,7 @@ def run(model, tokenizer, task: str, pairs: list, seed: int, steps: int, show: b
                          f"held-out ones; the study needs {N_TRAIN} and 20: give more pairs")
     prefix = tokenizer(text, return_tensors="pt").input_ids
     specials = prefix[0, : prefix.shape[1] - ids_of(tokenizer, text).shape[1]]
-    train = torch.stack([q for q, *_ in train_items])
+    train = stacked([q for q, *_ in train_items])
     with plain(model):
         full = answer_logits(model, held, prefix)
     rows: dict[str, dict] = {"full": scores(held, full, full)}
@@ -211,9 +238,13 @@ def run(model, tokenizer, task: str, pairs: list, seed: int, steps: int, show: b
     training_error = {}  # the forward every condition runs, on the exact updates' own training queries
     for n in (4, len(train)):
         with contextlib.suppress(ValueError), systems.fit(queries=range(n)).applied() as patched, torch.no_grad():
-            own = patched(input_ids=train[:n], use_cache=False).logits.reshape(-1, systems.full_logits.shape[-1])
+            own = torch.cat([patched(input_ids=batch, use_cache=False).logits.flatten(0, 1)  # query-major
+                             for batch in ([train[:n]] if isinstance(train, torch.Tensor) else
+                                           [q[None] for q in train[:n]])])
             training_error[f"exact {n}"] = float((own - systems.full_logits[: len(own)]).abs().max())
-    result = {"task": task, "seed": seed, "k": train.shape[1], "n_train": len(train), "n_held_out": len(held),
+    lengths = sorted({len(q) for q in train})
+    result = {"task": task, "seed": seed, "k": lengths[0] if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}",
+              "n_train": len(train), "n_held_out": len(held),
               "multi_token_answers": sum(len(h[1]) > 1 for h in held), "rows": rows,
               "max_abs_logit_diff_on_training": training_error,
               "lora": {"rank": LORA_RANK, "steps": steps, "lr": 1e-3, "seconds": lora_seconds[0]}}

@@ -66,7 +66,7 @@ def task_table(study: dict) -> str:
         if task == "all tasks":
             continue
         runs = [r for r in study["runs"] if r["task"] == task]
-        k = sorted({r["k"] for r in runs})
+        k = sorted({str(r["k"]) for r in runs})
         multi = statistics.fmean(r["multi_token_answers"] / r["n_held_out"] for r in runs)
         full = rows["full"]
         lines.append(f"| {task} ({'/'.join(map(str, k))}; {multi:.0%}) | {full['correct']['mean']:.2f}, "

@@ -226,9 +226,9 @@ def test_cli_thought(tmp_path, capsys):
     assert len(diagnostic["coverage"]) == 3 and 0 < diagnostic["mean"]["coverage"] < 1
     assert "coverage" in capsys.readouterr().out
     assert len(payload["held_out"]) == 1 and 0 <= payload["held_out"][0]["agree"] <= 1
-    with pytest.raises(SystemExit) as info:
-        main(argv[:-2] + ["--query", "1,2,3"])
-    assert info.value.code == 2 and "one length" in capsys.readouterr().err
+    assert main(argv[:-2] + ["--query", "1,2,3", "--json", str(out)]) == 0  # queries of several lengths
+    mixed = json.loads(out.read_text())
+    assert mixed["training"]["max_abs_logit_diff"] <= 1e-9 and "of 2/3 tokens" in capsys.readouterr().out
 
 
 def test_exact_fit_keeps_a_repeated_position_once():
@@ -245,3 +245,33 @@ def test_exact_fit_keeps_a_repeated_position_once():
     edited, reference = literal_edit(model, patch.patch()), copy.deepcopy(model).double()
     full = hf_logits(reference, torch.cat([prefix.expand(3, -1), queries], 1))[:, -3:]
     assert float((hf_logits(edited, queries) - full).abs().max()) <= 1e-9
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_queries_of_several_lengths(kind):
+    """Training queries of lengths 2, 3, 1 and 2, gathered one batch per length: the exact fit is exact on every
+    position of each (a literal edit run on each query alone against prefix + query), the full logits come back in
+    the queries' order, a subset of equal length fits as thought_patch on it alone, and a ridge fit does not depend
+    on the order the queries are given in."""
+    model = tiny_hf(kind)
+    prefix = tokens(8, seed=0)
+    queries = [tokens(n, seed=s)[0] for n, s in ((2, 1), (3, 2), (1, 3), (2, 4))]
+    with assert_untouched(model):
+        systems = iu.thought_systems(model, prefix, queries, dtype=F64)
+        exact = systems.fit()
+    edited, reference = literal_edit(model, exact.patch()), copy.deepcopy(model).double()
+    for i, q in enumerate(queries):
+        full = hf_logits(reference, torch.cat([prefix[0], q])[None])[0, -len(q):]
+        start = sum(len(p) for p in queries[:i])
+        assert torch.allclose(systems.full_logits[start: start + len(q)], full, atol=1e-10, rtol=0)
+        assert float((hf_logits(edited, q[None])[0] - full).abs().max()) <= 1e-9, i
+    assert exact.compare()["max_abs_logit_diff"] <= 1e-9 and isinstance(exact.continuation, tuple)
+    assert exact.compare_on(prefix, queries)["max_abs_logit_diff"] <= 1e-9
+    sub, alone = systems.fit(ridge=0.05, queries=[0, 3]), iu.thought_patch(model, prefix, torch.stack([queries[0],
+                                                                                                       queries[3]]),
+                                                                           ridge=0.05, dtype=F64)
+    assert torch.equal(sub.continuation, torch.stack([queries[0], queries[3]]))
+    assert all(float((sub.patch()[n] - d).abs().max()) <= 1e-10 for n, d in alone.patch().items())
+    ridge, shuffled = systems.fit(ridge=0.1), iu.thought_patch(model, prefix, queries[::-1], ridge=0.1, dtype=F64)
+    assert all(float((ridge.patch()[n] - d).abs().max()) <= 1e-10 for n, d in shuffled.patch().items())
+    assert ridge.compare()["max_abs_logit_diff"] > 1e-3  # not exact: the check can fail

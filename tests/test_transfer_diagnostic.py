@@ -161,8 +161,9 @@ def test_held_out_of_two_lengths():
         assert c_alone < 0.99
         assert c_mixed == pytest.approx((6 + 3 * c_alone) / 9, rel=1e-10)
     assert all(0 < r < a for r, a in zip(mixed.first_layer_residual, alone.first_layer_residual, strict=True))
-    with pytest.raises(ValueError, match="one length"):
-        iu.transfer_diagnostic(model, prefix, [train[0], longer], [longer], dtype=F64)
+    both = iu.transfer_diagnostic(model, prefix, [train[0], longer], [train[0], longer], dtype=F64)  # mixed lengths
+    assert both.n_train_rows == 5 and both.train_rank == [5] * 3
+    assert_self_transfer(both, with_output=True)
 
 
 def test_report():

@@ -35,6 +35,7 @@ from implicit_updates.math.lowrank import (
     BlockSystem,
     Fit,
     OutputShift,
+    concat_rows,
     default_rcond,
     select_rows,
     solve_block,
@@ -82,6 +83,8 @@ class ThoughtPatch(ContinuationAbsorption):
         if self._steered():
             raise ValueError(f"blocks {sorted(self._steered())} carry their thought vector as a steering vector (no "
                              "output bias to hold it): use `with patch.applied():` to run the model with it")
+        if isinstance(self.continuation, tuple):  # queries of several lengths: the copy's probe takes the first
+            return ContinuationAbsorption.patched(replace(self, continuation=self.continuation[0][None]))
         return ContinuationAbsorption.patched(self)
 
     @contextlib.contextmanager
@@ -96,29 +99,34 @@ class ThoughtPatch(ContinuationAbsorption):
                 adapter_for(module).output_shifts(self._steered()):
             yield module
 
-    def logits_on(self, queries: Tensor) -> Tensor:
-        """``[n * K, d_vocab]``: the patched model on each query alone (token ids ``[n, K]``)."""
+    def logits_on(self, queries: Tensor | Sequence[Tensor]) -> Tensor:
+        """``[sum of lengths, d_vocab]``: the patched model on each query alone (token ids ``[n, K]``, or n sequences
+        of any lengths), query-major."""
         from implicit_updates.adapters import adapter_for
 
-        queries = token_batch(queries)
         with self.applied() as module:
-            logits = adapter_for(module).logits(queries.to(self.continuation.device))
-        return logits.reshape(-1, logits.shape[-1])
+            adapter = adapter_for(module)
+            return _by_query(_query_list(queries), lambda batch: adapter.logits(batch.to(self.full_logits.device)))
 
     def patched_logits(self, model: nn.Module | None = None) -> Tensor:
-        return self.logits_on(self.continuation) if model is None else super().patched_logits(model)
+        if model is None:
+            return self.logits_on(self.continuation)
+        if not isinstance(self.continuation, tuple):
+            return super().patched_logits(model)
+        return torch.cat([replace(self, continuation=q[None]).patched_logits(model) for q in self.continuation])
 
-    def compare_on(self, prefix: Tensor, queries: Tensor) -> dict:
-        """The patch on held-out ``queries`` alone against the full model on ``prefix + query``, at every query
-        position: top-1 agreement rate, mean KL(full || patched), max |logit diff|."""
+    def compare_on(self, prefix: Tensor, queries: Tensor | Sequence[Tensor]) -> dict:
+        """The patch on held-out ``queries`` alone (``[m, K]``, or m sequences of any lengths) against the full model
+        on ``prefix + query``, at every query position: top-1 agreement rate, mean KL(full || patched), max |logit
+        diff|."""
         from implicit_updates.adapters import adapter_for
 
-        prefix, queries = token_batch(prefix), token_batch(queries)
+        prefix, listed = token_batch(prefix), _query_list(queries)
         module = torch_module(self.model)
-        full_ids = after_prefix(prefix, queries)
         with untouched(module), computed_in(module, self.dtype):
-            full = adapter_for(module).logits(full_ids)[:, -queries.shape[1]:].reshape(-1, self.full_logits.shape[-1])
-        patched = self.logits_on(queries)
+            adapter = adapter_for(module)
+            full = _by_query(listed, lambda batch: adapter.logits(after_prefix(prefix, batch))[:, -batch.shape[1]:])
+        patched = self.logits_on(listed)
         logp, logq = torch.log_softmax(full.double(), -1), torch.log_softmax(patched.double(), -1)
         return {"agree": float((patched.argmax(-1) == full.argmax(-1)).double().mean()),
                 "kl": sum(kl_divergence(p, q) for p, q in zip(logp, logq, strict=True)) / len(logp),
@@ -147,15 +155,15 @@ class ThoughtPatch(ContinuationAbsorption):
 
 @dataclass
 class ThoughtSystems:
-    """Every block's rows over n training queries, gathered once (one run with the prefix, one per block alone);
-    :meth:`fit` solves a thought patch from them, so a sweep over ridges, ranks, kinds or subsets of the queries
-    costs one gathering."""
+    """Every block's rows over n training queries, gathered once (one run with the prefix per query length, one per
+    block alone); :meth:`fit` solves a thought patch from them, so a sweep over ridges, ranks, kinds or subsets of
+    the queries costs one gathering. Rows are query-major: query 0's positions, then query 1's, ..."""
 
     model: nn.Module
     dtype: torch.dtype
     systems: list[BlockSystem]
-    queries: Tensor  # [n, K] token ids
-    full_logits: Tensor  # [n * K, d_vocab], sequence-major
+    queries: tuple[Tensor, ...]  # n 1-D token-id sequences, of any lengths
+    full_logits: Tensor  # [sum of lengths, d_vocab], query-major
     rcond: float
     prefix: Tensor | None = None  # [1, P] token ids the queries ran after (None: not recorded)
 
@@ -163,39 +171,90 @@ class ThoughtSystems:
             queries: Sequence[int] | None = None) -> ThoughtPatch:
         """The thought patch over all queries, or over ``queries`` (their indices): as :func:`thought_patch`."""
         _check(ridge, rank, kind)
-        k = self.queries.shape[1]
-        chosen = torch.arange(self.queries.shape[0]) if queries is None else torch.as_tensor(list(queries))
-        rows = (chosen[:, None] * k + torch.arange(k)).reshape(-1)
+        chosen = list(range(len(self.queries))) if queries is None else [int(i) for i in queries]
+        starts = torch.tensor([0, *(len(q) for q in self.queries)]).cumsum(0)
+        rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in chosen])
         fit = Fit(self.rcond, float(ridge), rank, kind)
         solved = rows
         if fit.exact:  # a position whose query tokens so far repeat another's is the same constraint: kept once
-            solved = rows[_first_occurrences(self.queries[chosen])]
+            solved = rows[_first_occurrences([self.queries[i] for i in chosen])]
         with torch.no_grad():  # the maps are the model's parameters: no graph through them
             blocks = [solve_block(select_rows(system, solved), fit, "matrix") for system in self.systems]
-        return ThoughtPatch(self.model, self.dtype, blocks, self.queries[chosen], self.full_logits[rows], fit=fit)
+        return ThoughtPatch(self.model, self.dtype, blocks, _stacked([self.queries[i] for i in chosen]),
+                            self.full_logits[rows], fit=fit)
 
 
 def thought_systems(model: nn.Module, prefix: Tensor, queries: Tensor | Sequence[Tensor],
                     dtype: torch.dtype | str | None = None, rcond: float | None = None) -> ThoughtSystems:
-    """Gather every block's rows over ``queries`` (``[n, K]``) run after ``prefix``, to fit many thought patches
-    (:meth:`ThoughtSystems.fit`). Any backend with the ``continuation`` capability; the user's model is untouched."""
+    """Gather every block's rows over ``queries`` (``[n, K]``, or n sequences of any lengths) run after ``prefix``,
+    to fit many thought patches (:meth:`ThoughtSystems.fit`). Queries of one length run as one batch; each other
+    length as its own. Any backend with the ``continuation`` capability; the user's model is untouched."""
+    listed = _query_list(queries)
+    groups: dict[int, list[int]] = {}
+    for i, q in enumerate(listed):
+        groups.setdefault(len(q), []).append(i)
+    gathered = [gathered_systems(model, prefix, torch.stack([listed[i] for i in idx]), dtype)
+                for idx in groups.values()]
+    compute_dtype = gathered[0][0]
+    # the groups' rows (each query-major within its group) back in the queries' order
+    owner = [(i, j) for idx in groups.values() for i in idx for j in range(len(listed[i]))]
+    order = torch.tensor(sorted(range(len(owner)), key=owner.__getitem__))
+    systems = [select_rows(concat_rows([g[1][b] for g in gathered]), order) for b in range(len(gathered[0][1]))]
+    full_logits = torch.cat([g[3] for g in gathered])[order]
+    inputs = tuple(q.to(gathered[0][2].device) for q in listed)
+    return ThoughtSystems(model, compute_dtype, systems, inputs, full_logits,
+                          default_rcond(compute_dtype) if rcond is None else rcond, token_batch(prefix))
+
+
+def _query_list(queries: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    """The queries as 1-D token-id sequences: the rows of ``[n, K]``, or each of a sequence (``[K]`` or ``[1, K]``)."""
     if isinstance(queries, (list, tuple)):
-        queries = torch.stack([token_batch(q)[0] for q in queries])
-    dtype, systems, inputs, full_logits = gathered_systems(model, prefix, queries, dtype)
-    return ThoughtSystems(model, dtype, systems, inputs, full_logits, default_rcond(dtype) if rcond is None else rcond,
-                          token_batch(prefix))
+        if not queries:
+            raise ValueError("no queries given: give at least one")
+        out = []
+        for q in queries:
+            q = token_batch(q)
+            if q.shape[0] != 1:
+                raise ValueError(f"each query in a list is one sequence ([K] or [1, K]), got shape {tuple(q.shape)}")
+            out.append(q[0])
+        return out
+    return list(token_batch(queries))
 
 
-def _first_occurrences(queries: Tensor) -> Tensor:
-    """Indices of the ``[n * K]`` rows (sequence-major) whose query tokens up to and including that position appear
-    for the first time: the others are the same row (same prefix, same tokens), with and without the context."""
+def _stacked(queries: list[Tensor]) -> Tensor | tuple[Tensor, ...]:
+    """``[n, K]`` when the queries have one length, else the tuple of 1-D sequences."""
+    if len({len(q) for q in queries}) == 1:
+        return torch.stack(queries)
+    return tuple(queries)
+
+
+def _by_query(queries: list[Tensor], run) -> Tensor:
+    """``run`` (token ids ``[b, K]`` -> logits ``[b, K, d_vocab]``) on the queries, one batch per length, as
+    ``[sum of lengths, d_vocab]`` rows in the queries' order (query-major)."""
+    groups: dict[int, list[int]] = {}
+    for i, q in enumerate(queries):
+        groups.setdefault(len(q), []).append(i)
+    out: list[Tensor] = [None] * len(queries)  # type: ignore[list-item]
+    for idx in groups.values():
+        logits = run(torch.stack([queries[i] for i in idx]))
+        for j, i in enumerate(idx):
+            out[i] = logits[j]
+    return torch.cat(out)
+
+
+def _first_occurrences(queries: Sequence[Tensor]) -> Tensor:
+    """Indices of the rows (query-major, ``sum of lengths``) whose query tokens up to and including that position
+    appear for the first time: the others are the same row (same prefix, same tokens), with and without the
+    context."""
     seen: set[tuple] = set()
-    keep = []
-    for i, query in enumerate(queries.tolist()):
-        for j in range(len(query)):
-            if tuple(query[: j + 1]) not in seen:
-                seen.add(tuple(query[: j + 1]))
-                keep.append(i * len(query) + j)
+    keep, row = [], 0
+    for query in queries:
+        tokens = query.tolist()
+        for j in range(len(tokens)):
+            if tuple(tokens[: j + 1]) not in seen:
+                seen.add(tuple(tokens[: j + 1]))
+                keep.append(row)
+            row += 1
     return torch.tensor(keep)
 
 

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from implicit_updates.analyses.continuation import gathered_systems, token_batch
-from implicit_updates.analyses.thought import ThoughtSystems
+from implicit_updates.analyses.thought import ThoughtSystems, thought_systems
 from implicit_updates.math.lowrank import BlockSystem, Fit, Solver, default_rcond
 from implicit_updates.math.transfer import coverage, principal_cosines, relative_residual
 
@@ -96,8 +96,8 @@ def transfer_diagnostic(model: nn.Module, prefix: Tensor, train_queries: Tensor 
     block: coverage of the held-out MLP inputs by the training ones' row space, the principal angles between the
     two, and the held-out residuals of the first-layer, output-matrix and constant-vector fits (module docstring).
 
-    ``train_queries``: token ids ``[n, K]`` (or n sequences of K ids); ``held_queries``: ``[m, K']`` or a list of
-    1-D id tensors of any lengths (each length's queries are gathered in one batch, their rows concatenated).
+    ``train_queries`` and ``held_queries``: token ids ``[n, K]``, or lists of 1-D id tensors of any lengths (each
+    length's queries are gathered in one batch, their rows concatenated).
     ``train_queries`` may also be the :class:`~implicit_updates.analyses.thought.ThoughtSystems` already gathered
     for them after this ``prefix`` (its rows are reused, not gathered again; its dtype is the compute dtype).
     ``rcond``: the relative singular-value floor of the row spaces and fits (default
@@ -106,7 +106,8 @@ def transfer_diagnostic(model: nn.Module, prefix: Tensor, train_queries: Tensor 
     if isinstance(train_queries, ThoughtSystems):
         compute_dtype, train = _reused(train_queries, model, prefix, dtype)
     else:
-        compute_dtype, train, _, _ = gathered_systems(model, prefix, _one_length(train_queries), dtype)
+        gathered = thought_systems(model, prefix, train_queries, dtype, rcond)
+        compute_dtype, train = gathered.dtype, gathered.systems
     held = [gathered_systems(model, prefix, group, compute_dtype)[1] for group in _by_length(held_queries)]
     rcond = default_rcond(compute_dtype) if rcond is None else float(rcond)
     rows = {name: [] for name in MEASURES + ("principal_cosines", "train_rank", "held_rank")}
@@ -164,15 +165,6 @@ def _reused(systems: ThoughtSystems, model: nn.Module, prefix: Tensor, dtype) ->
 def _row(label: str, values: list[float | None]) -> str:
     cells = [f"{'-' if v is None else f'{v:.3g}':>{w}}" for v, w in zip(values, (9, 7, 11, 8, 8), strict=True)]
     return f"{label:>5} " + " ".join(cells)
-
-
-def _one_length(queries: Tensor | Sequence[Tensor]) -> Tensor:
-    if isinstance(queries, (list, tuple)):
-        lengths = {token_batch(q).shape[1] for q in queries}
-        if len(lengths) != 1:
-            raise ValueError(f"the training queries must have one length (they are stacked), got {sorted(lengths)}")
-        return torch.cat([token_batch(q) for q in queries])
-    return token_batch(queries)
 
 
 def _by_length(queries: Tensor | Sequence[Tensor]) -> list[Tensor]:

@@ -31,17 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "ones: coverage, principal angles, teacher-forced residuals)")
 
 
-def queries_of(model, texts: list[str], option: str) -> torch.Tensor:
-    ids = [parse_continuation(model, t) for t in texts]
-    lengths = sorted({q.shape[1] for q in ids})
-    if len(lengths) > 1:
-        raise UsageError(f"{option}: the queries have {lengths} tokens; a thought patch stacks queries of one length "
-                         "(give queries of equal token length)")
-    return torch.cat(ids)
+def queries_of(model, texts: list[str]) -> list[torch.Tensor]:
+    """The queries as 1-D token ids, of any lengths (each length runs as one batch)."""
+    return [parse_continuation(model, t)[0] for t in texts]
 
 
 def cmd_thought(args: argparse.Namespace) -> int:
-    from implicit_updates.analyses.thought import thought_patch
+    from implicit_updates.analyses.thought import thought_systems
 
     if args.ridge < 0 or (args.rank is not None and args.rank < 1):
         raise UsageError("--ridge must be >= 0 and --rank >= 1")
@@ -59,20 +55,21 @@ def cmd_thought(args: argparse.Namespace) -> int:
 
     prefix = token_ids(args.prompt, next(model.parameters()).device)
     prefix = adapter_for(model).tokenize(args.prompt)[None] if prefix is None else prefix
-    train = queries_of(model, args.query, "--query")
+    train, held_ids = queries_of(model, args.query), queries_of(model, args.held_out)
     start = time.perf_counter()
-    patch = thought_patch(model, prefix, train, rank=args.rank, ridge=args.ridge, kind=args.kind, dtype=args.dtype)
+    systems = thought_systems(model, prefix, train, dtype=args.dtype)  # gathered once: the fit and the diagnostic
+    patch = systems.fit(ridge=args.ridge, rank=args.rank, kind=args.kind)
     fit = patch.compare_on(prefix, train)
-    held = [patch.compare_on(prefix, parse_continuation(model, t)) for t in args.held_out]
+    held = [patch.compare_on(prefix, [q]) for q in held_ids]
     diagnostic = None
     if args.diagnose:
         from implicit_updates.analyses.transfer_diagnostic import transfer_diagnostic
 
-        diagnostic = transfer_diagnostic(model, prefix, train, [parse_continuation(model, t)[0] for t in args.held_out],
-                                         dtype=args.dtype)
+        diagnostic = transfer_diagnostic(model, prefix, systems, held_ids)
     seconds = time.perf_counter() - start
+    lengths = sorted({len(q) for q in train})
     print(f"{args.model}: thought patch ({args.kind}, ridge {args.ridge:g}, rank {args.rank or 'uncapped'}) over "
-          f"{train.shape[0]} queries x {train.shape[1]} tokens after a {prefix.shape[1]}-token prompt")
+          f"{len(train)} queries of {'/'.join(map(str, lengths))} tokens after a {prefix.shape[1]}-token prompt")
     print(f"training queries: top-1 agrees {fit['agree']:.2f}, KL {fit['kl']:.3e}, max |logit diff| "
           f"{fit['max_abs_logit_diff']:.3e}")
     for text, r in zip(args.held_out, held, strict=True):

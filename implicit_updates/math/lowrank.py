@@ -321,6 +321,26 @@ def select_rows(system: BlockSystem, rows: Tensor) -> BlockSystem:
     return replace(system, **pick)
 
 
+def concat_rows(systems: Sequence[BlockSystem]) -> BlockSystem:
+    """One block's systems gathered in several batches (queries of different lengths) as one: their rows stacked in
+    order (:func:`select_rows` picks them apart again); the rest is the block's own, taken from the first."""
+    first = systems[0]
+
+    def cat(get) -> Tensor:
+        return torch.cat([get(s) for s in systems])
+
+    pick = {f: cat(lambda s, f=f: getattr(s, f)) for f in ("mlp_input", "query_mlp_input", "change", "output",
+                                                           "query_output")}
+    if first.hidden is not None:
+        pick["hidden"] = cat(lambda s: s.hidden)
+    if first.post_norm is not None:
+        pick["post_norm"] = replace(first.post_norm, mlp_output=cat(lambda s: s.post_norm.mlp_output),
+                                    wanted=cat(lambda s: s.post_norm.wanted))
+    if first.routed is not None:
+        pick["routed"] = replace(first.routed, weighted_hidden=cat(lambda s: s.routed.weighted_hidden))
+    return replace(first, **pick)
+
+
 def solve_block(system: BlockSystem, fit: Fit, output: str = "auto") -> BlockContinuation:
     """One block's update from its :class:`BlockSystem`: exact (the continuation, :class:`Fit` defaults) or a
     thought patch (ridge, rank, vector). ``output="matrix"`` puts a single position's output change into the output
