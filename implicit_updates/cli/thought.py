@@ -15,7 +15,7 @@ from implicit_updates.cli.continuation import check_lora_dir, parse_continuation
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--query", action="append", required=True, metavar="TEXT",
-                        help="a training query run after the prompt (repeatable; one token length for all: text "
+                        help="a training query run after the prompt (repeatable, of any token lengths: text "
                              "without BOS, or comma-separated token ids)")
     parser.add_argument("--held-out", action="append", default=[], metavar="TEXT",
                         help="a held-out query: the patch alone vs the full model on prompt + query (repeatable)")
