@@ -4,13 +4,13 @@ per-token updates (Mazzawi, Dherin, Munn, Wunder & Gonzalvo 2025, "Transmuting p
 
 For n training queries of K tokens each, run after the prefix, every block gives N = n K rows (queries of several
 lengths: N is the sum of their lengths): the MLP inputs with context ``M`` and of the block run on the queries alone
-``M'`` (its input the with-context one, as the continuation absorption runs it), the hidden activations ``P`` and the change ``D`` the MLP output needs
-(:class:`~implicit_updates.math.lowrank.BlockSystem`). The exact stacked update solves ``M' dW = (M - M') W`` and
-``P dW_out = D`` exactly (rank <= N); a *thought matrix* solves both by ridge and/or reduced-rank least squares
-(:class:`~implicit_updates.math.lowrank.Solver`), a *thought vector* is the least-squares constant change of each
-block's output, and ``kind="both"`` fits the output matrix with that vector as its intercept
-(:func:`~implicit_updates.math.lowrank.solve_block`). With ``ridge=0``, no rank cap and ``kind="matrix"`` the fit is
-the exact stacked update (exact on all N rows when they are independent, as :func:`absorb_continuation`).
+``M'`` (its input the with-context one, as the continuation absorption runs it), the hidden activations ``P`` and the
+change ``D`` the MLP output needs (:class:`~implicit_updates.math.lowrank.BlockSystem`). The exact stacked update solves
+``M' dW = (M - M') W`` and ``P dW_out = D`` exactly (rank <= N); a *thought matrix* solves both by ridge and/or
+reduced-rank least squares (:class:`~implicit_updates.math.lowrank.Solver`), a *thought vector* is the least-squares
+constant change of each block's output, and ``kind="both"`` fits the output matrix with that vector as its intercept
+(:func:`~implicit_updates.math.lowrank.solve_block`). With ``ridge=0``, no rank cap and ``kind="matrix"`` the fit is the
+exact stacked update (exact on all N rows when they are independent, as :func:`absorb_continuation`).
 
 Each block is fitted on its with-context inputs (teacher forcing), the rows the exact update is defined on; where a
 fit is not exact, a later block on a held-out query sees the earlier blocks' residual error, which the fit did not
@@ -272,9 +272,10 @@ def thought_patch(model: nn.Module, prefix: Tensor, queries: Tensor | Sequence[T
                   rcond: float | None = None) -> ThoughtPatch:
     """One query-independent patch per block, fitted over every position of ``queries`` run after ``prefix``.
 
-    ``queries``: token ids ``[n, K]``, or n 1-D sequences of any lengths (one batch per length). ``kind``: ``"matrix"`` (the first-layer maps and
-    the output matrix, by ridge / reduced-rank least squares), ``"vector"`` (one additive change of each block's
-    output), or ``"both"`` (the maps, and the output matrix with the vector as its intercept). ``ridge >= 0``,
+    ``queries``: token ids ``[n, K]``, or n 1-D sequences of any lengths (one batch per length). ``kind``:
+    ``"matrix"`` (the first-layer maps and the output matrix, by ridge / reduced-rank least squares), ``"vector"``
+    (one additive change of each block's output), or ``"both"`` (the maps, and the output matrix with the vector as
+    its intercept). ``ridge >= 0``,
     ``rank``: a cap on each map's update's rank. ``ridge=0``, ``rank=None``, ``kind="matrix"`` is the exact stacked
     update (``absorb_continuation(..., output="matrix")``), exact on all n K positions when their rows are
     independent (positions whose query tokens so far repeat another query's are the same row, kept once). ``ridge`` is
