@@ -56,6 +56,7 @@ N_SHOT, N_TRAIN, N_HELD = 4, 16, 24
 RIDGES = (1e-3, 1e-2, 1e-1, 1.0)
 RANKS = (1, 4, 16)
 LORA_RANK = 4
+SETTINGS = ("model", "dtype", "n_shot", "n_train", "ridges", "ranks", "lora_rank", "steps")
 SHOWN = ("full", "zero-shot", "exact 16", "matrix ridge 0.01", "vector", "LoRA GD rank 4")
 
 
@@ -296,17 +297,19 @@ def merge(paths: list[str]) -> dict:
     """One study from several runs of the same model and settings (e.g. tasks run separately): the runs in order, the
     summary recomputed from them; refused if the settings differ or a (task, seed) appears twice."""
     studies = [json.load(open(p)) for p in paths]
-    settings = ("model", "dtype", "n_shot", "n_train", "ridges", "ranks", "lora_rank", "steps")
-    for path, study in zip(paths[1:], studies[1:], strict=True):
-        differ = [k for k in settings if study.get(k) != studies[0].get(k)]
+    complete = [s for s in studies if not s.get("partial")]
+    if not complete:
+        raise SystemExit("--merge needs one complete study (the others may be the partial JSON of a stopped run)")
+    for path, study in zip(paths, studies, strict=True):  # a partial file records the model only
+        differ = [k for k in SETTINGS if k in study and study[k] != complete[0][k]]
         if differ:
-            raise SystemExit(f"{path}: {', '.join(differ)} differ from {paths[0]}'s: merge runs of one setting")
+            raise SystemExit(f"{path}: {', '.join(differ)} differ from the others: merge runs of one setting")
     runs = [r for study in studies for r in study["runs"]]
     seen = [(r["task"], r["seed"]) for r in runs]
     if len(set(seen)) != len(seen):
         raise SystemExit(f"a (task, seed) appears twice in {', '.join(paths)}: merge disjoint runs")
-    return {**{k: studies[0][k] for k in settings}, "seeds": max(s["seeds"] for s in studies),
-            "seconds": sum(s["seconds"] for s in studies), "merged_from": [Path(p).name for p in paths],
+    return {**{k: complete[0][k] for k in SETTINGS}, "seeds": len({r["seed"] for r in runs}),
+            "seconds": sum(r["seconds"] for r in runs), "merged_from": [Path(p).name for p in paths],
             "summary": summarise(runs), "runs": runs}
 
 
@@ -370,6 +373,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         model = load_pretrained(args.model, "hf", dtype=torch.float64)
         tokenizer = load_tokenizer(prepare(args.model))
+    settings = {"model": args.model, "dtype": "float64", "n_shot": N_SHOT, "n_train": N_TRAIN,
+                "ridges": list(RIDGES), "ranks": list(RANKS), "lora_rank": LORA_RANK, "steps": args.steps}
     results, start = [], time.perf_counter()
     for task in args.task or list(tasks):
         for seed in range(args.seeds):
@@ -377,15 +382,14 @@ def main(argv: list[str] | None = None) -> dict:
             r = run(model, tokenizer, task, [tuple(p) for p in tasks[task]], seed, args.steps, show=seed == 0)
             r["seconds"] = time.perf_counter() - t0
             results.append(r)
-            write_json(args.json, {"model": args.model, "partial": True, "runs": results})  # a crash keeps the runs
+            write_json(args.json, {**settings, "partial": True, "runs": results})  # a crash keeps the runs
             best = {c: v for c, v in r["rows"].items() if "kl" in v}
             print(f"{task} seed {seed} (K={r['k']}, {r['n_held_out']} held-out, {r['seconds']:.0f} s; exact on their "
                   f"training queries: {r['max_abs_logit_diff_on_training']}): "
                   + ", ".join(f"{c} {v['agree']:.2f}/{v['kl']:.2f}" for c, v in best.items()), flush=True)
     summary = summarise(results)
-    out = {"model": args.model, "dtype": "float64", "seeds": args.seeds, "n_shot": N_SHOT, "n_train": N_TRAIN,
-           "ridges": list(RIDGES), "ranks": list(RANKS), "lora_rank": LORA_RANK, "steps": args.steps,
-           "seconds": time.perf_counter() - start, "summary": summary, "runs": results}
+    out = {**settings, "seeds": args.seeds, "seconds": time.perf_counter() - start, "summary": summary,
+           "runs": results}
     for cond, row in summary["all tasks"].items():
         print(f"  {cond:>26}: agree {row['agree']['mean']:.2f}±{row['agree']['sd']:.2f}  correct "
               f"{row['correct']['mean']:.2f}  answer {row['answer']['mean']:.2f}  KL {row['kl']['mean']:.2f}"

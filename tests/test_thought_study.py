@@ -84,6 +84,11 @@ def test_merge_recomputes_the_summary(study, tmp_path):
     assert json.loads((tmp_path / "m.json").read_text())["merged_from"] == ["half0.json", "half1.json"]
     with pytest.raises(SystemExit, match="appears twice"):
         thought_study.merge([str(halves[0]), str(halves[0])])
+    partial = tmp_path / "partial.json"  # a stopped run's file: the model and its runs
+    partial.write_text(json.dumps({"model": payload["model"], "partial": True, "runs": [payload["runs"][1]]}))
+    assert thought_study.merge([str(halves[0]), str(partial)])["summary"] == payload["summary"]
+    with pytest.raises(SystemExit, match="one complete study"):
+        thought_study.merge([str(partial)])
     other = tmp_path / "other.json"
     other.write_text(json.dumps({**payload, "steps": 7, "runs": [payload["runs"][1]]}))
     with pytest.raises(SystemExit, match="steps differ"):
