@@ -42,6 +42,17 @@ def fewer(row: dict, study: dict) -> str:
     return f" ({n} of {total} tasks)" if n < total else ""
 
 
+def dropped(study: dict, tasks: list[str]) -> dict:
+    """``study`` without ``tasks``: its runs filtered and its summary recomputed (by the study's own
+    ``summarise``)."""
+    if not tasks:
+        return study
+    from thought_study import summarise  # examples/: the study that wrote the JSON
+
+    runs = [r for r in study["runs"] if r["task"] not in tasks]
+    return {**study, "runs": runs, "summary": summarise(runs), "n_tasks": len({r["task"] for r in runs})}
+
+
 def overall_table(studies: list[dict], keys: tuple = ("agree", "kl")) -> str:
     names = {"agree": "agree", "kl": "KL", "correct": "first-token accuracy", "answer": "whole-answer accuracy"}
     head = "| condition | " + " | ".join(f"{label(s)}: {', '.join(names[k] for k in keys)}" for s in studies) + " |"
@@ -265,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--from-log", metavar="PATH", help="the agreement / KL table from a study's printed lines")
     parser.add_argument("--plot", metavar="PATH")
     parser.add_argument("--skip", action="append", default=[], metavar="TASK",
-                        help="also the diagnostic's correlations without this task (repeatable)")
+                        help="also the overall tables and the diagnostic's correlations without this task, and the "
+                             "figure without it (repeatable)")
     parser.add_argument("--log-study", action="append", default=[], metavar="MODEL=PATH",
                         help="a study known from its printed lines only (overall table and figure)")
     args = parser.parse_args(argv)
@@ -288,10 +300,14 @@ def main(argv: list[str] | None = None) -> None:
     print(within_model(studies), end="\n\n")
     if args.skip:
         print(f"Without {', '.join(args.skip)}:\n")
+        without = [d for d in (dropped(s, args.skip) for s in studies) if d["runs"]]
+        if without:
+            print(overall_table(without), end="\n\n")
+            print(overall_table(without, ("correct", "answer")), end="\n\n")
         print(diagnostic_table(studies, tuple(args.skip)), end="\n\n")
         print(within_model(studies, tuple(args.skip)))
     if args.plot:
-        plot(logged + studies, args.plot)
+        plot(logged + [d for d in (dropped(s, args.skip) for s in studies) if d["runs"]], args.plot)
 
 
 if __name__ == "__main__":

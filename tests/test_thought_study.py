@@ -64,6 +64,9 @@ def test_tables_and_figure(study, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| exact 4 |" in text and "| addition (11; 100%)" in text and "Spearman" in text
     assert (tmp_path / "t.png").stat().st_size > 10_000
+    without = thought_tables.dropped(json.loads(path.read_text()), ["addition"])  # its only task
+    assert without["runs"] == [] and without["n_tasks"] == 0
+    thought_tables.main([str(path), "--skip", "addition"])  # nothing left to tabulate without it: no crash
 
 
 def test_merge_recomputes_the_summary(study, tmp_path):
