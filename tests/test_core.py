@@ -220,3 +220,16 @@ def test_shape_annotations_are_valid_jaxtyping():
             hints = typing.get_type_hints(fn)
             annotated += any(isinstance(h, type) and issubclass(h, AbstractArray) for h in hints.values())
     assert annotated >= 30, annotated
+
+
+@settings(max_examples=20, deadline=None)
+@given(vocab=st.integers(min_value=2, max_value=40), seed=seeds)
+def test_kl_divergence_is_the_definition(vocab, seed):
+    """``KL(p || q) = sum_v p_v (log p_v - log q_v)``: two Bernoulli distributions' textbook value, torch's ``kl_div``
+    on random ones, and exactly 0 for ``q = p``."""
+    half, quarter = torch.tensor([0.5, 0.5], dtype=torch.float64).log(), torch.tensor([0.25, 0.75]).double().log()
+    assert core.kl_divergence(quarter, half) == pytest.approx(0.25 * np.log(0.5) + 0.75 * np.log(1.5), rel=1e-12)
+    log_p, log_q = (torch.log_softmax(randn(vocab, seed=seed + i), -1) for i in range(2))
+    expected = torch.nn.functional.kl_div(log_q, log_p, reduction="sum", log_target=True)
+    assert core.kl_divergence(log_p, log_q) == pytest.approx(float(expected), rel=1e-10)
+    assert core.kl_divergence(log_p, log_p) == 0.0

@@ -31,7 +31,8 @@ from implicit_updates.adapters.structure import FALLBACK
 
 TOL = 1e-10
 DEAD_EXPERTS = "every routed expert's hidden activation is exactly zero at some position"
-DEAD_HIDDEN = "the MLP's hidden activation is exactly zero at some position and the MLP has no output bias"
+DEAD_HIDDEN = ("the MLP's hidden activation is exactly zero at some position and the MLP has no output bias, so no "
+               "update of its output layer can change the MLP output there")
 
 
 class PostNormed(nn.Module):

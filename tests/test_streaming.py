@@ -417,3 +417,116 @@ def test_a_bridge_upcasts_one_attention_or_mlp_at_a_time(tmp_path):
             h.remove()
     assert logits.dtype == torch.float64
     assert 0 < max(seen) <= largest < block
+
+
+def test_a_model_already_in_the_dtype_computes_as_loaded():
+    """A model whose parameters are all in the compute dtype is not touched: transformers loads a float64 Gemma with a
+    float32 rotary table (``inv_freq``), and ``computed_in`` leaves it float32 (an upcast table would change the
+    rotary angles, which Gemma's float32 casts, kept in float64, then compute in float64)."""
+    import transformers
+    from test_hf import CONFIGS
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS["gemma2"](), dtype=torch.float64).eval()
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    ids = tokens(61, 7)
+    with torch.no_grad(), exact_formula(model, torch.float64):
+        reference = model(ids).logits
+    with assert_untouched(model), torch.no_grad(), computed_in(model, torch.float64):
+        logits = model(ids).logits
+    assert logits.dtype == torch.float64 and torch.equal(logits, reference)
+
+
+def _dtypes_while_running(model, module, run):
+    """The dtypes of ``module``'s parameters while its forward runs inside ``computed_in(model, float64)``; and
+    ``run(model)``'s output."""
+    seen = []
+    handle = module.register_forward_hook(lambda m, args, out: seen.append({p.dtype for p in m.parameters()}))
+    try:
+        with assert_untouched(model), torch.no_grad(), computed_in(model, torch.float64):
+            out = run(model)
+    finally:
+        handle.remove()
+    return seen, out
+
+
+@pytest.mark.parametrize("kind", ["linear", "hooked"])
+def test_slices_only_above_chunk_elements(kind, monkeypatch):
+    """A projection of exactly :data:`CHUNK_ELEMENTS` weights is upcast whole while it runs; one weight fewer allowed
+    and it computes in slices (its weight stays float32); the output is the upcast copy's either way."""
+    from implicit_updates.runtime import precision
+
+    if kind == "linear":
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5))
+        x = torch.randn(2, 8, dtype=torch.float64)
+        head, run, size = model[2], (lambda m: m(x)), 80
+    else:
+        model = random_model("llama")
+        prompt = tokens(model.cfg.d_vocab, 5)
+        head, run, size = model.unembed, (lambda m: m(prompt)), model.unembed.W_U.numel()
+    with torch.no_grad():
+        reference = run(copy.deepcopy(model).to(torch.float64))
+    for budget, dtype in ((size, torch.float64), (size - 1, torch.float32)):
+        monkeypatch.setattr(precision, "CHUNK_ELEMENTS", budget)
+        seen, out = _dtypes_while_running(model, head, run)
+        assert seen == [{dtype}] and out.dtype == torch.float64
+        assert float((out - reference).abs().max()) <= 1e-13
+
+
+@pytest.mark.parametrize("n_in", [3, 6, 12])
+def test_slices_keep_to_the_budget(n_in, monkeypatch):
+    """Each slice upcasts at most :data:`CHUNK_ELEMENTS` weights (here 10: 3 rows of 3 inputs, one row of 6), or one
+    row where a row alone is larger (12 inputs); together the slices are every row once."""
+    from implicit_updates.runtime import precision
+
+    monkeypatch.setattr(precision, "CHUNK_ELEMENTS", 10)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(n_in, 7)
+    x = torch.randn(3, n_in, dtype=torch.float64)
+    upcasts = []
+    real_to = torch.Tensor.to
+
+    def spy(t, *args, **kwargs):
+        out = real_to(t, *args, **kwargs)
+        if t.dtype == torch.float32 and out.dtype == torch.float64 and t.dim() == 2:
+            upcasts.append(tuple(t.shape))
+        return out
+
+    with assert_untouched(model), torch.no_grad(), computed_in(model, torch.float64):
+        monkeypatch.setattr(torch.Tensor, "to", spy)
+        out = model(x)
+        monkeypatch.setattr(torch.Tensor, "to", real_to)
+    with torch.no_grad():
+        reference = copy.deepcopy(model).double()(x)
+    assert sum(rows for rows, _ in upcasts) == 7 and all(cols == n_in for _, cols in upcasts)
+    assert max(rows * cols for rows, cols in upcasts) == (9 if n_in == 3 else n_in)
+    assert out.dtype == torch.float64 and float((out - reference).abs().max()) <= 1e-15
+
+
+class Unembed(torch.nn.Module):
+    """Another library's head named like TransformerLens's ``Unembed`` (no ``cfg``), whose forward is not
+    ``x W_U + b_U``: a soft-capped one."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.W_U = torch.nn.Parameter(torch.randn(8, 11, generator=generator))
+        self.b_U = torch.nn.Parameter(torch.randn(11, generator=generator))
+
+    def forward(self, x):
+        return 3 * torch.tanh((x @ self.W_U + self.b_U) / 3)
+
+
+def test_a_head_named_unembed_without_cfg_runs_its_own_forward(monkeypatch):
+    """Only TransformerLens's ``Unembed`` (it has a ``cfg``) is computed in slices of ``x W_U + b_U``; another
+    module named so is upcast whole and runs its own forward, as the upcast copy."""
+    from implicit_updates.runtime import precision
+
+    monkeypatch.setattr(precision, "CHUNK_ELEMENTS", 10)
+    model = Unembed()
+    x = torch.randn(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    seen, out = _dtypes_while_running(model, model, lambda m: m(x))
+    with torch.no_grad():
+        reference = copy.deepcopy(model).double()(x)
+    assert seen == [{torch.float64}] and torch.equal(out, reference)

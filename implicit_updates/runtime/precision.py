@@ -84,7 +84,7 @@ class KeepPrecision(TorchFunctionMode):
 
     def _kept(self, arg):
         if isinstance(arg, Tensor) and arg.is_floating_point() and self._lower(arg.dtype):  # x.to(other)
-            return torch.empty(0, dtype=self.dtype, device=arg.device)
+            return torch.empty((), dtype=self.dtype, device=arg.device)  # only its dtype and device are read
         return self.dtype if self._lower(arg) else arg
 
 
@@ -219,9 +219,7 @@ def _upcast_plan(model: nn.Module, dtype: torch.dtype) -> tuple[dict, list, list
         return None
     replacements, lookups, chunked = {}, [], []
     for module in model.modules():
-        own = [p for owner in _owners(module) for p in (*owner.parameters(recurse=False), *owner.buffers(False))
-               if p.is_floating_point() and p.dtype != dtype]  # a rotary table's buffer too, as the copy has it
-        if not own:
+        if not any(value.dtype != dtype for _, _, value in _floating(module)):  # a rotary table too, as in the copy
             continue
         if _is_lookup(module):
             lookups.append((module, "fwd", _cast_lookup(dtype)))
@@ -232,12 +230,17 @@ def _upcast_plan(model: nn.Module, dtype: torch.dtype) -> tuple[dict, list, list
     return replacements, lookups, chunked
 
 
+def _floating(module: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
+    """The floating parameters and buffers of ``module``'s :func:`_owners`, as ``(owner, name, value)``."""
+    return [(owner, name, value) for owner in _owners(module)
+            for name, value in (*owner._parameters.items(), *owner._buffers.items())  # a bridge's lm_head bias
+            if value is not None and value.is_floating_point()]  # is a buffer
+
+
 def _upcast_values(module: nn.Module, dtype: torch.dtype) -> list[Replacement]:
     """The floating parameters and buffers of ``module``'s :func:`_owners` not in ``dtype``, upcast."""
-    return [(owner, name, value.detach().to(dtype))
-            for owner in _owners(module) if not _is_chunked(owner)  # a bridge's unembedding: its lm_head in slices
-            for name, value in (*owner._parameters.items(), *owner._buffers.items())  # a bridge's lm_head bias
-            if value is not None and value.is_floating_point() and value.dtype != dtype]  # is a buffer
+    return [(owner, name, value.detach().to(dtype)) for owner, name, value in _floating(module)
+            if value.dtype != dtype and not _is_chunked(owner)]  # a bridge's unembedding: its lm_head in slices
 
 
 def _set_cfg_dtype(model: nn.Module, dtype: torch.dtype) -> torch.dtype | None:
@@ -273,8 +276,9 @@ def _chunked_forwards(modules: list[nn.Module], dtype: torch.dtype) -> Iterator[
     try:
         for module in modules:
             attr = "_old_forward" if "_old_forward" in module.__dict__ else "forward"
-            saved.append((module, attr, module.__dict__.get(attr)))
+            original = module.__dict__.get(attr)
             setattr(module, attr, partial(_chunked_forward, module, dtype))
+            saved.append((module, attr, original))  # once set: what is put back is always there
     except BaseException:
         _put_back_forwards(saved)
         raise
@@ -287,7 +291,7 @@ def _chunked_forwards(modules: list[nn.Module], dtype: torch.dtype) -> Iterator[
 def _put_back_forwards(saved: list) -> None:
     for module, attr, original in reversed(saved):
         if original is None:
-            module.__dict__.pop(attr, None)
+            del module.__dict__[attr]
         else:
             setattr(module, attr, original)
 
@@ -297,12 +301,12 @@ def _chunked_forward(module: nn.Module, dtype: torch.dtype, x: Tensor) -> Tensor
     ``nn.Linear``'s ``x W^T + b`` or an ``Unembed``'s ``x W_U + b_U`` (through its ``hook_in`` / ``hook_out``), each
     slice's weights upcast just for its own product."""
     linear = isinstance(module, nn.Linear)
-    if not linear and hasattr(module, "hook_in"):
+    if hasattr(module, "hook_in"):  # an Unembed's (TransformerLens 3.9 on; an nn.Linear has none)
         x = module.hook_in(x)
     weight = module.weight if linear else module.W_U
     bias = module.bias if linear else module.b_U
     n_out, n_in = (weight.shape if linear else weight.shape[::-1])
-    step = max(1, CHUNK_ELEMENTS // max(1, n_in))
+    step = max(1, CHUNK_ELEMENTS // n_in)  # one row if a row exceeds it (n_in > 0: it is large)
     out = None
     for start in range(0, n_out, step):
         rows = slice(start, start + step)
@@ -312,7 +316,7 @@ def _chunked_forward(module: nn.Module, dtype: torch.dtype, x: Tensor) -> Tensor
         if out is None:
             out = part.new_empty((*part.shape[:-1], n_out))
         out[..., rows] = part
-    return out if linear or not hasattr(module, "hook_out") else module.hook_out(out)
+    return module.hook_out(out) if hasattr(module, "hook_out") else out
 
 
 def _owners(module: nn.Module) -> list[nn.Module]:
@@ -346,8 +350,9 @@ def _is_lookup(module: nn.Module) -> bool:
 def _cast_lookup(dtype: torch.dtype):
     def hook(module: nn.Module, args, output: Tensor) -> Tensor:
         if isinstance(module, nn.Embedding) and hasattr(module, "embed_scale"):  # Gemma: scale in the compute dtype
-            rows = F.embedding(args[0], module.weight, module.padding_idx)
-            return rows.to(dtype) * torch.as_tensor(module.embed_scale).to(dtype)  # XGLM: a Python float
+            rows = nn.Embedding.forward(module, args[0])  # the unscaled lookup
+            # a 0-dim float32 scale (XGLM's Python float made one) promotes exactly to the rows' dtype
+            return rows.to(dtype) * torch.as_tensor(module.embed_scale)
         return output.to(dtype)
 
     return hook

@@ -42,6 +42,7 @@ LITERAL = [f"{ARCH}[float64-{a}]" for a in ("gated", "layernorm", "parallel-neox
                                              "post-norm-olmo2", "moe-mixtral", "solu", "no-norm")]
 STRUCTURES = "tests/test_hooked_structures.py"  # MoE before a post-norm, dead ReLU hidden/experts, identity norms
 SCALED_AND_DEAD = "tests/test_scaled_and_dead.py"  # Granite's scaled joins, refused dead hidden, small expert hidden
+FUSED = "tests/test_fused_experts.py"  # experts fused into stacked parameters (RankOneUpdate.experts / expert)
 VERIFY_TESTS = [CHECKERS + t for t in ("test_verify_reports_a_corrupted_output_correction_exactly",
                                        "test_verify_query_self_reports_the_corrupted_position",
                                        "test_verify_report_table_and_json")]
@@ -65,7 +66,8 @@ SELECTIONS: dict[str, tuple[str, list[str]]] = {
     "updates": ("implicit_updates/math/updates.py", CORE_TESTS + LITERAL + ["tests/test_analysis.py", STRUCTURES,
                                                                       SCALED_AND_DEAD,
                                                                       "tests/test_hf.py::test_gemma_post_norm_exact",
-                                                                      "tests/test_references.py::test_two_token"]),
+                                                                      "tests/test_references.py::test_two_token",
+                                                                      FUSED]),
     "verify": ("implicit_updates/analyses/verify.py", VERIFY_TESTS + ["tests/test_html.py::test_repr"]),  # no browser
     "decompose": ("implicit_updates/analyses/decompose.py", VERIFY_TESTS + LITERAL[:3] + ["tests/test_bad_input.py"]),
     "capture": ("implicit_updates/capture.py", LITERAL[:3] + ["tests/test_references.py",
