@@ -38,8 +38,9 @@ class RankOneUpdate:
         if self.expert is None:  # [d_in, E * d_out] -> [E, d_in, d_out]
             delta = delta.reshape(delta.shape[0], self.experts, -1).permute(1, 0, 2)
         else:
-            delta = torch.zeros(self.experts, *delta.shape, dtype=delta.dtype, device=delta.device).index_copy(
-                0, torch.tensor([self.expert], device=delta.device), delta[None])
+            stacked = delta.new_zeros(self.experts, *delta.shape)  # only this expert's slot is nonzero
+            stacked[self.expert] = delta
+            delta = stacked
         return delta.transpose(1, 2) if self.transposed else delta
 
 

@@ -351,8 +351,8 @@ def _cast_lookup(dtype: torch.dtype):
     def hook(module: nn.Module, args, output: Tensor) -> Tensor:
         if isinstance(module, nn.Embedding) and hasattr(module, "embed_scale"):  # Gemma: scale in the compute dtype
             rows = nn.Embedding.forward(module, args[0])  # the unscaled lookup
-            # a 0-dim float32 scale (XGLM's Python float made one) promotes exactly to the rows' dtype
-            return rows.to(dtype) * torch.as_tensor(module.embed_scale)
+            # the scale as an upcast copy holds it: Gemma's buffer upcast, XGLM's Python float exact (not via float32)
+            return rows.to(dtype) * torch.as_tensor(module.embed_scale, dtype=dtype)
         return output.to(dtype)
 
     return hook
