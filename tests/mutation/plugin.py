@@ -83,9 +83,11 @@ SELECTIONS: dict[str, tuple[str, list[str]]] = {
     "hooked_prefixes": ("adapters/hooked_prefixes.py", ["tests/test_dynamics.py::test_onepass_equals_naive_arch"]),
     "modules": ("adapters/modules.py", ["tests/test_hf.py::test_literal_weight_edit_every_layout",
                                         "tests/test_hf.py::test_gemma_post_norm_exact"]),
-    # the shared algorithms of the adapter interface (#24): the one capture assembler, the one parameter swap
+    # the shared algorithms of the adapter interface (#24): the one capture assembler and patched-run row layout, the
+    # one parameter swap
     "assemble": ("adapters/assemble.py", LITERAL[:3] + VERIFY_TESTS + [CHECKERS + "test_query_one_token_early",
-                                                                       "tests/test_toy.py"]),
+                                                                       "tests/test_toy.py",
+                                                                       "tests/test_patched_rows.py"]),
     "dispatch": ("implicit_updates/runtime/dispatch.py", ["tests/test_swap.py", "tests/test_accelerate.py",
                                                           "tests/test_absorb.py", "tests/test_streaming.py"]),
     "precision": ("implicit_updates/runtime/precision.py", ["tests/test_streaming.py", "tests/test_float64_formula.py",
