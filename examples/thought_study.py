@@ -308,9 +308,11 @@ def merge(paths: list[str]) -> dict:
     seen = [(r["task"], r["seed"]) for r in runs]
     if len(set(seen)) != len(seen):
         raise SystemExit(f"a (task, seed) appears twice in {', '.join(paths)}: merge disjoint runs")
+    sources = [name for path, study in zip(paths, studies, strict=True)  # a merged study names its own sources
+               for name in study.get("merged_from", [Path(path).name])]
     return {**{k: complete[0][k] for k in SETTINGS}, "seeds": len({r["seed"] for r in runs}),
-            "seconds": sum(r["seconds"] for r in runs), "merged_from": [Path(p).name for p in paths],
-            "summary": summarise(runs), "runs": runs}
+            "seconds": sum(r["seconds"] for r in runs), "merged_from": sources, "summary": summarise(runs),
+            "runs": runs}
 
 
 def plot(summary: dict, model: str, path: str) -> None:

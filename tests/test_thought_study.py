@@ -85,6 +85,7 @@ def test_merge_recomputes_the_summary(study, tmp_path):
     merged = thought_study.main(["--merge", *map(str, halves), "--json", str(tmp_path / "m.json")])
     assert merged["summary"] == payload["summary"] and merged["runs"] == payload["runs"]
     assert json.loads((tmp_path / "m.json").read_text())["merged_from"] == ["half0.json", "half1.json"]
+    assert thought_study.merge([str(tmp_path / "m.json")])["merged_from"] == ["half0.json", "half1.json"]
     with pytest.raises(SystemExit, match="appears twice"):
         thought_study.merge([str(halves[0]), str(halves[0])])
     partial = tmp_path / "partial.json"  # a stopped run's file: the model and its runs
