@@ -115,3 +115,23 @@ def test_paired_control_uses_only_runs_where_both_ran():
     lines = thought_tables.paired_control([study]).splitlines()
     assert lines[-1] == "| Gemma-3-270M | 2 of 3 | 0.60, 1.00 | 0.20, 2.00 | 0.00, 5.00 |"
     assert thought_tables.paired_control([{**study, "runs": [run(0.9, None)]}]) == ""
+
+
+def test_float32_detour_compares_the_model_as_written_with_its_float64_formula():
+    """examples/float32_detour.py on stories260K (a Llama: its RMSNorm normalises in float32): both formulas give a
+    row per exact fit; in the float64 formula every fit that is solved reproduces its training queries to float64
+    rounding, and the model as written to float32 rounding at worst."""
+    if not STORIES.is_dir():
+        pytest.skip(f"stories260K not found at {STORIES} (the team's ../shared next to the repository)")
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import float32_detour
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    rows = float32_detour.main(["--model", str(STORIES), "--task", "capital", "--seed", "0"])
+    assert [(r["formula"], r["exact"]) for r in rows] == [("as written", 4), ("as written", 16),
+                                                           ("float64 formula", 4), ("float64 formula", 16)]
+    kept = [r for r in rows if r["formula"] == "float64 formula"]
+    assert any("max_abs_logit_diff" in r for r in kept)
+    assert all(r["max_abs_logit_diff"] <= 1e-9 for r in kept if "max_abs_logit_diff" in r)
+    assert all(r.get("max_abs_logit_diff", 0.0) <= 1e-3 for r in rows if r["formula"] == "as written")

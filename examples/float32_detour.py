@@ -1,0 +1,72 @@
+"""Exact stacked updates of a thought-study run, checked in the model as written and in its float64 formula.
+
+Llama-family Hugging Face models (SmolLM2, Qwen2) normalise in float32 even in a float64 model: their RMSNorm casts
+the residual to float32 first. Every block's decomposition stays exact (the MLP input is captured after the
+norm), but a whole patched model on its own training queries is then compared through float32 roundings: it agrees
+to the bit where both residuals round alike, and where one rounds the other way the difference is float32-sized,
+amplified by later blocks' updates. The same rounding makes near-dependent rows look independent enough to solve.
+This script gathers one run's rows (``examples/thought_study.py``'s split of a task for a seed) twice, as written
+and under ``precision.KeepPrecision(float64)`` (every float32 detour kept in float64), and prints each exact fit's
+max |logit diff| on its own training queries, or its refusal:
+
+    python examples/float32_detour.py --model smollm2-135m --task addition --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from pathlib import Path
+
+import torch
+from thought_study import split, stacked
+from thought_tasks import TASKS
+
+import implicit_updates as iu
+from implicit_updates.runtime.precision import KeepPrecision
+
+
+def training_error(systems, train, n: int) -> float:
+    """The exact fit on the first ``n`` training queries, run on them alone, against the full model."""
+    with systems.fit(queries=range(n)).applied() as patched, torch.no_grad():
+        batches = [train[:n]] if isinstance(train, torch.Tensor) else [q[None] for q in train[:n]]
+        own = torch.cat([patched(input_ids=b, use_cache=False).logits.flatten(0, 1) for b in batches])
+    return float((own - systems.full_logits[: len(own)]).abs().max())
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="a pretrained name, or a local Hugging Face directory")
+    parser.add_argument("--task", default="addition", choices=list(TASKS))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from implicit_updates.models.loading import load_local, load_tokenizer
+    from implicit_updates.models.pretrained import load_pretrained, prepare
+
+    if Path(args.model).is_dir():  # a local Hugging Face directory (the test uses stories260K)
+        model, tokenizer = load_local(args.model, "hf", dtype=torch.float64), load_tokenizer(args.model)
+    else:
+        model = load_pretrained(args.model, "hf", dtype=torch.float64)
+        tokenizer = load_tokenizer(prepare(args.model))
+    text, train_items, _ = split(tokenizer, TASKS[args.task], args.seed)
+    prefix = tokenizer(text, return_tensors="pt").input_ids
+    train = stacked([q for q, *_ in train_items])
+    out = []
+    for formula, mode in (("as written", contextlib.nullcontext()),
+                          ("float64 formula", KeepPrecision(torch.float64))):
+        with mode:
+            systems = iu.thought_systems(model, prefix, train, dtype=torch.float64)
+            for n in (4, len(train)):
+                try:
+                    row = {"formula": formula, "exact": n, "max_abs_logit_diff": training_error(systems, train, n)}
+                    said = f"max |logit diff| on its training queries {row['max_abs_logit_diff']:.2e}"
+                except ValueError as refusal:
+                    row = {"formula": formula, "exact": n, "refused": str(refusal)}
+                    said = f"refused: {str(refusal).split(':')[0]}: {str(refusal).split('(')[1].split(')')[0]}"
+                out.append(row)
+                print(f"{args.model} {args.task} seed {args.seed}, {formula}, exact {n}: {said}", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
