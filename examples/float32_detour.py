@@ -19,19 +19,11 @@ import contextlib
 from pathlib import Path
 
 import torch
-from thought_study import split, stacked
+from thought_study import exact_error, split, stacked
 from thought_tasks import TASKS
 
 import implicit_updates as iu
 from implicit_updates.runtime.precision import KeepPrecision
-
-
-def training_error(systems, train, n: int) -> float:
-    """The exact fit on the first ``n`` training queries, run on them alone, against the full model."""
-    with systems.fit(queries=range(n)).applied() as patched, torch.no_grad():
-        batches = [train[:n]] if isinstance(train, torch.Tensor) else [q[None] for q in train[:n]]
-        own = torch.cat([patched(input_ids=b, use_cache=False).logits.flatten(0, 1) for b in batches])
-    return float((own - systems.full_logits[: len(own)]).abs().max())
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -58,7 +50,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             systems = iu.thought_systems(model, prefix, train, dtype=torch.float64)
             for n in (4, len(train)):
                 try:
-                    row = {"formula": formula, "exact": n, "max_abs_logit_diff": training_error(systems, train, n)}
+                    row = {"formula": formula, "exact": n, "max_abs_logit_diff": exact_error(systems, train, n)}
                     said = f"max |logit diff| on its training queries {row['max_abs_logit_diff']:.2e}"
                 except ValueError as refusal:
                     row = {"formula": formula, "exact": n, "refused": str(refusal)}

@@ -186,6 +186,16 @@ def greedy(model, ids: torch.Tensor, tokenizer, n: int = 6) -> str:
     return tokenizer.decode(ids[0, -n:]).split("\n")[0]
 
 
+def exact_error(systems, train, n: int) -> float:
+    """The exact fit on the first ``n`` training queries, in the forward every condition runs, on those queries
+    alone: its max |logit diff| from the full model (``ValueError`` where the fit is refused)."""
+    with systems.fit(queries=range(n)).applied() as patched, torch.no_grad():
+        own = torch.cat([patched(input_ids=batch, use_cache=False).logits.flatten(0, 1)  # query-major
+                         for batch in ([train[:n]] if isinstance(train, torch.Tensor) else
+                                       [q[None] for q in train[:n]])])
+    return float((own - systems.full_logits[: len(own)]).abs().max())
+
+
 def run(model, tokenizer, task: str, pairs: list, seed: int, steps: int, show: bool) -> dict:
     text, train_items, held = split(tokenizer, pairs, seed)
     if len(train_items) < N_TRAIN or len(held) < 20:
@@ -236,13 +246,10 @@ def run(model, tokenizer, task: str, pairs: list, seed: int, steps: int, show: b
     if show:
         with plain(model):
             shown["full"] = [greedy(model, torch.cat([prefix[0], h[0]]), tokenizer) for h in held[:2]]
-    training_error = {}  # the forward every condition runs, on the exact updates' own training queries
+    training_error = {}
     for n in (4, len(train)):
-        with contextlib.suppress(ValueError), systems.fit(queries=range(n)).applied() as patched, torch.no_grad():
-            own = torch.cat([patched(input_ids=batch, use_cache=False).logits.flatten(0, 1)  # query-major
-                             for batch in ([train[:n]] if isinstance(train, torch.Tensor) else
-                                           [q[None] for q in train[:n]])])
-            training_error[f"exact {n}"] = float((own - systems.full_logits[: len(own)]).abs().max())
+        with contextlib.suppress(ValueError):
+            training_error[f"exact {n}"] = exact_error(systems, train, n)
     lengths = sorted({len(q) for q in train})
     result = {"task": task, "seed": seed, "k": lengths[0] if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}",
               "n_train": len(train), "n_held_out": len(held),

@@ -4,6 +4,7 @@ queries, the full model agrees with itself, spreads come from the seeds, and the
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -15,16 +16,21 @@ STORIES = ROOT.parent / "shared/models/stories260K"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def example(name: str):
+    """A script of examples/ imported as a module (its sibling imports resolved)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     if not STORIES.is_dir():
         pytest.skip(f"stories260K not found at {STORIES} (the team's ../shared next to the repository)")
     pytest.importorskip("peft")
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import thought_study
-    finally:
-        sys.path.remove(str(ROOT / "examples"))
+    thought_study = example("thought_study")
     out = tmp_path_factory.mktemp("study") / "s.json"
     thought_study.main(["--model", str(STORIES), "--task", "addition", "--seeds", "2", "--steps", "2",
                         "--json", str(out)])
@@ -55,11 +61,7 @@ def test_every_condition_on_every_seed(study):
 
 def test_tables_and_figure(study, tmp_path, capsys):
     _, path = study
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import thought_tables
-    finally:
-        sys.path.remove(str(ROOT / "examples"))
+    thought_tables = example("thought_tables")
     thought_tables.main([str(path), "--plot", str(tmp_path / "t.png")])
     text = capsys.readouterr().out
     assert "| exact 4 |" in text and "| addition (11; 100%)" in text and "Spearman" in text
@@ -73,11 +75,7 @@ def test_merge_recomputes_the_summary(study, tmp_path):
     """Two halves of a study (one seed each) merge into the same summary as the whole; a (task, seed) twice, or a
     different setting, is refused."""
     payload, _ = study
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import thought_study
-    finally:
-        sys.path.remove(str(ROOT / "examples"))
+    thought_study = example("thought_study")
     halves = []
     for i, run in enumerate(payload["runs"]):
         halves.append(tmp_path / f"half{i}.json")
@@ -100,11 +98,7 @@ def test_merge_recomputes_the_summary(study, tmp_path):
 
 
 def test_paired_control_uses_only_runs_where_both_ran():
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import thought_tables
-    finally:
-        sys.path.remove(str(ROOT / "examples"))
+    thought_tables = example("thought_tables")
 
     def run(exact, control):
         rows = {"exact 16": {"agree": exact, "kl": 1.0}, "zero-shot + specials": {"agree": 0.0, "kl": 5.0}}
@@ -123,12 +117,7 @@ def test_float32_detour_compares_the_model_as_written_with_its_float64_formula()
     rounding, and the model as written to float32 rounding at worst."""
     if not STORIES.is_dir():
         pytest.skip(f"stories260K not found at {STORIES} (the team's ../shared next to the repository)")
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import float32_detour
-    finally:
-        sys.path.remove(str(ROOT / "examples"))
-    rows = float32_detour.main(["--model", str(STORIES), "--task", "capital", "--seed", "0"])
+    rows = example("float32_detour").main(["--model", str(STORIES), "--task", "capital", "--seed", "0"])
     assert [(r["formula"], r["exact"]) for r in rows] == [("as written", 4), ("as written", 16),
                                                            ("float64 formula", 4), ("float64 formula", 16)]
     kept = [r for r in rows if r["formula"] == "float64 formula"]
