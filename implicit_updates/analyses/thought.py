@@ -190,9 +190,7 @@ def thought_systems(model: nn.Module, prefix: Tensor, queries: Tensor | Sequence
     to fit many thought patches (:meth:`ThoughtSystems.fit`). Queries of one length run as one batch; each other
     length as its own. Any backend with the ``continuation`` capability; the user's model is untouched."""
     listed = _query_list(queries)
-    groups: dict[int, list[int]] = {}
-    for i, q in enumerate(listed):
-        groups.setdefault(len(q), []).append(i)
+    groups = _by_length(listed)
     gathered = [gathered_systems(model, prefix, torch.stack([listed[i] for i in idx]), dtype)
                 for idx in groups.values()]
     compute_dtype = gathered[0][0]
@@ -228,12 +226,18 @@ def _stacked(queries: list[Tensor]) -> Tensor | tuple[Tensor, ...]:
     return tuple(queries)
 
 
-def _by_query(queries: list[Tensor], run) -> Tensor:
-    """``run`` (token ids ``[b, K]`` -> logits ``[b, K, d_vocab]``) on the queries, one batch per length, as
-    ``[sum of lengths, d_vocab]`` rows in the queries' order (query-major)."""
+def _by_length(queries: list[Tensor]) -> dict[int, list[int]]:
+    """The queries' indices grouped by length (each group runs as one batch), in order of first appearance."""
     groups: dict[int, list[int]] = {}
     for i, q in enumerate(queries):
         groups.setdefault(len(q), []).append(i)
+    return groups
+
+
+def _by_query(queries: list[Tensor], run) -> Tensor:
+    """``run`` (token ids ``[b, K]`` -> logits ``[b, K, d_vocab]``) on the queries, one batch per length, as
+    ``[sum of lengths, d_vocab]`` rows in the queries' order (query-major)."""
+    groups = _by_length(queries)
     out: list[Tensor] = [None] * len(queries)  # type: ignore[list-item]
     for idx in groups.values():
         logits = run(torch.stack([queries[i] for i in idx]))
@@ -275,13 +279,13 @@ def thought_patch(model: nn.Module, prefix: Tensor, queries: Tensor | Sequence[T
     ``queries``: token ids ``[n, K]``, or n 1-D sequences of any lengths (one batch per length). ``kind``:
     ``"matrix"`` (the first-layer maps and the output matrix, by ridge / reduced-rank least squares), ``"vector"``
     (one additive change of each block's output), or ``"both"`` (the maps, and the output matrix with the vector as
-    its intercept). ``ridge >= 0``,
-    ``rank``: a cap on each map's update's rank. ``ridge=0``, ``rank=None``, ``kind="matrix"`` is the exact stacked
-    update (``absorb_continuation(..., output="matrix")``), exact on all n K positions when their rows are
-    independent (positions whose query tokens so far repeat another query's are the same row, kept once). ``ridge`` is
-    relative to the fitted rows' mean squared norm (:class:`~implicit_updates.math.lowrank.Solver`), so one value
-    means the same in every block. For sweeps, :func:`thought_systems` gathers once. Any backend with the
-    ``continuation`` capability; the user's model is untouched.
+    its intercept). ``ridge >= 0``, ``rank``: a cap on each map's update's rank. ``ridge=0``, ``rank=None``,
+    ``kind="matrix"`` is the exact stacked update (``absorb_continuation(..., output="matrix")``), exact on all n K
+    positions when their rows are independent (positions whose query tokens so far repeat another query's are the
+    same row, kept once). ``ridge`` is relative to the fitted rows' mean squared norm
+    (:class:`~implicit_updates.math.lowrank.Solver`), so one value means the same in every block. For sweeps,
+    :func:`thought_systems` gathers once. Any backend with the ``continuation`` capability; the user's model is
+    untouched.
     """
     _check(ridge, rank, kind)
     return thought_systems(model, prefix, queries, dtype, rcond).fit(ridge, rank, kind)
