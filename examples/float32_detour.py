@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from pathlib import Path
 
 import torch
-from thought_study import exact_error, split, stacked
+from thought_study import exact_error, load_float64, split, stacked
 from thought_tasks import TASKS
 
 import implicit_updates as iu
@@ -33,14 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--task", default="addition", choices=list(TASKS))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from implicit_updates.models.loading import load_local, load_tokenizer
-    from implicit_updates.models.pretrained import load_pretrained, prepare
-
-    if Path(args.model).is_dir():  # a local Hugging Face directory (the test uses stories260K)
-        model, tokenizer = load_local(args.model, "hf", dtype=torch.float64), load_tokenizer(args.model)
-    else:
-        model = load_pretrained(args.model, "hf", dtype=torch.float64)
-        tokenizer = load_tokenizer(prepare(args.model))
+    model, tokenizer = load_float64(args.model)
     text, train_items, _ = split(tokenizer, TASKS[args.task], args.seed)
     prefix = tokenizer(text, return_tensors="pt").input_ids
     train = stacked([q for q, *_ in train_items])
@@ -56,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
                     said = f"max |logit diff| on its training queries {row['max_abs_logit_diff']:.2e}"
                 except ValueError as refusal:
                     row = {"formula": formula, "exact": n, "refused": str(refusal)}
-                    said = f"refused: {str(refusal).split(':')[0]}: {str(refusal).split('(')[1].split(')')[0]}"
+                    said = "refused: " + str(refusal).split(")")[0] + (")" if "(" in str(refusal) else "")
                 out.append(row)
                 print(f"{args.model} {args.task} seed {args.seed}, {formula}, exact {n}: {said}", flush=True)
     detour = float((full[0] - full[1]).abs().max())  # the full model itself, as written against its float64 formula

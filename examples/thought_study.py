@@ -186,6 +186,17 @@ def greedy(model, ids: torch.Tensor, tokenizer, n: int = 6) -> str:
     return tokenizer.decode(ids[0, -n:]).split("\n")[0]
 
 
+def load_float64(name: str):
+    """The model (Hugging Face backend, float64) and its tokenizer: a pretrained name or a local Hugging Face
+    directory (the tests use stories260K)."""
+    from implicit_updates.models.loading import load_local, load_tokenizer
+    from implicit_updates.models.pretrained import load_pretrained, prepare
+
+    if Path(name).is_dir():
+        return load_local(name, "hf", dtype=torch.float64), load_tokenizer(name)
+    return load_pretrained(name, "hf", dtype=torch.float64), load_tokenizer(prepare(name))
+
+
 def exact_error(systems, train, n: int) -> float:
     """The exact fit on the first ``n`` training queries, in the forward every condition runs, on those queries
     alone: its max |logit diff| from the full model (``ValueError`` where the fit is refused)."""
@@ -373,15 +384,8 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = set(args.task or []) - set(tasks)
     if unknown:
         parser.error(f"unknown task(s) {sorted(unknown)}: choose from {', '.join(tasks)}")
-    from implicit_updates.models.loading import load_local, load_tokenizer
-    from implicit_updates.models.pretrained import load_pretrained, prepare
-
     torch.manual_seed(0)
-    if Path(args.model).is_dir():  # a local Hugging Face directory (the tests use stories260K)
-        model, tokenizer = load_local(args.model, "hf", dtype=torch.float64), load_tokenizer(args.model)
-    else:
-        model = load_pretrained(args.model, "hf", dtype=torch.float64)
-        tokenizer = load_tokenizer(prepare(args.model))
+    model, tokenizer = load_float64(args.model)
     settings = {"model": args.model, "dtype": "float64", "n_shot": N_SHOT, "n_train": N_TRAIN,
                 "ridges": list(RIDGES), "ranks": list(RANKS), "lora_rank": LORA_RANK, "steps": args.steps}
     results, start = [], time.perf_counter()
