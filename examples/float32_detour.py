@@ -19,8 +19,9 @@ import argparse
 import contextlib
 
 import torch
-from thought_study import exact_error, load_float64, split, stacked
+from thought_study import exact_error, split, stacked
 from thought_tasks import TASKS
+from transfer_study import load_float64
 
 import implicit_updates as iu
 from implicit_updates.runtime.precision import KeepPrecision

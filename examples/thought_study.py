@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import random
 import statistics
@@ -45,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from thought_tasks import TASKS
-from transfer_study import ids_of, kl
+from transfer_study import float32_copy, ids_of, kl, load_float64
 
 import implicit_updates as iu
 from implicit_updates.cli.common import write_json
@@ -147,7 +146,7 @@ def lora_gd(model, prefix: torch.Tensor, train: torch.Tensor | list[torch.Tensor
         for batch in batches:
             targets.append(F.log_softmax(model(input_ids=torch.cat([prefix.expand(len(batch), -1), batch], 1),
                                                use_cache=False).logits[:, -batch.shape[1]:].float(), -1))
-    student = peft.get_peft_model(copy.deepcopy(model).float(), peft.LoraConfig(
+    student = peft.get_peft_model(float32_copy(model), peft.LoraConfig(
         r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=["gate_proj", "up_proj", "down_proj"], lora_dropout=0.0))
     optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-3)
     positions = sum(b.numel() for b in batches)
@@ -184,17 +183,6 @@ def greedy(model, ids: torch.Tensor, tokenizer, n: int = 6) -> str:
             nxt = model(input_ids=ids, use_cache=False).logits[0, -1].argmax()
         ids = torch.cat([ids, nxt.view(1, 1)], 1)
     return tokenizer.decode(ids[0, -n:]).split("\n")[0]
-
-
-def load_float64(name: str):
-    """The model (Hugging Face backend, float64) and its tokenizer: a pretrained name or a local Hugging Face
-    directory (the tests use stories260K)."""
-    from implicit_updates.models.loading import load_local, load_tokenizer
-    from implicit_updates.models.pretrained import load_pretrained, prepare
-
-    if Path(name).is_dir():
-        return load_local(name, "hf", dtype=torch.float64), load_tokenizer(name)
-    return load_pretrained(name, "hf", dtype=torch.float64), load_tokenizer(prepare(name))
 
 
 def exact_error(systems, train, n: int) -> float:

@@ -18,7 +18,10 @@ For each task (a few-shot prefix P of lines "x -> y" and queries "{x} ->"), on a
 
     python examples/transfer_study.py --model smollm2-135m --json examples/figures/transfer_smollm2.json
 
-Numbers are whatever they turn out to be; the README reports them with this command.
+``--factored`` adds each low-rank update at its linear map's output, ``(x R) C``, instead of writing the dense delta
+into the weight (the same function up to float64 rounding, tested against the literal edit): no dense delta of the
+MLP matrices is ever formed, so Qwen2.5-Coder-1.5B (12 GB in float64, 6 GB more for the LoRA's float32 copy) fits a
+24 GB machine. Numbers are whatever they turn out to be; the README reports them with this command.
 """
 
 from __future__ import annotations
@@ -26,13 +29,15 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from implicit_updates.analyses.continuation import absorb_continuation
+from implicit_updates.analyses.continuation import ContinuationAbsorption, LowRankUpdate, absorb_continuation
 from implicit_updates.cli.common import write_json
-from implicit_updates.runtime.hooks import swapped_parameters
+from implicit_updates.runtime.hooks import module_hooks, swapped_parameters
 from implicit_updates.runtime.precision import exact_formula
 
 CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"),
@@ -70,11 +75,57 @@ def ids_of(tokenizer, text: str) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
 
 
+@dataclass(frozen=True)
+class LowRank:
+    """The delta ``(rows @ columns).T`` of an ``nn.Linear`` weight ``[d_out, d_in]``, kept as its factors ``rows``
+    ``[d_in, r]`` and ``columns`` ``[r, d_out]``: the linear's output moves by ``(x @ rows) @ columns``."""
+
+    rows: torch.Tensor
+    columns: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        return (self.rows @ self.columns).T
+
+    def __add__(self, other: LowRank) -> LowRank:  # a sum of low-rank deltas: the factors side by side
+        return LowRank(torch.cat([self.rows, other.rows], 1), torch.cat([self.columns, other.columns], 0))
+
+    def __truediv__(self, scale: float) -> LowRank:
+        return LowRank(self.rows, self.columns / scale)
+
+
+def patch_of(absorption: ContinuationAbsorption, factored: bool) -> dict:
+    """``{parameter name: delta}`` of every block: dense (``absorption.patch()``), or with ``factored`` each
+    ``nn.Linear`` weight's update as its :class:`LowRank` factors (biases and norm scales stay dense)."""
+    if not factored:
+        return absorption.patch()
+    out: dict = {}
+    for block in absorption.blocks:
+        for u in block.updates:
+            if isinstance(u, LowRankUpdate):
+                name, delta = u.name, LowRank(u.rows, u.columns) if u.transposed else u.dense()
+            else:
+                name, delta = u
+            out[name] = out[name] + delta if name in out else delta
+    return out
+
+
+def add_low_rank(delta: LowRank):
+    def hook(module, args, output: torch.Tensor) -> torch.Tensor:
+        return output + (args[0] @ delta.rows) @ delta.columns
+
+    return hook
+
+
 def last_logits(model, ids: torch.Tensor, patch: dict | None = None) -> torch.Tensor:
-    """Logits at the last position; ``patch`` ({name: delta}) added to the parameters while it runs."""
-    values = {n: model.get_parameter(n) + d for n, d in (patch or {}).items()}
+    """Logits at the last position; ``patch`` ({name: delta}) added to the parameters while it runs: a dense delta
+    written into its parameter, a :class:`LowRank` one added at its linear map's output."""
+    patch = patch or {}
+    values = {n: model.get_parameter(n) + d for n, d in patch.items() if not isinstance(d, LowRank)}
+    hooks = [(model.get_submodule(n.rpartition(".")[0]), "fwd", add_low_rank(d))
+             for n, d in patch.items() if isinstance(d, LowRank)]
     # the forward the updates are exact in (Gemma reads its norm scales through float32 casts: kept in float64)
-    with torch.no_grad(), swapped_parameters(model, values), exact_formula(model, torch.float64):
+    with (torch.no_grad(), swapped_parameters(model, values), module_hooks(hooks),
+          exact_formula(model, torch.float64)):
         return model(input_ids=ids, use_cache=False).logits[0, -1]
 
 
@@ -83,18 +134,38 @@ def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     return float((p.exp() * (p - q)).sum())
 
 
-def lora_gd(model, prefix, train_ids: torch.Tensor, rank: int, steps: int) -> tuple[dict, float]:
-    """A PEFT LoRA of ``rank`` on every gate/up/down projection, trained by context distillation; its dense delta
-    (in the model's float64) and the final loss."""
+def float32_copy(model):
+    """A float32 deep copy of a float64 model, built parameter by parameter (``deepcopy(model).float()`` would hold a
+    second float64 copy first: 12 GB more for a 1.5B model); tied parameters stay tied."""
+    memo: dict = {id(p): torch.nn.Parameter(p.detach().float(), requires_grad=p.requires_grad)
+                  for p in model.parameters()}
+    memo |= {id(b): b.float() if b.is_floating_point() else b.clone() for b in model.buffers()}
+    return copy.deepcopy(model, memo)
+
+
+def lora_factors(student) -> dict[str, LowRank]:
+    """A trained PEFT model's LoRA on each linear map, as the :class:`LowRank` delta of its weight (float64)."""
+    out = {}
+    for name, module in student.named_modules():
+        if "default" in getattr(module, "lora_A", {}):
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight  # delta = scaling * b @ a
+            key = name.removeprefix("base_model.model.") + ".weight"
+            out[key] = LowRank(a.detach().double().T, (b * module.scaling["default"]).detach().double().T)
+    return out
+
+
+def lora_gd(model, prefix, train_ids: torch.Tensor, rank: int, steps: int, factored: bool = False
+            ) -> tuple[dict, float]:
+    """A PEFT LoRA of ``rank`` on every gate/up/down projection, trained by context distillation; its delta (in the
+    model's float64: dense, or its factors with ``factored``) and the final loss."""
     import peft
 
-    student = copy.deepcopy(model).float()
     with torch.no_grad():
         targets = [F.log_softmax(model(input_ids=torch.cat([prefix, q[None]], 1), use_cache=False)
                                  .logits[0, -q.shape[0]:].float(), -1) for q in train_ids]
     config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=["gate_proj", "up_proj", "down_proj"],
                              lora_dropout=0.0, init_lora_weights=True)
-    student = peft.get_peft_model(student, config)
+    student = peft.get_peft_model(float32_copy(model), config)
     optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-3)
     loss = torch.tensor(0.0)
     for _ in range(steps):
@@ -103,38 +174,61 @@ def lora_gd(model, prefix, train_ids: torch.Tensor, rank: int, steps: int) -> tu
                             log_target=True, reduction="batchmean") for q, t in zip(train_ids, targets, strict=True))
         loss.backward()
         optimizer.step()
-    delta = {}
-    for name, module in student.named_modules():
-        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
-            key = name.removeprefix("base_model.model.") + ".weight"
-            delta[key] = (b @ a * module.scaling["default"]).detach().double()
-    return delta, float(loss)
+    factors = lora_factors(student)
+    return (factors if factored else {n: d.dense() for n, d in factors.items()}), float(loss.detach())
 
 
 def first_gradient_cosine(model, prefix, q: torch.Tensor, patch: dict) -> float:
     """Cosine between the implicit update ``patch`` and minus the gradient of the distillation loss (the full model's
-    distribution at q's positions against the model's on q alone) at the unpatched weights."""
+    distribution at q's positions against the model's on q alone) at the unpatched weights. The dot products are
+    taken as each parameter's gradient arrives, and the gradient dropped: never more than one dense at a time."""
     with torch.no_grad():
         full = model(input_ids=torch.cat([prefix, q[None]], 1), use_cache=False).logits[0, -q.shape[0]:]
         target = F.log_softmax(full, -1)
+    dots = {"gd": 0.0, "gg": 0.0, "dd": 0.0}
+
+    def accumulate(name: str):
+        def hook(param: torch.Tensor) -> None:
+            g, d = param.grad, patch[name]
+            d = d.dense() if isinstance(d, LowRank) else d
+            dots["gd"] += float((g * d).sum())
+            dots["gg"] += float(g.pow(2).sum())
+            dots["dd"] += float(d.pow(2).sum())
+            param.grad = None
+
+        return hook
+
     params = {n: model.get_parameter(n) for n in patch}
     saved = {n: p.requires_grad for n, p in params.items()}
-    for p in params.values():
-        p.requires_grad_(True)
+    handles = []
     try:
+        for n, p in params.items():
+            p.requires_grad_(True)
+            handles.append(p.register_post_accumulate_grad_hook(accumulate(n)))
         loss = F.kl_div(F.log_softmax(model(input_ids=q[None], use_cache=False).logits[0], -1), target,
                         log_target=True, reduction="batchmean")
-        grads = torch.autograd.grad(loss, list(params.values()))
+        loss.backward(inputs=list(params.values()))  # only these: the model's other parameters get no .grad
     finally:
+        for handle in handles:
+            handle.remove()
         for n, p in params.items():
             p.requires_grad_(saved[n])
-    g = torch.cat([x.flatten() for x in grads])
-    d = torch.cat([patch[n].flatten() for n in params])
-    return float(-(g @ d) / (g.norm() * d.norm()))
+            p.grad = None
+    return -dots["gd"] / (dots["gg"] ** 0.5 * dots["dd"] ** 0.5)
 
 
-def run_task(model, tokenizer, name: str, pairs: list, steps: int) -> dict:
+def load_float64(name: str):
+    """The model (Hugging Face backend, float64) and its tokenizer: a pretrained name or a local Hugging Face
+    directory (the tests use stories260K)."""
+    from implicit_updates.models.loading import load_local, load_tokenizer
+    from implicit_updates.models.pretrained import load_pretrained, prepare
+
+    if Path(name).is_dir():
+        return load_local(name, "hf", dtype=torch.float64), load_tokenizer(name)
+    return load_pretrained(name, "hf", dtype=torch.float64), load_tokenizer(prepare(name))
+
+
+def run_task(model, tokenizer, name: str, pairs: list, steps: int, factored: bool = False) -> dict:
     shots, rest = pairs[:N_SHOT], pairs[N_SHOT:]
     # the prefix ends with the newline, so the queries share no first token (stacked rows must be independent)
     # the prefix starts the text, with the tokenizer's special tokens (Gemma's <bos>: without it Gemma-3-270M's full
@@ -166,19 +260,22 @@ def run_task(model, tokenizer, name: str, pairs: list, steps: int) -> dict:
     evaluate("zero-shot", {})
     if len(specials):  # q' alone as a text of its own; the implicit updates run q' alone, as "zero-shot" does
         evaluate("zero-shot + BOS", None)
-    first = absorb_continuation(model, prefix, train[0], dtype=torch.float64, output="matrix").patch()
+    def absorbed(before: torch.Tensor, queries: torch.Tensor, **kwargs) -> dict:
+        return patch_of(absorb_continuation(model, before, queries, dtype=torch.float64, **kwargs), factored)
+
+    first = absorbed(prefix, train[0], output="matrix")
     evaluate("one other", first)
     cosine = first_gradient_cosine(model, prefix, train[0], first)
     total = first
     for q in train[1:4]:
-        for n, d in absorb_continuation(model, prefix, q, dtype=torch.float64, output="matrix").patch().items():
+        for n, d in absorbed(prefix, q, output="matrix").items():
             total[n] = total[n] + d
     evaluate("mean of 4", {n: d / 4 for n, d in total.items()})
     del first, total
     exact = float("nan")
     for n in (4, 16):
         if len(train) >= n:
-            stacked = absorb_continuation(model, prefix, torch.stack(train[:n]), dtype=torch.float64).patch()
+            stacked = absorbed(prefix, torch.stack(train[:n]))
             evaluate(f"stacked {n}", stacked)
             if n == 4:  # the machinery's own check: exact on its own training queries alone
                 exact = max(float((last_logits(model, q[None], stacked)
@@ -186,11 +283,11 @@ def run_task(model, tokenizer, name: str, pairs: list, steps: int) -> dict:
                             for q in train[:4])
             del stacked
     if len(specials) and len(train) >= 4:  # the control: what the special tokens alone carry, without the examples
-        control = absorb_continuation(model, specials[None], torch.stack(train[:4]), dtype=torch.float64).patch()
+        control = absorbed(specials[None], torch.stack(train[:4]))
         evaluate("stacked 4, specials only", control)
         del control
     start = time.perf_counter()
-    lora, lora_loss = lora_gd(model, prefix, torch.stack(train[:4]), 4 * k, steps)
+    lora, lora_loss = lora_gd(model, prefix, torch.stack(train[:4]), 4 * k, steps, factored)
     lora_seconds = time.perf_counter() - start
     evaluate("LoRA (GD)", lora)
     return {"task": name, "k": k, "n_train": len(train), "n_held_out": len(held), "rows": rows,
@@ -204,18 +301,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--task", action="append", choices=list(TASKS), help="repeatable; default: all four")
     parser.add_argument("--steps", type=int, default=100, help="LoRA gradient steps (the GD budget)")
+    parser.add_argument("--factored", action="store_true",
+                        help="add the low-rank updates at their maps' outputs, not as dense weight deltas (memory)")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
-    from implicit_updates.models.loading import load_tokenizer
-    from implicit_updates.models.pretrained import load_pretrained, prepare
-
     torch.manual_seed(0)
-    model = load_pretrained(args.model, "hf", dtype=torch.float64)  # qwen2.5-coder-0.5b: ~5 GB in float64
-    tokenizer = load_tokenizer(prepare(args.model))
-    out = {"model": args.model, "dtype": "float64", "tasks": []}
+    model, tokenizer = load_float64(args.model)  # qwen2.5-coder-0.5b: ~5 GB in float64, 1.5b: ~12 GB
+    out = {"model": args.model, "dtype": "float64", "factored": args.factored, "tasks": []}
     for name in args.task or list(TASKS):
         start = time.perf_counter()
-        result = run_task(model, tokenizer, name, TASKS[name], args.steps)
+        result = run_task(model, tokenizer, name, TASKS[name], args.steps, args.factored)
         result["seconds"] = time.perf_counter() - start
         out["tasks"].append(result)
         print(f"{name} (K = {result['k']}, {result['n_held_out']} held-out, {result['seconds']:.0f} s): "
@@ -223,6 +318,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"training queries: max |logit diff| {result['max_abs_logit_diff_on_training_queries']:.1e}")
         for c, r in result["rows"].items():
             print(f"  {c:>12}: agree {r['agree']:.2f}  correct {r['correct']:.2f}  KL {r['kl']:.3f}")
+        if len(out["tasks"]) < len(args.task or TASKS):  # a stopped run keeps the tasks it finished
+            write_json(args.json, {**out, "partial": True})
     write_json(args.json, out)
     return out
 
