@@ -117,8 +117,9 @@ def add_low_rank(delta: LowRank):
 
 
 def last_logits(model, ids: torch.Tensor, patch: dict | None = None) -> torch.Tensor:
-    """Logits at the last position; ``patch`` ({name: delta}) added to the parameters while it runs: a dense delta
-    written into its parameter, a :class:`LowRank` one added at its linear map's output."""
+    """Logits at the last position of each row of ``ids`` ``[n, len]`` (``[d_vocab]`` for one row); ``patch``
+    ({name: delta}) added to the parameters while it runs: a dense delta written into its parameter, a
+    :class:`LowRank` one added at its linear map's output."""
     patch = patch or {}
     values = {n: model.get_parameter(n) + d for n, d in patch.items() if not isinstance(d, LowRank)}
     hooks = [(model.get_submodule(n.rpartition(".")[0]), "fwd", add_low_rank(d))
@@ -126,7 +127,20 @@ def last_logits(model, ids: torch.Tensor, patch: dict | None = None) -> torch.Te
     # the forward the updates are exact in (Gemma reads its norm scales through float32 casts: kept in float64)
     with (torch.no_grad(), swapped_parameters(model, values), module_hooks(hooks),
           exact_formula(model, torch.float64)):
-        return model(input_ids=ids, use_cache=False).logits[0, -1]
+        logits = model(input_ids=ids, use_cache=False).logits[:, -1]
+    return logits[0] if ids.shape[0] == 1 else logits
+
+
+def each_last_logits(model, sequences: list[torch.Tensor], patch: dict | None = None) -> list[torch.Tensor]:
+    """:func:`last_logits` of each 1-D sequence, run as one batch per length (no padding: each row's forward is
+    its own)."""
+    out: list[torch.Tensor] = [None] * len(sequences)  # type: ignore[list-item]
+    for length in {len(s) for s in sequences}:
+        idx = [i for i, s in enumerate(sequences) if len(s) == length]
+        logits = last_logits(model, torch.stack([sequences[i] for i in idx]), patch)
+        for j, i in enumerate(idx):
+            out[i] = logits[j] if len(idx) > 1 else logits
+    return out
 
 
 def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
@@ -160,9 +174,10 @@ def lora_gd(model, prefix, train_ids: torch.Tensor, rank: int, steps: int, facto
     model's float64: dense, or its factors with ``factored``) and the final loss."""
     import peft
 
+    n, k = train_ids.shape  # the queries share one length: each step is one batch (no padding)
     with torch.no_grad():
-        targets = [F.log_softmax(model(input_ids=torch.cat([prefix, q[None]], 1), use_cache=False)
-                                 .logits[0, -q.shape[0]:].float(), -1) for q in train_ids]
+        targets = F.log_softmax(model(input_ids=torch.cat([prefix.expand(n, -1), train_ids], 1), use_cache=False)
+                                .logits[:, -k:].float(), -1).flatten(0, 1)
     config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=["gate_proj", "up_proj", "down_proj"],
                              lora_dropout=0.0, init_lora_weights=True)
     student = peft.get_peft_model(float32_copy(model), config)
@@ -170,12 +185,13 @@ def lora_gd(model, prefix, train_ids: torch.Tensor, rank: int, steps: int, facto
     loss = torch.tensor(0.0)
     for _ in range(steps):
         optimizer.zero_grad()
-        loss = sum(F.kl_div(F.log_softmax(student(input_ids=q[None], use_cache=False).logits[0], -1), t,
-                            log_target=True, reduction="batchmean") for q, t in zip(train_ids, targets, strict=True))
+        logp = F.log_softmax(student(input_ids=train_ids, use_cache=False).logits, -1).flatten(0, 1)
+        # each query's "batchmean" KL over its k positions, summed over the queries
+        loss = F.kl_div(logp, targets, log_target=True, reduction="sum") / k
         loss.backward()
         optimizer.step()
     factors = lora_factors(student)
-    return (factors if factored else {n: d.dense() for n, d in factors.items()}), float(loss.detach())
+    return (factors if factored else {name: d.dense() for name, d in factors.items()}), float(loss.detach())
 
 
 def first_gradient_cosine(model, prefix, q: torch.Tensor, patch: dict) -> float:
@@ -242,16 +258,18 @@ def run_task(model, tokenizer, name: str, pairs: list, steps: int, factored: boo
     train = [q for q, _ in queries if q.shape[0] == k][:N_TRAIN]
     train_ids = set(id(q) for q in train)
     held = [(q, a) for q, a in queries if id(q) not in train_ids][:N_HELD]
-    fulls = [last_logits(model, torch.cat([prefix, q[None]], 1)) for q, _ in held]
+    fulls = each_last_logits(model, [torch.cat([prefix[0], q]) for q, _ in held])
     rows: dict[str, dict] = {}
 
     def evaluate(condition: str, patch: dict | None) -> None:  # one condition's patch alive at a time (~0.6 GB)
         r = rows[condition] = {"agree": 0.0, "correct": 0.0, "kl": 0.0}
-        for (q, answer), full in zip(held, fulls, strict=True):
-            if condition == "zero-shot + BOS":
-                logits = last_logits(model, torch.cat([specials, q])[None])
-            else:
-                logits = full if condition == "full" else last_logits(model, q[None], patch)
+        if condition == "full":
+            got = fulls
+        elif condition == "zero-shot + BOS":
+            got = each_last_logits(model, [torch.cat([specials, q]) for q, _ in held])
+        else:
+            got = each_last_logits(model, [q for q, _ in held], patch)
+        for (_, answer), full, logits in zip(held, fulls, got, strict=True):
             r["agree"] += float(logits.argmax() == full.argmax()) / len(held)
             r["correct"] += float(logits.argmax() == answer) / len(held)
             r["kl"] += kl(full, logits) / len(held)
