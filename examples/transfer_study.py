@@ -27,6 +27,7 @@ MLP matrices is ever formed, so Qwen2.5-Coder-1.5B (12 GB in float64, 6 GB more 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import time
 from dataclasses import dataclass
@@ -244,7 +245,9 @@ def load_float64(name: str):
     return load_pretrained(name, "hf", dtype=torch.float64), load_tokenizer(prepare(name))
 
 
-def run_task(model, tokenizer, name: str, pairs: list, steps: int, factored: bool = False) -> dict:
+def split(tokenizer, pairs: list) -> tuple[torch.Tensor, torch.Tensor, int, list, list]:
+    """The prefix ``[1, P]`` (the shots), its special tokens, the query length K, the training queries (up to 16 of
+    length K) and the held-out ``(query, answer's first token)`` pairs (up to 20)."""
     shots, rest = pairs[:N_SHOT], pairs[N_SHOT:]
     # the prefix ends with the newline, so the queries share no first token (stacked rows must be independent)
     # the prefix starts the text, with the tokenizer's special tokens (Gemma's <bos>: without it Gemma-3-270M's full
@@ -258,6 +261,29 @@ def run_task(model, tokenizer, name: str, pairs: list, steps: int, factored: boo
     train = [q for q, _ in queries if q.shape[0] == k][:N_TRAIN]
     train_ids = set(id(q) for q in train)
     held = [(q, a) for q, a in queries if id(q) not in train_ids][:N_HELD]
+    return prefix, specials, k, train, held
+
+
+def exactness(model, tokenizer, pairs: list, factored: bool) -> dict[str, float]:
+    """The stacked-4 update's max |logit diff| on its own training queries, in the model as written and in its float64
+    formula (``precision.KeepPrecision``: every float32 detour kept in float64, where Llama-family Hugging Face
+    models normalise; examples/float32_detour.py): separates the machinery's own error from the detour's rounding."""
+    from implicit_updates.runtime.precision import KeepPrecision
+
+    prefix, _, _, train, _ = split(tokenizer, pairs)
+    out = {}
+    for formula, mode in (("as written", contextlib.nullcontext()), ("float64 formula", KeepPrecision(torch.float64))):
+        with mode:
+            stacked = patch_of(absorb_continuation(model, prefix, torch.stack(train[:4]), dtype=torch.float64),
+                               factored)
+            out[formula] = max(float((last_logits(model, q[None], stacked)
+                                      - last_logits(model, torch.cat([prefix, q[None]], 1))).abs().max())
+                               for q in train[:4])
+    return out
+
+
+def run_task(model, tokenizer, name: str, pairs: list, steps: int, factored: bool = False) -> dict:
+    prefix, specials, k, train, held = split(tokenizer, pairs)
     fulls = each_last_logits(model, [torch.cat([prefix[0], q]) for q, _ in held])
     rows: dict[str, dict] = {}
 
@@ -321,10 +347,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=100, help="LoRA gradient steps (the GD budget)")
     parser.add_argument("--factored", action="store_true",
                         help="add the low-rank updates at their maps' outputs, not as dense weight deltas (memory)")
+    parser.add_argument("--exactness", action="store_true",
+                        help="only the stacked-4 update's check on its training queries, as written and in the float64 "
+                             "formula")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model, tokenizer = load_float64(args.model)  # qwen2.5-coder-0.5b: ~5 GB in float64, 1.5b: ~12 GB
+    if args.exactness:
+        checks = {}
+        for name in args.task or list(TASKS):
+            checks[name] = exactness(model, tokenizer, TASKS[name], args.factored)
+            print(f"{name}: stacked-4 update on its own training queries, max |logit diff| "
+                  + ", ".join(f"{formula} {diff:.1e}" for formula, diff in checks[name].items()), flush=True)
+        write_json(args.json, {"model": args.model, "factored": args.factored, "exactness": checks})
+        return checks
     out = {"model": args.model, "dtype": "float64", "factored": args.factored, "tasks": []}
     for name in args.task or list(TASKS):
         start = time.perf_counter()

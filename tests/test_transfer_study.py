@@ -84,3 +84,13 @@ def test_float32_copy_is_float32_and_keeps_ties_and_the_original(stories):
         assert torch.equal(p.float(), q) and p.data_ptr() != q.data_ptr(), name
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert (copy_.get_output_embeddings().weight is copy_.get_input_embeddings().weight) == tied
+
+
+def test_the_stacked_update_is_exact_in_the_float64_formula_either_way(stories):
+    """The factored patch is as exact as the literal edit where no float32 detour rounds (stories' RMSNorm casts to
+    float32 as written: its check there is only as good as that rounding)."""
+    study, model, tokenizer = stories
+    for factored in (False, True):
+        checks = study.exactness(model, tokenizer, PAIRS, factored)
+        assert set(checks) == {"as written", "float64 formula"}
+        assert checks["float64 formula"] <= 1e-9, (factored, checks)
