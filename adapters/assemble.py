@@ -1,6 +1,7 @@
 """The one capture assembler: after a backend's with-context run filled a store, each block on its query alone and
-its :class:`~implicit_updates.capture.BlockCapture` built, through the adapter interface only; and the one row layout
-of the factored patched run (:class:`PatchedRows`), which every backend's ``run_patched_block`` shares."""
+its :class:`~implicit_updates.capture.BlockCapture` built, through the adapter interface only; and the one factored
+patched run (:func:`run_patched_block`, rows laid out by :class:`PatchedRows`), which a backend serves by running a
+block on rows with edits applied (``run_edited``)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,18 @@ def assemble(adapter, store: dict[str, Tensor], resid_pre: Callable[[int], str],
         alone = adapter.run_block_alone(b, query_input)
         captures.append(adapter.block_capture(b, store, alone, query_input))
     return captures
+
+
+def run_patched_block(adapter, update: BlockUpdate, positions: slice = slice(None)) -> Tensor:
+    """Block ``update.block`` on the query alone with each position's updates added in factored form, by the
+    model's own forward: ``[batch, pos, d_model]`` for the ``positions`` asked.
+
+    A rank-one ``W + outer(row, column)`` changes its map's output by ``(input . row) column``, added where the map's
+    output appears, so no dense matrix is formed (the backend's ``run_edited`` applies each edit as the literal
+    weight edit acts). With one query for all positions the block runs on that single token and the MLP fans out to
+    one row per position (attention runs once), where the backend can (``fans_out``)."""
+    rows = PatchedRows.of(update, positions, adapter.fans_out(update.block))
+    return rows.unfold(adapter.run_edited(update.block, rows.query, update.edits(rows)))
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ adapters expose both as ``attention_readable()`` / ``capture_attention()`` (capa
 from __future__ import annotations
 
 import copy
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack
 
 import torch
 from einops import einsum, rearrange
@@ -30,11 +30,56 @@ def check_hooked(adapter) -> None:
 
 
 class HookedAttention:
+    """The one attention capture for models with TransformerLens hook points (``HookedTransformer``, and the toy
+    through :class:`~.toy_extras.ToyAttention`): the with-context forward and each block on its query alone, both read
+    through the same hooks. What differs between such models is only where each quantity is read (the ``_``-methods
+    a subclass overrides): the values and their output map, the attention output, the MLP's residual and input, and
+    the norms T (after attention) and N (before the MLP)."""
+
     def __init__(self, adapter):
         self.adapter = adapter
         self.model = adapter.model
         cfg = self.model.cfg
         self.post_norm = cfg.original_architecture in POST_NORM_ARCHITECTURES
+        self.parallel = bool(cfg.parallel_attn_mlp)
+
+    # -- where each quantity is read ---------------------------------------------------------------------------------
+
+    def _hook_names(self, b: int) -> list[str]:
+        p = f"blocks.{b}"
+        return [f"{p}.hook_resid_pre", f"{p}.attn.hook_pattern", f"{p}.attn.hook_v",
+                *([] if self.parallel else [f"{p}.hook_resid_mid"])]
+
+    def _module_reads(self, b: int) -> list[tuple[nn.Module, str, str]]:
+        """``(module, "output" | "input", key)``: what torch hooks save (the attention output, the MLP input)."""
+        block = self.model.blocks[b]
+        return [(block.attn, "output", f"{b}.attn"), (block.mlp, "input", f"{b}.m")]
+
+    def _exact(self) -> AbstractContextManager:
+        return exact_alibi(self.model)
+
+    def _values(self, store: dict[str, Tensor], b: int) -> Tensor:
+        return store[f"blocks.{b}.attn.hook_v"]
+
+    def _projected(self, b: int, v: Tensor) -> Tensor:
+        """``P^h_j = v^h_j W_O^h``, ``[batch, head, pos, d_model]`` (grouped KV heads repeated as the model does)."""
+        attn = self.model.blocks[b].attn
+        repeat = attn.W_O.shape[0] // v.shape[2]
+        v = torch.repeat_interleave(v, dim=2, repeats=repeat) if repeat > 1 else v
+        return einsum(v, attn.W_O.detach().to(v.dtype), "b j h e, h e d -> b h j d")
+
+    def _attention(self, store: dict[str, Tensor], b: int) -> Tensor:
+        return store[f"{b}.attn"]
+
+    def _mlp_residual(self, store: dict[str, Tensor], b: int) -> Tensor:
+        return store[f"blocks.{b}.hook_resid_pre" if self.parallel else f"blocks.{b}.hook_resid_mid"]
+
+    def _mlp_input(self, store: dict[str, Tensor], b: int) -> Tensor:
+        return store[f"{b}.m"]
+
+    def _block_input(self, x: Tensor) -> Tensor:
+        """The block input as the residual term sees it (the toy without its attention skip: zeros)."""
+        return x
 
     def _output_map(self, b: int, dtype: torch.dtype):
         """T: the norm between attention and the residual (Gemma's ``ln1_post``, OLMo 2's post-norm ``ln1``)."""
@@ -48,6 +93,8 @@ class HookedAttention:
         ln2 = self.model.blocks[b].ln2
         return None if self.post_norm or isinstance(ln2, nn.Identity) else own_copy(ln2, dtype)
 
+    # -- the capture ---------------------------------------------------------------------------------------------
+
     def _hooks(self, blocks: list[int], store: dict[str, Tensor]) -> ExitStack:
         def save(act: Tensor, hook) -> None:
             store[hook.name] = act.detach()
@@ -57,34 +104,14 @@ class HookedAttention:
                 store[key] = (out if output else args[0]).detach()
             return hook
 
-        names = []
-        for b in blocks:
-            p = f"blocks.{b}"
-            names += [f"{p}.hook_resid_pre", f"{p}.attn.hook_pattern", f"{p}.attn.hook_v"]
-            if not self.model.cfg.parallel_attn_mlp:
-                names.append(f"{p}.hook_resid_mid")
-        torch_hooks = []
-        for b in blocks:
-            block = self.model.blocks[b]
-            torch_hooks += [(block.attn, "fwd", save_torch(f"{b}.attn", True)),
-                            (block.mlp, "pre", save_torch(f"{b}.m", False))]
+        names = [name for b in blocks for name in self._hook_names(b)]
+        torch_hooks = [(module, "fwd" if read == "output" else "pre", save_torch(key, read == "output"))
+                       for b in blocks for module, read, key in self._module_reads(b)]
         stack = ExitStack()
-        stack.enter_context(exact_alibi(self.model))
+        stack.enter_context(self._exact())
         stack.enter_context(self.model.hooks(fwd_hooks=[(n, save) for n in names]))
         stack.enter_context(module_hooks(torch_hooks))
         return stack
-
-    def _projected(self, b: int, v: Tensor) -> Tensor:
-        """``P^h_j = v^h_j W_O^h``, ``[batch, head, pos, d_model]`` (grouped KV heads repeated as the model does)."""
-        attn = self.model.blocks[b].attn
-        repeat = attn.W_O.shape[0] // v.shape[2]
-        v = torch.repeat_interleave(v, dim=2, repeats=repeat) if repeat > 1 else v
-        return einsum(v, attn.W_O.detach().to(v.dtype), "b j h e, h e d -> b h j d")
-
-    def _mlp_residual(self, store: dict[str, Tensor], b: int) -> Tensor:
-        if self.model.cfg.parallel_attn_mlp:
-            return store[f"blocks.{b}.hook_resid_pre"]
-        return store[f"blocks.{b}.hook_resid_mid"]
 
     def capture(self, inputs: Tensor, blocks: list[int], query: str) -> list[AttentionCapture]:
         ctx: dict[str, Tensor] = {}
@@ -98,19 +125,17 @@ class HookedAttention:
             alone: dict[str, Tensor] = {}
             with self._hooks([b], alone):
                 self.adapter._run_alone(b, rearrange(query_input, "b q d -> (b q) 1 d"))
+            # [batch, q, <the one-token run's own shape>]; [:, :, 0] takes the run's one position
             alone = {k: rearrange(v, "(b q) ... -> b q ...", b=batch) for k, v in alone.items()}
-            # alone[...] is [batch, q, <the one-token run's own shape>]
-            qv = self._projected(b, alone[f"blocks.{b}.attn.hook_v"][:, :, 0])  # [b, head, q, d]
-            qw = alone[f"blocks.{b}.attn.hook_pattern"][:, :, :, 0, 0].transpose(1, 2)  # [b, head, q]
-            mlp_res = self._mlp_residual(alone, b)[:, :, 0]
             out.append(AttentionCapture(
-                block=b, block_input=x, query_input=query_input,
-                pattern=ctx[f"blocks.{b}.attn.hook_pattern"], values=self._projected(b, ctx[f"blocks.{b}.attn.hook_v"]),
-                query_values=qv, query_weight=qw, attention=ctx[f"{b}.attn"],
-                query_attention=alone[f"{b}.attn"][:, :, 0], mlp_residual=self._mlp_residual(ctx, b),
-                query_mlp_residual=mlp_res, mlp_input=ctx[f"{b}.m"], query_mlp_input=alone[f"{b}.m"][:, :, 0],
-                output_map=self._output_map(b, x.dtype), mlp_norm=self._mlp_norm(b, x.dtype),
-                parallel=bool(self.model.cfg.parallel_attn_mlp)))
+                block=b, block_input=self._block_input(x), query_input=self._block_input(query_input),
+                pattern=ctx[f"blocks.{b}.attn.hook_pattern"], values=self._projected(b, self._values(ctx, b)),
+                query_values=self._projected(b, self._values(alone, b)[:, :, 0]),  # [b, head, q, d]
+                query_weight=alone[f"blocks.{b}.attn.hook_pattern"][:, :, :, 0, 0].transpose(1, 2),  # [b, head, q]
+                attention=self._attention(ctx, b), query_attention=self._attention(alone, b)[:, :, 0],
+                mlp_residual=self._mlp_residual(ctx, b), query_mlp_residual=self._mlp_residual(alone, b)[:, :, 0],
+                mlp_input=self._mlp_input(ctx, b), query_mlp_input=self._mlp_input(alone, b)[:, :, 0],
+                output_map=self._output_map(b, x.dtype), mlp_norm=self._mlp_norm(b, x.dtype), parallel=self.parallel))
         return out
 
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from implicit_updates.capture import BlockCapture
     from implicit_updates.math.attribution import AttentionCapture
     from implicit_updates.math.lowrank import BlockSystem
-    from implicit_updates.math.updates import BlockUpdate
+    from implicit_updates.math.updates import AdditiveUpdate, BlockUpdate, RankOneUpdate
 
 # capability -> what it serves (the analyses that need it)
 CAPABILITIES: dict[str, str] = {
@@ -92,8 +92,16 @@ class Adapter(Protocol):
     def run_block_output(self, block: int, query_input: Tensor) -> Tensor:
         """Block ``block``'s output on each query residual alone, by the model's own forward (the literal check)."""
 
-    def run_patched_block(self, update: BlockUpdate, positions: slice = slice(None)) -> Tensor:
-        """Block ``update.block`` on the query alone with each position's update added in factored form."""
+    def fans_out(self, block: int) -> bool:
+        """Whether block ``block`` can run one query once and fan its MLP out to one row per position (not where
+        rows are routed by index, or the MLP reads a flattened input)."""
+
+    def run_edited(self, block: int, rows: Tensor, edits: list[RankOneUpdate | AdditiveUpdate]) -> Tensor:
+        """Block ``block`` on ``rows`` ``[n, 1, d_model]`` (each a one-token sequence) with ``edits`` added as the
+        literal weight edits act, their factors already shaped for the rows (``BlockUpdate.edits``): a rank-one
+        ``(input . row) column`` at its map's output, a bias ``delta`` at its module's output, a norm scale
+        ``delta * z`` at the norm's output. Returns the block's output ``[n or n x positions, 1 or positions,
+        d_model]`` (the factored patched run, :func:`~implicit_updates.adapters.assemble.run_patched_block`)."""
 
     def rebind(self, model: nn.Module) -> Adapter:
         """The same adapter over ``model`` (a patched copy); cleans what a copy inherits."""

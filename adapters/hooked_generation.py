@@ -118,7 +118,7 @@ def run_absorbing(adapter, token: Tensor, context: dict[str, Tensor], update_for
                 query = {key: value[:1] for key, value in alone.items() if key.startswith(f"blocks.{b}.")}
                 update = update_for(adapter.block_capture(b, context, query, query[f"blocks.{b}.hook_resid_pre"]))
                 live = {"m": args[0]}  # the MLP input of both rows (the control's factors are zero)
-                hook_points, torch_hooks = adapter.edit_hooks(update, absorbed_row, live)
+                hook_points, torch_hooks = adapter.edit_hooks(b, update.edits(absorbed_row), live)
                 # registered now, they run as the MLP (and its output norm) run; removed when the stack closes
                 stack.enter_context(model.hooks(fwd_hooks=[(name, once(fn)) for name, fn in hook_points]))
                 stack.enter_context(module_hooks([(m, kind, once(fn)) for m, kind, fn in torch_hooks]))

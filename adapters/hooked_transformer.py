@@ -15,11 +15,11 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from implicit_updates.adapters.assemble import PatchedRows, assemble
+from implicit_updates.adapters.assemble import assemble
 from implicit_updates.adapters.tl_common import POST_NORM_ARCHITECTURES, exact_alibi, expert_rows
 from implicit_updates.capture import BlockCapture, FirstLayerMap, OutputCorrection
 from implicit_updates.errors import UnsupportedArchitectureError
-from implicit_updates.math.updates import BlockUpdate, RankOneUpdate
+from implicit_updates.math.updates import AdditiveUpdate, RankOneUpdate
 from implicit_updates.runtime.hooks import module_hooks
 
 
@@ -362,61 +362,56 @@ class HookedTransformerAdapter(HookPointCapture):
 
     # -- verification ----------------------------------------------------------------------------------------------
 
-    def run_patched_block(self, update: BlockUpdate, positions: slice = slice(None)) -> Tensor:
-        """Run the block on the query alone for each position, with that position's updates in factored form.
+    def fans_out(self, block: int) -> bool:
+        return self.kind != "MoE"  # a mixture of experts routes rows by index
 
-        A rank-one update ``W + outer(row, column)`` changes the map's output by ``(m . row) column``; it is added
-        where the map's output appears, so no dense matrix is formed. With one query for all positions the block
-        runs on that single token and the MLP fans out: its first-layer output is broadcast to one row per
-        position, each with its own update (attention runs once). Returns ``[batch, pos, d_model]``.
-        """
-        b = update.block
-        rows = PatchedRows.of(update, positions, can_fan_out=self.kind != "MoE")  # MoE routes rows by index
+    def run_edited(self, block: int, rows: Tensor, edits: list) -> Tensor:
+        """Block ``block`` on the one-token rows ``[n, 1, d_model]`` with ``edits`` applied (:meth:`edit_hooks`)."""
         live: dict[str, Tensor] = {}
-        hook_points, torch_hooks = self.edit_hooks(update, rows, live)
-        torch_hooks.insert(0, (self.model.blocks[b].mlp, "pre", lambda module, args: live.__setitem__("m", args[0])))
+        hook_points, torch_hooks = self.edit_hooks(block, edits, live)
+        mlp = self.model.blocks[block].mlp
+        torch_hooks.insert(0, (mlp, "pre", lambda module, args: live.__setitem__("m", args[0])))
         with self.model.hooks(fwd_hooks=hook_points), module_hooks(torch_hooks), exact_alibi(self.model):
-            return rows.unfold(self._run_alone(b, rows.query))
+            return self._run_alone(block, rows)
 
-    def edit_hooks(self, update: BlockUpdate, rows: Callable[[Tensor], Tensor], live: dict[str, Tensor]
+    def edit_hooks(self, block: int, edits: list[RankOneUpdate | AdditiveUpdate], live: dict[str, Tensor]
                    ) -> tuple[list[tuple[str, Callable]], list[tuple[nn.Module, str, Callable]]]:
-        """The hooks adding ``update``'s edits to its block in factored form, as the literal weight edits act:
-        hook-point hooks ``(name, fn)`` for ``model.hooks`` and torch hooks ``(module, kind, fn)`` for
-        ``module_hooks``.
+        """The hooks adding ``edits`` (``BlockUpdate.edits``: factors shaped for the rows) to block ``block``, as the
+        literal weight edits act: hook-point hooks ``(name, fn)`` for ``model.hooks`` and torch hooks ``(module,
+        kind, fn)`` for ``module_hooks``.
 
         A rank-one ``W + outer(row, column)`` adds ``(m . row) column`` where the map's output appears (``m``: the
         MLP input, which the caller puts in ``live["m"]`` before the MLP runs); a post-MLP norm's scale change adds
-        ``delta * z`` to the MLP output (``z`` its normalized input, recorded into ``live`` by these hooks); an
-        output bias adds ``delta``. ``rows`` shapes each factor for the rows the block runs on. Shared by the
-        patched block run (``run_patched_block``) and absorbed generation's absorbing forward
+        ``delta * z`` to the MLP output (``z`` its normalized input, recorded into ``live`` by these hooks); a bias
+        adds ``delta``. Shared by the patched block run (``run_edited``) and absorbed generation's absorbing forward
         (:mod:`.hooked_generation`), which registers them at the MLP input, once the update is known."""
-        b, p = update.block, f"blocks.{update.block}"
+        p = f"blocks.{block}"
         hook_points: list[tuple[str, Callable]] = []
         torch_hooks: list[tuple[nn.Module, str, Callable]] = []
-        mlp = self.model.blocks[b].mlp
+        mlp = self.model.blocks[block].mlp
         if self.output_norm:
             hook_points.append((f"{p}.{self.output_norm}.hook_normalized",
                                 lambda act, hook: live.__setitem__("z", act)))
         if self.kind == "MoE":
             hook_points.append((f"{p}.mlp.hook_expert_indices", lambda act, hook: live.__setitem__("idx", act)))
 
-        for u in update.updates:
+        for u in edits:
             if isinstance(u, RankOneUpdate) and u.name == f"{p}.mlp.W_out":  # flattening before a post-MLP norm
                 hook_points.append((f"{p}.mlp.hook_post", lambda act, hook: live.__setitem__("p", act)))
-                torch_hooks.append((mlp, "fwd", _add_rank_one_at_output(live, rows(u.row), rows(u.column))))
+                torch_hooks.append((mlp, "fwd", _add_rank_one_at_output(live, u.row, u.column)))
             elif isinstance(u, RankOneUpdate):
                 site = self._site(u.name)
                 if isinstance(site, str):
-                    hook_points.append((site, _add_rank_one_at_hook(live, rows(u.row), rows(u.column))))
+                    hook_points.append((site, _add_rank_one_at_hook(live, u.row, u.column)))
                 else:
                     module, expert = site
-                    row, column = (rearrange(rows(t), "r 1 d -> r d") for t in (u.row, u.column))
+                    row, column = (rearrange(t, "r 1 d -> r d") for t in (u.row, u.column))
                     torch_hooks.append((module, "fwd", _add_rank_one_at_linear(live, row, column, expert, mlp)))
-            elif u.name == f"{p}.mlp.b_out" and update.correction == "scale":  # flattening where the hidden is 0
-                torch_hooks.append((mlp, "fwd", _add_at_output(rows(u.delta))))
-            else:
-                hook_points.append((f"{p}.hook_mlp_out", _add_output_correction(live, rows(u.delta),
-                                                                                 update.correction == "scale")))
+            elif u.name == f"{p}.mlp.b_out" and self.output_norm:  # the MLP's own bias: before the norm after it
+                torch_hooks.append((mlp, "fwd", _add_at_output(u.delta)))
+            else:  # hook_mlp_out: the MLP's output, or the output norm's (whose scale moves it by delta * z)
+                hook_points.append((f"{p}.hook_mlp_out", _add_output_correction(live, u.delta,
+                                                                                 u.acts_as == "norm_scale")))
         return hook_points, torch_hooks
 
     def _site(self, name: str):

@@ -80,7 +80,7 @@ def run_absorbing(adapter, token: Tensor, context: dict[str, Tensor], update_for
         def hook(module, args):
             query = {key: value[:1] for key, value in alone.items() if key.startswith(f"{b}.")}
             update = update_for(adapter.block_capture(b, context, query, query[f"{b}.resid_pre"]))
-            for target, _, fn in edit_hooks(adapter.parts[b], update, absorbed_row):
+            for target, _, fn in edit_hooks(adapter.parts[b], update.edits(absorbed_row)):
                 edits.setdefault(id(target), []).append(fn)
 
         return hook

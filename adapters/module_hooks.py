@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from implicit_updates.capture import FirstLayerMap
-from implicit_updates.math.updates import BlockUpdate, RankOneUpdate
+from implicit_updates.math.updates import AdditiveUpdate, RankOneUpdate
 from implicit_updates.runtime.dispatch import loaded_parameter, own_forward
 
 
@@ -169,18 +169,18 @@ def add_scaled(delta: Tensor, norm: nn.Module) -> Callable:
     return hook
 
 
-def edit_hooks(p, update: BlockUpdate, rows: Callable[[Tensor], Tensor]) -> list[tuple]:
-    """Forward hooks applying ``update``'s edits to block ``p`` (a ``modules.BlockParts``) as the literal weight
-    edits act: a rank-one ``W + outer(row, column)`` adds ``(input . row) column`` to its map's output, a post-MLP
-    norm's scale change adds ``delta * normalized`` to the norm's output, an output-bias change adds ``delta``.
-    ``rows`` shapes each factor for the batch the block runs on."""
+def edit_hooks(p, edits: list[RankOneUpdate | AdditiveUpdate]) -> list[tuple]:
+    """Forward hooks applying ``edits`` (``BlockUpdate.edits``: factors shaped for the rows the block runs on) to
+    block ``p`` (a ``modules.BlockParts``) as the literal weight edits act: a rank-one ``W + outer(row, column)``
+    adds ``(input . row) column`` to its map's output, a post-MLP norm's scale change adds ``delta * normalized`` to
+    the norm's output, a bias change of the output layer adds ``delta`` to its output."""
     modules = {name: module for name, module in p.first} | {p.out_weight: p.out}
     hooks = []
-    for u in update.updates:
+    for u in edits:
         if isinstance(u, RankOneUpdate):
-            hooks.append((modules[u.name], "fwd", add_rank_one(rows(u.row), rows(u.column))))
-        elif update.correction == "scale":
-            hooks.append((p.post_norm[1], "fwd", add_scaled(rows(u.delta), p.post_norm[1])))
+            hooks.append((modules[u.name], "fwd", add_rank_one(u.row, u.column)))
+        elif u.acts_as == "norm_scale":
+            hooks.append((p.post_norm[1], "fwd", add_scaled(u.delta, p.post_norm[1])))
         else:
-            hooks.append((p.out, "fwd", add(rows(u.delta))))
+            hooks.append((p.out, "fwd", add(u.delta)))
     return hooks

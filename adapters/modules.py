@@ -19,7 +19,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from implicit_updates.adapters.assemble import PatchedRows, assemble
+from implicit_updates.adapters.assemble import assemble
 from implicit_updates.adapters.experts import Patch, eager_experts, read_flow, stacked_view
 from implicit_updates.adapters.module_hooks import (
     Stop,
@@ -40,7 +40,7 @@ from implicit_updates.adapters.module_hooks import (
 )
 from implicit_updates.capture import BlockCapture, FirstLayerMap, OutputCorrection
 from implicit_updates.errors import UnsupportedArchitectureError
-from implicit_updates.math.updates import BlockUpdate, RankOneUpdate
+from implicit_updates.math.updates import RankOneUpdate
 from implicit_updates.runtime.dispatch import execution_device
 from implicit_updates.runtime.hooks import module_hooks
 
@@ -337,55 +337,48 @@ class ModuleAdapter:
 
     # -- verification ----------------------------------------------------------------------------------------
 
-    def run_patched_block(self, update: BlockUpdate, positions: slice = slice(None)) -> Tensor:
-        """Run the layer on the query alone with each position's updates added in factored form.
+    def fans_out(self, block: int) -> bool:
+        # not where the MLP flattens its input (OPT), nor where a whole MLP routes rows to experts by index
+        return block not in getattr(self, "flat_mlps", ()) and not self.parts[block].whole
 
-        ``W + outer(row, column)`` changes a map's output by ``(input . row) column``, added by a forward hook on
-        the map's own module; with one query for all positions the layer runs on that one token and the MLP fans
-        out to one row per position (attention runs once). Returns ``[batch, pos, d_model]``.
-        """
-        p = self.parts[update.block]
+    def run_edited(self, block: int, rows: Tensor, edits: list) -> Tensor:
+        """Layer ``block`` on the one-token rows ``[n, 1, d_model]`` with ``edits`` added by forward hooks on the
+        maps' own modules (:func:`~.module_hooks.edit_hooks`)."""
+        p = self.parts[block]
         if p.whole:
-            return self._run_patched_whole(update, positions)
-        # one query for all positions: run it once and fan the MLP out (not where the MLP flattens its input)
-        rows = PatchedRows.of(update, positions, can_fan_out=update.block not in getattr(self, "flat_mlps", ()))
-        hooks = edit_hooks(p, update, rows)
-        x = rows.query
+            return self._run_edited_whole(block, rows, edits)
         store: dict[str, Tensor] = {}
-        hooks += [(p.layer, "pre_kw", substitute(x)), (p.layer, "fwd", save_output(store, "out"))]
-        self._run(torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device), hooks, stop_after=update.block)
-        return rows.unfold(store["out"])
+        hooks = [*edit_hooks(p, edits), (p.layer, "pre_kw", substitute(rows)),
+                 (p.layer, "fwd", save_output(store, "out"))]
+        self._run(torch.zeros(rows.shape[0], 1, dtype=torch.long, device=rows.device), hooks, stop_after=block)
+        return store["out"]
 
-
-    def _run_patched_whole(self, update: BlockUpdate, positions: slice) -> Tensor:
-        """:meth:`run_patched_block` for a whole MLP: one position per forward, the factored updates added to its
-        linear calls (an expert's rows are the tokens routed to it, so positions in one forward could not be told
-        apart)."""
-        p = self.parts[update.block]
+    def _run_edited_whole(self, block: int, rows: Tensor, edits: list) -> Tensor:
+        """:meth:`run_edited` for a whole MLP: one row per forward, the factored updates added to its linear calls
+        (an expert's rows are the tokens routed to it, so rows in one forward could not be told apart)."""
+        p = self.parts[block]
         out = []
-        for b in range(update.target_output.shape[0]):
-            for i in range(update.target_output.shape[1])[positions]:
-                def at(t: Tensor, b: int = b, i: int = i) -> Tensor:
-                    return t[b, i if t.shape[1] > 1 else 0]
+        for r in range(rows.shape[0]):
+            def at(t: Tensor, r: int = r) -> Tensor:  # row r's factor of the [n, 1, ...] edits
+                return t[r, 0]
 
-                patches: dict[str, list[Patch]] = {}
-                hooks = []
-                for u in update.updates:
-                    if isinstance(u, RankOneUpdate):
-                        patches.setdefault(u.name, []).append(Patch(at(u.row), at(u.column), u.experts, u.expert))
-                    elif update.correction == "scale":  # the post-MLP norm's scale
-                        hooks.append((p.post_norm[1], "fwd", add_scaled(at(u.delta)[None, None], p.post_norm[1])))
-                    else:  # the mixture's own output bias
-                        hooks.append((p.out, "fwd", add_first(at(u.delta)[None, None])))
-                store: dict[str, Tensor] = {}
-                hooks += [(p.layer, "pre_kw", substitute(at(update.query_input)[None, None])),
-                          (p.layer, "fwd", save_output(store, "out"))]
-                self.linear_calls.patches = patches
-                try:
-                    self._run(torch.zeros(1, 1, dtype=torch.long, device=self.device), hooks, stop_after=update.block)
-                finally:
-                    self.linear_calls.patches = {}
-                out.append(store["out"][0, 0])
-        return torch.stack(out).reshape(update.target_output.shape[0], -1, out[0].shape[-1])
+            patches: dict[str, list[Patch]] = {}
+            hooks = []
+            for u in edits:
+                if isinstance(u, RankOneUpdate):
+                    patches.setdefault(u.name, []).append(Patch(at(u.row), at(u.column), u.experts, u.expert))
+                elif u.acts_as == "norm_scale":  # the post-MLP norm's scale
+                    hooks.append((p.post_norm[1], "fwd", add_scaled(at(u.delta)[None, None], p.post_norm[1])))
+                else:  # the mixture's own output bias
+                    hooks.append((p.out, "fwd", add_first(at(u.delta)[None, None])))
+            store: dict[str, Tensor] = {}
+            hooks += [(p.layer, "pre_kw", substitute(rows[r : r + 1])), (p.layer, "fwd", save_output(store, "out"))]
+            self.linear_calls.patches = patches
+            try:
+                self._run(torch.zeros(1, 1, dtype=torch.long, device=self.device), hooks, stop_after=block)
+            finally:
+                self.linear_calls.patches = {}
+            out.append(store["out"])
+        return torch.cat(out)
 
 

@@ -23,12 +23,11 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from implicit_updates.adapters.assemble import PatchedRows
 from implicit_updates.adapters.hf import HFAdapter
 from implicit_updates.adapters.module_hooks import unflatten
 from implicit_updates.adapters.modules import BlockParts
 from implicit_updates.errors import UnsupportedArchitectureError
-from implicit_updates.math.updates import BlockUpdate, RankOneUpdate
+from implicit_updates.math.updates import RankOneUpdate
 from implicit_updates.runtime.dispatch import is_dispatched
 
 REMOTE = (False, True, "local")
@@ -159,24 +158,22 @@ class NNsightAdapter(HFAdapter):
 
     # -- verification ------------------------------------------------------------------------------------------
 
-    def run_patched_block(self, update: BlockUpdate, positions: slice = slice(None)) -> Tensor:
-        """The layer on the query alone, each position's update added as an intervention: ``(m . row) column`` on
-        the output of every map the update patches, a bias patch on the output projection's output."""
-        p, plan = self.parts[update.block], self.plans[update.block]
-        rows = PatchedRows.of(update, positions, can_fan_out=update.block not in getattr(self, "flat_mlps", ()))
-
+    def run_edited(self, block: int, rows: Tensor, edits: list) -> Tensor:
+        """The layer on the one-token ``rows``, each edit shipped as an intervention: ``(m . row) column`` on the
+        output of every map it patches, a bias change on the output projection's output."""
+        p, plan = self.parts[block], self.plans[block]
         paths = dict(zip((name for name, _ in p.first), plan["first"], strict=True)) | {p.out_weight: plan["out"]}
         rank_one, additive = [], []
-        for u in update.updates:
+        for u in edits:
             if isinstance(u, RankOneUpdate) and u.name in paths:
-                rank_one.append((paths[u.name], rows(u.row), rows(u.column)))
-            elif not isinstance(u, RankOneUpdate) and update.correction == "bias":
-                additive.append((plan["out"], rows(u.delta)))
+                rank_one.append((paths[u.name], u.row, u.column))
+            elif not isinstance(u, RankOneUpdate) and u.acts_as == "bias":
+                additive.append((plan["out"], u.delta))
             else:
-                raise UnsupportedArchitectureError(f"block {update.block}: the update of {u.name} "
-                                                   f"({update.correction}) has no nnsight intervention yet")
+                what = "rank-one update" if isinstance(u, RankOneUpdate) else u.acts_as.replace("_", " ")
+                raise UnsupportedArchitectureError(f"block {block}: the {what} of {u.name} has no nnsight "
+                                                   "intervention yet")
         order = [*plan["first"], plan["out"]]  # interventions in the order the layer runs its maps
         rank_one.sort(key=lambda item: order.index(item[0]))
-        out = self.ops.patched(self.nnsight_model, plan["layer"], rows.query, rank_one, additive,
-                               self._skipped(update.block), self.remote, FORWARD_KWARGS)
-        return rows.unfold(out)
+        return self.ops.patched(self.nnsight_model, plan["layer"], rows, rank_one, additive, self._skipped(block),
+                                self.remote, FORWARD_KWARGS)

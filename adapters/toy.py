@@ -13,14 +13,13 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from implicit_updates.adapters.assemble import PatchedRows
 from implicit_updates.adapters.hooked_transformer import (
     HookPointCapture,
     _add_output_correction,
     _add_rank_one_at_hook,
 )
 from implicit_updates.capture import BlockCapture, FirstLayerMap, OutputCorrection
-from implicit_updates.math.updates import BlockUpdate, RankOneUpdate
+from implicit_updates.math.updates import RankOneUpdate
 from implicit_updates.models.toy import ToyTransformer
 
 HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_in", "hook_resid_post")
@@ -131,22 +130,20 @@ class ToyAdapter(HookPointCapture):
 
     # -- verification --------------------------------------------------------------------------------------------
 
-    def run_patched_block(self, update: BlockUpdate, positions: slice = slice(None)) -> Tensor:
-        """Run the block on the query alone with each position's update added in factored form.
+    def fans_out(self, block: int) -> bool:
+        return True
 
-        ``W + outer(column, row)`` changes the first map's output by ``(m . row) column``, added at ``mlp.hook_pre``;
-        with one query for all positions the block runs once and the MLP fans out to one row per position.
-        Returns ``[batch, pos, d_model]``.
-        """
-        p = f"blocks.{update.block}"
-        rows = PatchedRows.of(update, positions)
-
+    def run_edited(self, block: int, rows: Tensor, edits: list) -> Tensor:
+        """Block ``block`` on the one-token rows ``[n, 1, d_model]`` with ``edits`` added: ``W + outer(column,
+        row)`` changes the first map's output by ``(m . row) column``, added at ``mlp.hook_pre``; a bias change of
+        the output layer adds ``delta`` at ``hook_mlp_out`` (the toy has no norm after its MLP)."""
+        p = f"blocks.{block}"
         live: dict[str, Tensor] = {}
         hooks: list[tuple[str, Callable]] = [(f"{p}.hook_mlp_in", lambda act, hook: live.__setitem__("m", act))]
-        for u in update.updates:
+        for u in edits:
             if isinstance(u, RankOneUpdate):
-                hooks.append((f"{p}.mlp.hook_pre", _add_rank_one_at_hook(live, rows(u.row), rows(u.column))))
+                hooks.append((f"{p}.mlp.hook_pre", _add_rank_one_at_hook(live, u.row, u.column)))
             else:
-                hooks.append((f"{p}.hook_mlp_out", _add_output_correction(live, rows(u.delta), scale=False)))
+                hooks.append((f"{p}.hook_mlp_out", _add_output_correction(live, u.delta, scale=False)))
         with self.model.hooks(fwd_hooks=hooks):
-            return rows.unfold(self._run_alone(update.block, rows.query))
+            return self._run_alone(block, rows)

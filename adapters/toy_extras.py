@@ -22,14 +22,16 @@ the forward of ``[c_1..c_i, x]``; only the order of floating-point additions dif
 
 from __future__ import annotations
 
+import contextlib
 import math
+from contextlib import AbstractContextManager
 
 import torch
 from einops import einsum, rearrange
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from implicit_updates.adapters.attribution_hooks import own_copy
+from implicit_updates.adapters.attribution_hooks import HookedAttention, own_copy
 from implicit_updates.adapters.hooked_prefixes import replaced_forward
 from implicit_updates.capture import BlockCapture
 from implicit_updates.errors import UnsupportedArchitectureError
@@ -39,66 +41,62 @@ from implicit_updates.runtime.hooks import module_hooks
 # -- attribution ------------------------------------------------------------------------------------------------------
 
 
-def _attention_hooks(model: nn.Module, blocks: list[int], store: dict[str, Tensor]):
-    """Hook-point and module hooks saving, per block, its input, pattern, values, attention output, MLP residual and
-    MLP input into ``store``; removed when the returned stack closes."""
-    from contextlib import ExitStack
+class ToyAttention(HookedAttention):
+    """The toy's sites for the one hook-point attention capture: values off ``attn.value_proj``'s output, ``W_O^h``
+    the head's columns of ``output_proj.weight``, the attention output, MLP residual and input at their hook points,
+    no norm after attention, ``ln2`` before the MLP (none without LayerNorm)."""
 
-    def save(act: Tensor, hook) -> None:
-        store[hook.name] = act.detach()
+    def __init__(self, adapter):
+        self.adapter = adapter
+        self.model = adapter.model
+        self.post_norm, self.parallel = False, False
 
-    def save_output(key: str):
-        def hook(module, args, out):
-            store[key] = out.detach()
-        return hook
+    def _hook_names(self, b: int) -> list[str]:
+        return [f"blocks.{b}.{h}" for h in ("hook_resid_pre", "attn.hook_pattern", "hook_attn_out", "hook_resid_mid",
+                                            "hook_mlp_in")]
 
-    names = [f"blocks.{b}.{h}" for b in blocks
-             for h in ("hook_resid_pre", "attn.hook_pattern", "hook_attn_out", "hook_resid_mid", "hook_mlp_in")]
-    stack = ExitStack()
-    stack.enter_context(model.hooks(fwd_hooks=[(n, save) for n in names]))
-    stack.enter_context(module_hooks([(model.blocks[b].attn.value_proj, "fwd", save_output(f"blocks.{b}.attn.v"))
-                                      for b in blocks]))
-    return stack
+    def _module_reads(self, b: int) -> list[tuple[nn.Module, str, str]]:
+        return [(self.model.blocks[b].attn.value_proj, "output", f"blocks.{b}.attn.v")]
 
+    def _exact(self) -> AbstractContextManager:
+        return contextlib.nullcontext()
 
-def _projected(attn: nn.Module, v: Tensor) -> Tensor:
-    """``P^h_j = v^h_j W_O^h`` ``[batch, head, pos, d_model]`` from ``value_proj``'s output ``[batch, pos, (h e)]``
-    (``W_O^h``: head h's columns of ``output_proj.weight``, upcast exactly to ``v``'s dtype)."""
-    heads = attn.cfg.n_heads
-    w_o = rearrange(attn.output_proj.weight.detach().to(v.dtype), "d (h e) -> h e d", h=heads)
-    return einsum(rearrange(v, "b j (h e) -> b h j e", h=heads), w_o, "b h j e, h e d -> b h j d")
+    def _values(self, store: dict[str, Tensor], b: int) -> Tensor:
+        return store[f"blocks.{b}.attn.v"]
+
+    def _projected(self, b: int, v: Tensor) -> Tensor:
+        """``P^h_j = v^h_j W_O^h`` ``[batch, head, pos, d_model]`` from ``value_proj``'s output ``[batch, pos, (h e)]``
+        (``W_O^h``: head h's columns of ``output_proj.weight``, upcast exactly to ``v``'s dtype)."""
+        attn = self.model.blocks[b].attn
+        heads = attn.cfg.n_heads
+        w_o = rearrange(attn.output_proj.weight.detach().to(v.dtype), "d (h e) -> h e d", h=heads)
+        return einsum(rearrange(v, "b j (h e) -> b h j e", h=heads), w_o, "b h j e, h e d -> b h j d")
+
+    def _attention(self, store: dict[str, Tensor], b: int) -> Tensor:
+        return store[f"blocks.{b}.hook_attn_out"]
+
+    def _mlp_residual(self, store: dict[str, Tensor], b: int) -> Tensor:
+        return store[f"blocks.{b}.hook_resid_mid"]
+
+    def _mlp_input(self, store: dict[str, Tensor], b: int) -> Tensor:
+        return store[f"blocks.{b}.hook_mlp_in"]
+
+    def _block_input(self, x: Tensor) -> Tensor:
+        # without the attention skip the block input reaches the MLP only through attention
+        return x if self.model.cfg.attn_skip else torch.zeros_like(x)
+
+    def _output_map(self, b: int, dtype: torch.dtype):
+        return None
+
+    def _mlp_norm(self, b: int, dtype: torch.dtype):
+        ln2 = self.model.blocks[b].ln2
+        return None if isinstance(ln2, nn.Identity) else own_copy(ln2, dtype)
 
 
 def capture_attention(adapter, inputs: Tensor, blocks: list[int], query: str) -> list[AttentionCapture]:
     """Per block in ``blocks``: the pattern, the values through each head's ``W_O``, the same on the query alone,
-    and the pre-MLP norm (:mod:`implicit_updates.math.attribution`)."""
-    model = adapter.model
-    ctx: dict[str, Tensor] = {}
-    with _attention_hooks(model, blocks, ctx):
-        adapter._forward_to(inputs, max(blocks) + 1)
-    out = []
-    for b in blocks:
-        p, block = f"blocks.{b}", model.blocks[b]
-        x = ctx[f"{p}.hook_resid_pre"]
-        query_input = x[:, -1:] if query == "last" else x
-        batch = x.shape[0]
-        alone: dict[str, Tensor] = {}
-        with _attention_hooks(model, [b], alone):
-            adapter._run_alone(b, rearrange(query_input, "b q d -> (b q) 1 d"))
-        alone = {k: rearrange(v, "(b q) ... -> b q ...", b=batch) for k, v in alone.items()}
-        # alone[...] is [batch, q, <the one-token run's own shape>]
-        skip = model.cfg.attn_skip  # without it the block input reaches the MLP only through attention
-        out.append(AttentionCapture(
-            block=b, block_input=x if skip else torch.zeros_like(x),
-            query_input=query_input if skip else torch.zeros_like(query_input),
-            pattern=ctx[f"{p}.attn.hook_pattern"], values=_projected(block.attn, ctx[f"{p}.attn.v"]),
-            query_values=_projected(block.attn, alone[f"{p}.attn.v"][:, :, 0]),  # [b, head, q, d]
-            query_weight=alone[f"{p}.attn.hook_pattern"][:, :, :, 0, 0].transpose(1, 2),  # [b, head, q]
-            attention=ctx[f"{p}.hook_attn_out"], query_attention=alone[f"{p}.hook_attn_out"][:, :, 0],
-            mlp_residual=ctx[f"{p}.hook_resid_mid"], query_mlp_residual=alone[f"{p}.hook_resid_mid"][:, :, 0],
-            mlp_input=ctx[f"{p}.hook_mlp_in"], query_mlp_input=alone[f"{p}.hook_mlp_in"][:, :, 0],
-            output_map=None, mlp_norm=None if isinstance(block.ln2, nn.Identity) else own_copy(block.ln2, x.dtype)))
-    return out
+    and the pre-MLP norm (:mod:`implicit_updates.math.attribution`), by the one hook-point capture."""
+    return ToyAttention(adapter).capture(inputs, blocks, query)
 
 
 # -- all prefixes in one pass -----------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import implicit_updates as iu
+from implicit_updates.adapters.assemble import run_patched_block
 from implicit_updates.analyses.dynamics import max_relative_difference, prefix_decomposition
 from implicit_updates.math.updates import AdditiveUpdate, RankOneUpdate
 
@@ -115,7 +116,7 @@ def corrupt(result, model, ref_cache, kind: str, block: int, position: int, frac
 def per_position_errors(result, ref_cache, block: int) -> torch.Tensor:
     """``[pos]`` relative errors of the block run by the adapter with the factored updates, against plain targets."""
     with torch.no_grad():
-        out = result.adapter.run_patched_block(result.block(block))[0]
+        out = run_patched_block(result.adapter, result.block(block))[0]
     ref = ref_cache[f"blocks.{block}.hook_resid_post"][0]
     return (out - ref).norm(dim=-1) / ref.norm(dim=-1)
 

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import torch
 
 from implicit_updates.adapters.assemble import PatchedRows
+from implicit_updates.math.updates import AdditiveUpdate, BlockUpdate, RankOneUpdate
 
 
 def update(batch: int, q: int, pos: int, d: int = 3) -> SimpleNamespace:
@@ -55,3 +56,22 @@ def test_one_position_of_a_one_token_query_without_fan_out():
     factor = torch.arange(3 * 2).reshape(1, 3, 2)
     assert torch.equal(rows(factor), factor[:, 2:3].reshape(1, 1, 2))
     assert torch.equal(rows(factor[:, :1]), factor[:, :1])
+
+
+def test_edits_are_the_updates_shaped_for_the_rows_and_say_how_they_act():
+    """``BlockUpdate.edits``: every factor through the row layout, each edit keeping its name, expert slot and how
+    it acts (a backend applies it from that alone, whatever correction produced it)."""
+    up = update(2, 4, 4)
+    rows = PatchedRows.of(up, slice(1, 3))
+    row, column = torch.randn(2, 4, 3), torch.randn(2, 4, 5)
+    block = BlockUpdate(0, row, torch.randn(2, 4, 3), [
+        RankOneUpdate("w_in", row, column, transposed=True, experts=2, expert=1),
+        AdditiveUpdate("bias", torch.randn(2, 4, 3)),
+        AdditiveUpdate("norm", torch.randn(2, 4, 3), "norm_scale")], up.query_input, up.target_output, "scale")
+    edits = block.edits(rows)
+    assert [type(e) for e in edits] == [RankOneUpdate, AdditiveUpdate, AdditiveUpdate]
+    assert (edits[0].name, edits[0].transposed, edits[0].experts, edits[0].expert) == ("w_in", True, 2, 1)
+    assert torch.equal(edits[0].row, rows(row)) and torch.equal(edits[0].column, rows(column))
+    assert [(e.name, e.acts_as) for e in edits[1:]] == [("bias", "bias"), ("norm", "norm_scale")]
+    assert all(torch.equal(e.delta, rows(u.delta)) for e, u in zip(edits[1:], block.updates[1:], strict=True))
+    assert block.updates[0].row is row  # the update itself is left as it was

@@ -15,6 +15,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from implicit_updates.adapters.assemble import run_patched_block
 from implicit_updates.analyses.verify import BlockReport, VerifyReport
 from implicit_updates.capture import BlockCapture
 from implicit_updates.errors import NonFiniteActivationError, UnsupportedArchitectureError
@@ -307,7 +308,7 @@ class Decomposition:
         reports = []
         with untouched(self.adapter.model), computed_in(self.adapter.model, self.dtype):
             for u in tqdm(self.blocks, desc="verify", disable=not progress, leave=False):
-                outs = [self.adapter.run_patched_block(u, slice(s, s + chunk_size))
+                outs = [run_patched_block(self.adapter, u, slice(s, s + chunk_size))
                         for s in range(0, self.n_positions, chunk_size)]
                 patched = torch.cat(outs, dim=1)
                 errors = core.reproduction_errors(patched, u.target_output)
@@ -334,7 +335,7 @@ class Decomposition:
 
     def computing(self):
         """A context in which the decomposed model computes in this decomposition's dtype (each module upcast while
-        it runs), for running adapter-level code such as ``self.adapter.run_patched_block`` directly."""
+        it runs), for running adapter-level code such as ``run_patched_block(self.adapter, ...)`` directly."""
         return computed_in(self.adapter.model, self.dtype)
 
     def to_numpy(self) -> dict[str, np.ndarray]:

@@ -147,7 +147,7 @@ def stack_last_positions(updates: list[BlockUpdate]) -> BlockUpdate:
     stacked: list[RankOneUpdate | AdditiveUpdate] = []
     for k, p in enumerate(first.updates):
         if isinstance(p, AdditiveUpdate):
-            stacked.append(AdditiveUpdate(p.name, cat(u.updates[k].delta for u in updates)))
+            stacked.append(AdditiveUpdate(p.name, cat(u.updates[k].delta for u in updates), p.acts_as))
         elif p.row is first.row:  # a first-layer map: keep the shared row object (BlockUpdate.first_layer)
             stacked.append(RankOneUpdate(p.name, row, cat(u.updates[k].column for u in updates), p.transposed))
         else:

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import trange
 
+from implicit_updates.adapters.assemble import run_patched_block
 from implicit_updates.analyses.decompose import Decomposition, decompose
 from implicit_updates.experiments import icl
 from implicit_updates.math import core
@@ -44,7 +45,7 @@ def theory_outputs(result: Decomposition) -> list[Tensor]:
     outputs, x = [], result.blocks[0].query_input
     with result.computing():
         for update in result.blocks:
-            out = result.adapter.run_patched_block(dataclasses.replace(update, query_input=x))
+            out = run_patched_block(result.adapter, dataclasses.replace(update, query_input=x))
             outputs.append(out)
             x = out[:, -1:]
     return outputs
@@ -72,7 +73,7 @@ def theory_vs_empirical(model: ToyTransformer, tasks: icl.RegressionTasks, dtype
     """
     result = decompose(model, tasks.prompts, dtype=dtype)
     with torch.no_grad(), result.computing():
-        per_block = [core.reproduction_errors(result.adapter.run_patched_block(u), u.target_output)
+        per_block = [core.reproduction_errors(run_patched_block(result.adapter, u), u.target_output)
                      for u in result.blocks]
         chained = theory_outputs(result)
     targets = tasks.targets.to(result.dtype)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -46,10 +48,16 @@ class RankOneUpdate:
 
 @dataclass
 class AdditiveUpdate:
-    """``delta_i`` added to parameter ``name`` (a bias or a norm scale); ``delta`` is ``[batch, pos, *shape]``."""
+    """``delta_i`` added to parameter ``name``; ``delta`` is ``[batch, pos, *shape]``.
+
+    ``acts_as`` says what the parameter does, so a backend applies the edit from the update alone, whatever the
+    correction that produced it: ``"bias"`` moves its module's output by ``delta``; ``"norm_scale"`` (a norm's
+    elementwise scale) moves the norm's output by ``delta * z``, z the norm's normalized input.
+    """
 
     name: str
     delta: Tensor
+    acts_as: Literal["bias", "norm_scale"] = "bias"
 
     def dense(self, batch: int, position: int) -> Tensor:
         return self.delta[batch, position]
@@ -66,6 +74,13 @@ class BlockUpdate:
     query_input: Tensor  # [batch, q, d_model]
     target_output: Tensor  # block output with context, [batch, pos, d_model]
     correction: str  # "bias" | "scale" | "expert_out" | "none"
+
+    def edits(self, shaped: Callable[[Tensor], Tensor]) -> list[RankOneUpdate | AdditiveUpdate]:
+        """The updates as edits for the rows a block runs on: each factor passed through ``shaped`` (e.g.
+        ``adapters.assemble.PatchedRows``). Each edit says how it acts (a rank-one map change, a bias, a norm
+        scale), so a backend applies it without knowing the correction that produced it."""
+        return [replace(u, row=shaped(u.row), column=shaped(u.column)) if isinstance(u, RankOneUpdate)
+                else replace(u, delta=shaped(u.delta)) for u in self.updates]
 
     @property
     def first_layer(self) -> list[RankOneUpdate]:
@@ -135,7 +150,8 @@ def post_norm_updates(output: Tensor, query_residual: Tensor, fix: OutputCorrect
     """
     flat = core.flattened_output(fix.mlp_output)
     normalized, norm_output = fix.post_norm(flat)
-    scale = AdditiveUpdate(fix.name, core.post_norm_scale(output, query_residual, norm_output, normalized))
+    scale = AdditiveUpdate(fix.name, core.post_norm_scale(output, query_residual, norm_output, normalized),
+                           "norm_scale")
     if fix.names:  # a mixture of experts: the routed experts' output matrices carry the flattening together
         return [*expert_output_updates(flat - fix.mlp_output, fix), scale]
     move = flat - fix.mlp_output
