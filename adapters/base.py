@@ -100,8 +100,9 @@ class Adapter(Protocol):
         """Block ``block`` on ``rows`` ``[n, 1, d_model]`` (each a one-token sequence) with ``edits`` added as the
         literal weight edits act, their factors already shaped for the rows (``BlockUpdate.edits``): a rank-one
         ``(input . row) column`` at its map's output, a bias ``delta`` at its module's output, a norm scale
-        ``delta * z`` at the norm's output. Returns the block's output ``[n or n x positions, 1 or positions,
-        d_model]`` (the factored patched run, :func:`~implicit_updates.adapters.assemble.run_patched_block`)."""
+        ``delta * z`` at the norm's output. Returns the block's output per row, ``[n, 1, d_model]``, or
+        ``[n, positions, d_model]`` where the edits' factors are ``[n, positions, ...]`` and the MLP fans out (the
+        factored patched run, :func:`~implicit_updates.adapters.assemble.run_patched_block`)."""
 
     def rebind(self, model: nn.Module) -> Adapter:
         """The same adapter over ``model`` (a patched copy); cleans what a copy inherits."""
