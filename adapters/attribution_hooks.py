@@ -39,9 +39,14 @@ class HookedAttention:
     def __init__(self, adapter):
         self.adapter = adapter
         self.model = adapter.model
-        cfg = self.model.cfg
-        self.post_norm = cfg.original_architecture in POST_NORM_ARCHITECTURES
-        self.parallel = bool(cfg.parallel_attn_mlp)
+
+    @property
+    def post_norm(self) -> bool:
+        return self.model.cfg.original_architecture in POST_NORM_ARCHITECTURES
+
+    @property
+    def parallel(self) -> bool:
+        return bool(self.model.cfg.parallel_attn_mlp)
 
     # -- where each quantity is read ---------------------------------------------------------------------------------
 

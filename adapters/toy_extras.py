@@ -46,10 +46,7 @@ class ToyAttention(HookedAttention):
     the head's columns of ``output_proj.weight``, the attention output, MLP residual and input at their hook points,
     no norm after attention, ``ln2`` before the MLP (none without LayerNorm)."""
 
-    def __init__(self, adapter):
-        self.adapter = adapter
-        self.model = adapter.model
-        self.post_norm, self.parallel = False, False
+    post_norm = parallel = False  # no norm after attention; attention and MLP in sequence
 
     def _hook_names(self, b: int) -> list[str]:
         return [f"blocks.{b}.{h}" for h in ("hook_resid_pre", "attn.hook_pattern", "hook_attn_out", "hook_resid_mid",

@@ -118,9 +118,9 @@ def add_low_rank(delta: LowRank):
 
 
 def last_logits(model, ids: torch.Tensor, patch: dict | None = None) -> torch.Tensor:
-    """Logits at the last position of each row of ``ids`` ``[n, len]`` (``[d_vocab]`` for one row); ``patch``
-    ({name: delta}) added to the parameters while it runs: a dense delta written into its parameter, a
-    :class:`LowRank` one added at its linear map's output."""
+    """Logits ``[n, d_vocab]`` at the last position of each row of ``ids`` ``[n, len]``; ``patch`` ({name: delta})
+    added to the parameters while it runs: a dense delta written into its parameter, a :class:`LowRank` one added at
+    its linear map's output."""
     patch = patch or {}
     values = {n: model.get_parameter(n) + d for n, d in patch.items() if not isinstance(d, LowRank)}
     hooks = [(model.get_submodule(n.rpartition(".")[0]), "fwd", add_low_rank(d))
@@ -128,8 +128,7 @@ def last_logits(model, ids: torch.Tensor, patch: dict | None = None) -> torch.Te
     # the forward the updates are exact in (Gemma reads its norm scales through float32 casts: kept in float64)
     with (torch.no_grad(), swapped_parameters(model, values), module_hooks(hooks),
           exact_formula(model, torch.float64)):
-        logits = model(input_ids=ids, use_cache=False).logits[:, -1]
-    return logits[0] if ids.shape[0] == 1 else logits
+        return model(input_ids=ids, use_cache=False).logits[:, -1]
 
 
 def each_last_logits(model, sequences: list[torch.Tensor], patch: dict | None = None) -> list[torch.Tensor]:
@@ -140,8 +139,15 @@ def each_last_logits(model, sequences: list[torch.Tensor], patch: dict | None = 
         idx = [i for i, s in enumerate(sequences) if len(s) == length]
         logits = last_logits(model, torch.stack([sequences[i] for i in idx]), patch)
         for j, i in enumerate(idx):
-            out[i] = logits[j] if len(idx) > 1 else logits
+            out[i] = logits[j]
     return out
+
+
+def training_error(model, prefix: torch.Tensor, queries: list[torch.Tensor], patch: dict) -> float:
+    """The machinery's own check: max |logit diff| between the patched model on each query alone and the full model
+    on prefix + query, at the last position (an exact update is exact on the queries it was built for)."""
+    return max(float((last_logits(model, q[None], patch) - last_logits(model, torch.cat([prefix, q[None]], 1)))
+                     .abs().max()) for q in queries)
 
 
 def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
@@ -276,9 +282,7 @@ def exactness(model, tokenizer, pairs: list, factored: bool) -> dict[str, float]
         with mode:
             stacked = patch_of(absorb_continuation(model, prefix, torch.stack(train[:4]), dtype=torch.float64),
                                factored)
-            out[formula] = max(float((last_logits(model, q[None], stacked)
-                                      - last_logits(model, torch.cat([prefix, q[None]], 1))).abs().max())
-                               for q in train[:4])
+            out[formula] = training_error(model, prefix, train[:4], stacked)
     return out
 
 
@@ -322,9 +326,7 @@ def run_task(model, tokenizer, name: str, pairs: list, steps: int, factored: boo
             stacked = absorbed(prefix, torch.stack(train[:n]))
             evaluate(f"stacked {n}", stacked)
             if n == 4:  # the machinery's own check: exact on its own training queries alone
-                exact = max(float((last_logits(model, q[None], stacked)
-                                   - last_logits(model, torch.cat([prefix, q[None]], 1))).abs().max())
-                            for q in train[:4])
+                exact = training_error(model, prefix, train[:4], stacked)
             del stacked
     if len(specials) and len(train) >= 4:  # the control: what the special tokens alone carry, without the examples
         control = absorbed(specials[None], torch.stack(train[:4]))
